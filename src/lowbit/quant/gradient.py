@@ -89,7 +89,8 @@ def _check_scores(scores: torch.Tensor, k: float, validate: bool) -> None:
     if not isinstance(scores, torch.Tensor) or not scores.is_floating_point() or scores.ndim != 1:
         got = getattr(scores, "dtype", type(scores).__name__)
         raise ValueError(
-            f"scores must be a 1-D floating-point tensor, got {got} of shape {tuple(getattr(scores, 'shape', ()))}"
+            f"scores must be a 1-D floating-point tensor, got {got} "
+            f"of shape {tuple(getattr(scores, 'shape', ()))}"
         )
     n = scores.shape[0]
     if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= n:
