@@ -7,6 +7,7 @@
 - packing:  INT4 two per byte, 1-bit signs eight per byte (or 32 per int32)
 """
 
+from .codebook import dequantize_blockwise, dynamic_map, quantize_blockwise
 from .gradient import (
     BitSplit,
     bit_split,
@@ -26,11 +27,6 @@ from .linear import (
     round_to_int,
 )
 from .packing import pack_bits, pack_bits_int32, pack_int4, unpack_bits, unpack_bits_int32, unpack_int4
-
-try:  # codebook.py is written separately; keep the package importable until it lands.
-    from .codebook import dequantize_blockwise, dynamic_map, quantize_blockwise
-except ImportError:  # pragma: no cover
-    pass
 
 __all__ = [
     "GRANULARITIES",
