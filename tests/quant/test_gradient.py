@@ -50,8 +50,9 @@ def test_bit_split_codes_scales_and_bounds(device, shape, granularity):
         absmax = g.abs().amax(-1, keepdim=True)
     else:
         absmax = g.abs().max().reshape(expected_scale_shape)
-    torch.testing.assert_close(bs.scale_hi, absmax / 7, rtol=0, atol=0)
-    torch.testing.assert_close(bs.scale_lo, bs.scale_hi / 14, rtol=0, atol=0)
+    # correctly rounded divisions: the same bits as the CPU
+    torch.testing.assert_close(bs.scale_hi.cpu(), absmax.cpu() / 7, rtol=0, atol=0)
+    torch.testing.assert_close(bs.scale_lo.cpu(), bs.scale_hi.cpu() / 14, rtol=0, atol=0)
     # hi: round-to-nearest that never needs its clamp (|g / s_hi| <= 7 by construction)
     unclamped = torch.round(g / bs.scale_hi)
     assert int(unclamped.abs().max()) <= 7
@@ -269,3 +270,11 @@ def test_leverage_scores_oracle(device):
     torch.testing.assert_close(c.double().cpu(), ref, rtol=16 * U, atol=0)
     with pytest.raises(ValueError, match="leading shape"):
         leverage_scores(torch.randn(4, 5), torch.randn(3, 5))
+
+
+@pytest.mark.gpu
+def test_bit_split_hi_cuda_equals_cpu():
+    g = _heavy((16, 64), seed=8)
+    ref, got = bit_split(g), bit_split(g.cuda())
+    for a, b in ((got.hi, ref.hi), (got.scale_hi, ref.scale_hi), (got.scale_lo, ref.scale_lo)):
+        torch.testing.assert_close(a.cpu(), b, rtol=0, atol=0)

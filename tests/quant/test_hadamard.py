@@ -127,3 +127,12 @@ def test_bad_inputs():
         hadamard_transform(torch.ones(4, 8, dtype=torch.int32))
     with pytest.raises(ValueError, match="at least 1 dim"):
         hadamard_transform(torch.tensor(1.0))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_equals_cpu_bit_for_bit(dtype):
+    # the butterflies are elementwise adds in the same order on both devices
+    x = torch.randn(8, 256).to(dtype)
+    got = hadamard_transform(x.cuda(), 64).cpu()
+    torch.testing.assert_close(got, hadamard_transform(x, 64), rtol=0, atol=0)

@@ -285,3 +285,21 @@ def test_channel_keeps_dim0_of_nd_weight():
     for i, j, k in itertools.product(range(3), range(2), range(4)):
         assert float(qt.scale[i, 0, 0]) == float(x[i].abs().max() / 7)
         assert abs(float(x[i, j, k] - qt.dequantize()[i, j, k])) <= float(_rtn_tol(qt.scale[i, 0, 0], 4))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("granularity,group_size", GRANULARITY_CASES)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_cuda_equals_cpu_bit_for_bit(bits, granularity, group_size, symmetric):
+    # every operation is elementwise fp32 with correctly rounded division (or an exact max), so the
+    # device must not change a bit: kernels are held to the same reference.
+    x = _data((16, 64), "cpu", seed=bits, dtype=torch.bfloat16)
+    ref = quantize(x, bits, granularity=granularity, group_size=group_size, symmetric=symmetric)
+    got = quantize(x.cuda(), bits, granularity=granularity, group_size=group_size, symmetric=symmetric)
+    torch.testing.assert_close(got.codes.cpu(), ref.codes, rtol=0, atol=0)
+    torch.testing.assert_close(got.scale.cpu(), ref.scale, rtol=0, atol=0)
+    if not symmetric:
+        torch.testing.assert_close(got.zero_point.cpu(), ref.zero_point, rtol=0, atol=0)
+    got_codes = quantize_with_scale(x.cuda(), 0.01, bits).cpu()
+    torch.testing.assert_close(got_codes, quantize_with_scale(x, 0.01, bits), rtol=0, atol=0)

@@ -25,6 +25,7 @@ from .linear import (
     quantize,
     quantize_with_scale,
     round_to_int,
+    true_div,
 )
 from .packing import pack_bits, pack_bits_int32, pack_int4, unpack_bits, unpack_bits_int32, unpack_int4
 
@@ -51,6 +52,7 @@ __all__ = [
     "quantize_blockwise",
     "quantize_with_scale",
     "round_to_int",
+    "true_div",
     "unpack_bits",
     "unpack_bits_int32",
     "unpack_int4",

@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from .linear import compute_scale, round_to_int
+from .linear import compute_scale, round_to_int, true_div
 
 __all__ = [
     "BitSplit",
@@ -74,7 +74,7 @@ def bit_split(
     scale_hi = compute_scale(g32, 4, granularity)
     hi = round_to_int(g32 / scale_hi).clamp_(-_INT4_QMAX, _INT4_QMAX)
     residual = g32 - hi * scale_hi
-    scale_lo = scale_hi / _LO_RATIO
+    scale_lo = true_div(scale_hi, _LO_RATIO)
     lo = round_to_int(residual / scale_lo, stochastic=True, generator=generator)
     lo = lo.clamp_(-_INT4_QMAX, _INT4_QMAX)
     return BitSplit(hi.to(torch.int8), lo.to(torch.int8), scale_hi, scale_lo)

@@ -25,7 +25,8 @@ For "group" the codes are stored grouped, shape ``(..., dn // group_size, group_
 
 A group whose elements are all zero (absmax 0, or a scale that underflows to 0 in fp32) gets scale 1.0 and
 codes 0: it dequantizes to exact zeros, never NaN/Inf. All arithmetic runs in fp32 whatever the input
-dtype (fp32, bf16, fp16; fp64 inputs are computed in fp32 as well). Non-finite inputs are not checked
+dtype (fp32, bf16, fp16; fp64 inputs are computed in fp32 as well), with correctly rounded divisions, so
+CPU and CUDA give the same bits. Non-finite inputs are not checked
 (checking would force a device synchronization) and give meaningless codes.
 
 Error bounds (exact arithmetic; fp32 adds a relative error of a few 2^-24):
@@ -52,6 +53,7 @@ __all__ = [
     "quantize",
     "quantize_with_scale",
     "round_to_int",
+    "true_div",
 ]
 
 GRANULARITIES = ("tensor", "channel", "token", "group")
@@ -107,6 +109,16 @@ def _amin_keepdim(t: torch.Tensor, dims: tuple) -> torch.Tensor:
     return -_amax_keepdim(-t, dims)
 
 
+def true_div(t: torch.Tensor, divisor: float) -> torch.Tensor:
+    """t / divisor, correctly rounded on every device.
+
+    PyTorch's CUDA division by a Python scalar multiplies by the rounded reciprocal (off by one ulp at
+    times); dividing by a 0-dim tensor on t's device is IEEE division there as on the CPU, so scales and
+    codes are the same bits on CPU and CUDA, and kernels can be held to them exactly.
+    """
+    return t / torch.full((), divisor, dtype=t.dtype, device=t.device)
+
+
 def _safe_scale(scale: torch.Tensor) -> torch.Tensor:
     # An all-zero group (or one whose scale underflows in fp32) gets scale 1.0: its codes are 0.
     return torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -129,7 +141,7 @@ def compute_scale(
     q = qmax(bits)
     x_view, dims = _grouped_view(x, granularity, group_size)
     absmax = _amax_keepdim(x_view.detach().float().abs(), dims)
-    return _safe_scale(absmax / q)
+    return _safe_scale(true_div(absmax, q))
 
 
 def round_to_int(
@@ -160,8 +172,8 @@ def quantize_with_scale(
     not checked here. Computed in fp32; returns int8 codes of x's shape (no gradient flows through).
     """
     q = qmax(bits)
-    scale_f32 = scale.detach().float() if isinstance(scale, torch.Tensor) else float(scale)
-    v = x.detach().float() / scale_f32
+    x32 = x.detach().float()
+    v = x32 / scale.detach().float() if isinstance(scale, torch.Tensor) else true_div(x32, float(scale))
     return round_to_int(v, stochastic, generator).clamp_(-q, q).to(torch.int8)
 
 
@@ -230,14 +242,14 @@ def quantize(
     x_view, dims = _grouped_view(x.detach().float(), granularity, group_size)
     if symmetric:
         q = qmax(bits)
-        scale = _safe_scale(_amax_keepdim(x_view.abs(), dims) / q)
+        scale = _safe_scale(true_div(_amax_keepdim(x_view.abs(), dims), q))
         codes = round_to_int(x_view / scale, stochastic, generator).clamp_(-q, q).to(torch.int8)
         zero_point = None
     else:
         q_hi = 2**bits - 1
         lo = _amin_keepdim(x_view, dims).clamp(max=0.0)
         hi = _amax_keepdim(x_view, dims).clamp(min=0.0)
-        scale = _safe_scale((hi - lo) / q_hi)
+        scale = _safe_scale(true_div(hi - lo, q_hi))
         zero_point_f = torch.round(-lo / scale).clamp_(0, q_hi)
         v = (x_view / scale + zero_point_f).clamp_(0, q_hi)
         codes = round_to_int(v, stochastic, generator).clamp_(0, q_hi).to(torch.uint8)
