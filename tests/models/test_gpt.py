@@ -1,3 +1,4 @@
+import copy
 import dataclasses
 import math
 
@@ -294,3 +295,37 @@ def test_tiny_model_trains_at_full_context():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.gpu
+def test_cuda_forward_is_as_accurate_as_cpu():
+    # fp32 on the GPU (cuBLAS, the fused SDPA kernels) against a float64 reference: its error may
+    # be at most 2x the error of the same fp32 model on the CPU.
+    model = _model().eval()
+    idx = _ids((4, 32), 65)
+    with torch.no_grad():
+        ref = copy.deepcopy(model).double()(idx)[0]
+        err_cpu = (model(idx)[0].double() - ref).abs().max().item()
+        cuda_logits = copy.deepcopy(model).cuda()(idx.cuda())[0]
+        err_cuda = (cuda_logits.double().cpu() - ref).abs().max().item()
+    assert err_cuda <= 2 * err_cpu
+    out = model.cuda().generate(
+        idx[:, :4].cuda(), 8, top_k=5, generator=torch.Generator("cuda").manual_seed(0)
+    )
+    assert out.shape == (4, 12) and out.is_cuda
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_autocast_training_step():
+    model = _model().cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    idx, targets = _ids((4, 32), 65).cuda(), _ids((4, 32), 65, seed=1).cuda()
+    losses = []
+    for _ in range(10):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = model(idx, targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert loss.dtype == torch.float32 and losses[-1] < losses[0]
