@@ -1,0 +1,311 @@
+"""The ``lowbit`` command line: ``lowbit demo | train | eval ppl | bench``.
+
+The CLI only parses into configurations (``TrainConfig``) and calls the library. Heavy imports (torch, the
+models) happen inside the command handlers, so ``--help`` and ``--version`` answer at once. A bad argument
+or a library error about the user's input (``ValueError``, ``FileNotFoundError`` and other ``OSError``,
+``ImportError``) ends with one line ``lowbit: error: ...`` on stderr and exit status 2; set ``LOWBIT_DEBUG=1``
+to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+
+__all__ = ["build_parser", "main"]
+
+MODEL_HELP = "gpt-tiny, gpt-small, gpt-medium or gpt-350m"
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A command-line mistake: reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints usage + message; we want one line
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# TrainConfig fields settable from `lowbit train`, with the defaults of a fresh run. Options default to
+# argparse.SUPPRESS, so the handler knows what was given and a resumed run keeps its checkpoint's settings.
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "steps": 1000,
+    "batch_size": 32,
+    "block_size": None,  # the model's context
+    "grad_accum": 1,
+    "lr": 1e-3,
+    "min_lr": None,
+    "warmup_steps": None,
+    "weight_decay": 0.1,
+    "grad_clip": 1.0,
+    "eval_every": 200,
+    "eval_batches": 20,
+    "log_every": 10,
+    "save_every": 1000,
+    "precision": "fp32",
+    "seed": 1337,
+    "device": "auto",
+    "optimizer": "adamw",
+}
+
+
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    s = argparse.SUPPRESS
+    d = TRAIN_DEFAULTS
+    p.add_argument("--model", default=s, help=f"model to train: {MODEL_HELP} (default gpt-tiny)")
+    p.add_argument("--data", default=s, help="'shakespeare' (bundled) or a .txt file / folder of .txt files")
+    p.add_argument("--out", default=s, help="output folder (default runs/<model>)")
+    p.add_argument("--steps", type=int, default=s, help=f"optimizer steps (default {d['steps']})")
+    p.add_argument("--batch-size", type=int, default=s, help=f"sequences per micro-batch ({d['batch_size']})")
+    p.add_argument("--block-size", type=int, default=s, help="tokens per sequence (default: model context)")
+    p.add_argument("--grad-accum", type=int, default=s, help="micro-batches per step (default 1)")
+    p.add_argument("--lr", type=float, default=s, help=f"peak learning rate (default {d['lr']})")
+    p.add_argument("--min-lr", type=float, default=s, help="cosine floor (default lr / 10)")
+    p.add_argument("--warmup-steps", type=int, default=s, help="linear warmup (default min(100, steps/10))")
+    p.add_argument("--weight-decay", type=float, default=s, help=f"on matrices only ({d['weight_decay']})")
+    p.add_argument("--grad-clip", type=float, default=s, help="max gradient norm, 0 = off (default 1.0)")
+    p.add_argument("--dropout", type=float, default=s, help="model dropout (default 0.0)")
+    p.add_argument("--optimizer", default=s, help="registered optimizer name (default adamw)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=s, help="fp32 (default) or bf16 autocast")
+    p.add_argument("--eval-every", type=int, default=s, help=f"steps between evaluations ({d['eval_every']})")
+    p.add_argument("--eval-batches", type=int, default=s, help=f"validation batches ({d['eval_batches']})")
+    p.add_argument("--log-every", type=int, default=s, help=f"steps between metrics lines ({d['log_every']})")
+    p.add_argument("--save-every", type=int, default=s, help=f"steps between checkpoints ({d['save_every']})")
+    p.add_argument("--seed", type=int, default=s, help=f"random seed (default {d['seed']})")
+    p.add_argument("--device", default=s, help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--resume", default=s, help="'auto' (OUT/checkpoint.pt if present) or a checkpoint path")
+    p.add_argument("--no-progress", action="store_true", default=s, help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``lowbit`` argument parser (each command's handler is stored as ``args.handler``)."""
+    parser = _Parser(prog="lowbit", description="Train and compress transformers in very few bits.")
+    parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    demo = commands.add_parser(
+        "demo",
+        help="train a tiny GPT on Shakespeare and write a report (a few minutes on a CPU)",
+        description="Train gpt-tiny on the bundled Shakespeare corpus with a character tokenizer, report "
+        "validation perplexity and a sample, and write OUT/report.md with loss.png.",
+    )
+    demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    demo.add_argument(
+        "--steps", type=int, default=None, help="training steps (default: the tuned demo value)"
+    )
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.set_defaults(handler=_cmd_demo)
+
+    train = commands.add_parser(
+        "train",
+        help="train a GPT on a text corpus",
+        description="Train a GPT with a character tokenizer. Writes OUT/checkpoint.pt, OUT/metrics.jsonl and "
+        "OUT/loss.png. With --resume, settings not given on the command line come from the checkpoint.",
+    )
+    _add_train_arguments(train)
+    train.set_defaults(handler=_cmd_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate a checkpoint", description="Evaluate a checkpoint.")
+    evals = evaluate.add_subparsers(dest="eval_command", metavar="METRIC", parser_class=_Parser)
+    evaluate.set_defaults(handler=_cmd_eval_missing)
+    ppl = evals.add_parser(
+        "ppl",
+        help="validation perplexity of a `lowbit train` checkpoint",
+        description="Mean cross-entropy and perplexity of a checkpoint on a corpus split. By default the "
+        "windows, batch size and precision of the training run's own evaluation are used, so the number "
+        "matches its final validation perplexity.",
+    )
+    ppl.add_argument("--checkpoint", required=True, help="path to checkpoint.pt")
+    ppl.add_argument(
+        "--data", default=None, help="'shakespeare' or a .txt file/folder (default: training data)"
+    )
+    ppl.add_argument("--split", choices=("val", "train"), default="val", help="corpus split (default val)")
+    ppl.add_argument("--batch-size", type=int, default=None, help="default: the training batch size")
+    ppl.add_argument("--block-size", type=int, default=None, help="default: the training block size")
+    ppl.add_argument(
+        "--max-batches",
+        type=int,
+        default=-1,
+        help="batches to evaluate; 0 = all windows (default: as training)",
+    )
+    ppl.add_argument("--precision", choices=("fp32", "bf16"), default=None, help="default: as training")
+    ppl.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    ppl.add_argument("--json", action="store_true", help="print one JSON object")
+    ppl.set_defaults(handler=_cmd_eval_ppl)
+
+    from .bench import SUITES
+
+    bench = commands.add_parser(
+        "bench",
+        help="run a benchmark suite",
+        description="Run a benchmark suite; 'lowbit bench SUITE --help' shows its options. Without SUITE, "
+        "list the suites.",
+        epilog="suites: " + (", ".join(sorted(SUITES)) or "none registered yet"),
+    )
+    bench.add_argument("suite", nargs="?", help="suite name")
+    bench.add_argument("suite_args", nargs=argparse.REMAINDER, help="options of the suite")
+    bench.set_defaults(handler=_cmd_bench)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------ handlers
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .trainer import TrainConfig, load_checkpoint, train_lm
+
+    given = vars(args)
+    resume = given.get("resume")
+    out = given.get("out")
+    if out is None:  # continue in the checkpoint's folder, else runs/<model>
+        if resume is not None and resume != "auto":
+            out = os.path.dirname(os.path.abspath(resume))
+        else:
+            out = os.path.join("runs", given.get("model", "gpt-tiny"))
+    ckpt_path = None
+    if resume == "auto":
+        candidate = os.path.join(out, "checkpoint.pt")
+        ckpt_path = candidate if os.path.isfile(candidate) else None
+    elif resume is not None:
+        if not os.path.isfile(resume):
+            raise FileNotFoundError(f"--resume checkpoint not found: {resume!r}")
+        ckpt_path = resume
+    base = dict(TRAIN_DEFAULTS)
+    model_name, data, dropout = "gpt-tiny", "shakespeare", 0.0
+    if ckpt_path is not None:  # resumed: the checkpoint's settings unless overridden
+        payload = load_checkpoint(ckpt_path)
+        extra = payload.get("extra", {})
+        base.update({k: v for k, v in payload.get("config", {}).items() if k in TRAIN_DEFAULTS})
+        model_name = extra.get("model_name", model_name)
+        data = extra.get("data", data)
+        dropout = extra.get("model_config", {}).get("dropout", dropout)
+    model_name = given.get("model", model_name)
+    data = given.get("data", data)
+    dropout = given.get("dropout", dropout)
+    fields = {k: given.get(k, v) for k, v in base.items()}
+    if fields["block_size"] is None:
+        from .models import NAMED_CONFIGS
+
+        size = model_name.removeprefix("gpt-")
+        if size not in NAMED_CONFIGS:
+            raise ValueError(f"unknown model {model_name!r}; choose one of: {MODEL_HELP}")
+        fields["block_size"] = NAMED_CONFIGS[size][3]
+    config = TrainConfig(**fields, out_dir=out, progress=not given.get("no_progress", False))
+    print(
+        f"lowbit train: {model_name} on {data}, {config.steps} steps of {config.tokens_per_step:,} tokens "
+        f"-> {out}" + (f" (resuming {ckpt_path})" if ckpt_path else ""),
+        flush=True,
+    )
+    run = train_lm(model_name, data, config, dropout=dropout, resume=ckpt_path)
+    r = run.result
+    summary = f"step {r.step}: train loss {_fmt(r.train_loss)}"
+    if r.val_loss is not None:
+        summary += f", val loss {_fmt(r.val_loss)} (ppl {_fmt(r.val_ppl, 3)})"
+    summary += f", {r.tokens_per_s:,.0f} tokens/s, {r.elapsed_s:.1f} s"
+    print(summary)
+    print(f"checkpoint: {r.checkpoint_path}\nmetrics:    {r.metrics_path}\nplot:       {r.plot_path}")
+    return 0
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _cmd_eval_missing(args: argparse.Namespace) -> int:
+    raise UsageError("choose what to evaluate: ppl (see 'lowbit eval --help')")
+
+
+def _cmd_eval_ppl(args: argparse.Namespace) -> int:
+    from .trainer import evaluate_checkpoint
+
+    if args.max_batches is not None and args.max_batches < -1:
+        raise UsageError(f"--max-batches must be >= 0 (0 = all windows), got {args.max_batches}")
+    result = evaluate_checkpoint(
+        args.checkpoint,
+        data=args.data,
+        split=args.split,
+        batch_size=args.batch_size,
+        block_size=args.block_size,
+        max_batches=None if args.max_batches == 0 else args.max_batches,
+        device=args.device,
+        precision=args.precision,
+    )
+    record = {"split": args.split, "loss": result.loss, "ppl": result.ppl, "tokens": result.tokens}
+    if args.json:
+        print(json.dumps(record))
+    else:
+        print(f"{args.split} loss {result.loss:.4f}  ppl {result.ppl:.3f}  ({result.tokens:,} tokens)")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    report = run_demo(
+        out_dir=args.out, steps=args.steps, seed=args.seed, device=args.device, progress=not args.no_progress
+    )
+    print(f"report: {report}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import SUITES, get_suite
+
+    if args.suite is None:
+        if SUITES:
+            print("benchmark suites: " + ", ".join(sorted(SUITES)))
+        else:
+            print("no benchmark suites registered yet")
+        return 0
+    module = get_suite(args.suite)
+    parser = _Parser(prog=f"lowbit bench {args.suite}", description=(module.__doc__ or "").strip() or None)
+    module.add_arguments(parser)
+    result = module.run(parser.parse_args(args.suite_args))
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ entry
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        message = f"{exc.strerror}: {exc.filename!r}"
+    else:
+        message = str(exc) or type(exc).__name__
+    return " ".join(message.split())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``lowbit`` command line on ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    try:
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help / --version
+            return exc.code if isinstance(exc.code, int) else 0
+        if args.command is None:
+            raise UsageError("choose a command: demo, train, eval, bench (see 'lowbit --help')")
+        return args.handler(args)
+    except (UsageError, ValueError, OSError, ImportError) as exc:
+        if os.environ.get("LOWBIT_DEBUG"):
+            raise
+        print(f"lowbit: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("lowbit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
