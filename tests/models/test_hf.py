@@ -114,7 +114,7 @@ def test_load_local_folder(tiny_llama_dir, dtype):
 # ---------------------------------------------------------------- the bundled SmolLM2 (GGUF)
 
 
-@pytest.mark.slow  # about 20-30 s on 2 CPU cores: the Q4_1 GGUF is dequantized on load
+@pytest.mark.slow  # 19-27 s measured on 2 CPU cores: parsing and dequantizing the Q4_1 GGUF
 def test_smollm2_knows_the_capital_of_france():
     pytest.importorskip("transformers", reason=HF_REASON)
     model, tokenizer = load_causal_lm("smollm2-135m")
