@@ -14,6 +14,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -193,13 +194,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     data = given.get("data", data)
     dropout = given.get("dropout", dropout)
     fields = {k: given.get(k, v) for k, v in base.items()}
-    if fields["block_size"] is None:
+    if ckpt_path is None:  # fresh run: check the model name and context before loading any data
         from .models import NAMED_CONFIGS
 
-        size = model_name.removeprefix("gpt-")
+        size = model_name.removeprefix("gpt-") if model_name.startswith("gpt-") else None
         if size not in NAMED_CONFIGS:
             raise ValueError(f"unknown model {model_name!r}; choose one of: {MODEL_HELP}")
-        fields["block_size"] = NAMED_CONFIGS[size][3]
+        context = NAMED_CONFIGS[size][3]
+        if fields["block_size"] is None:
+            fields["block_size"] = context
+        elif fields["block_size"] > context:
+            raise ValueError(
+                f"--block-size {fields['block_size']} exceeds the context of {model_name} ({context})"
+            )
     config = TrainConfig(**fields, out_dir=out, progress=not given.get("no_progress", False))
     print(
         f"lowbit train: {model_name} on {data}, {config.steps} steps of {config.tokens_per_step:,} tokens "
@@ -270,7 +277,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     module = get_suite(args.suite)
     parser = _Parser(prog=f"lowbit bench {args.suite}", description=(module.__doc__ or "").strip() or None)
     module.add_arguments(parser)
-    result = module.run(parser.parse_args(args.suite_args))
+    try:
+        suite_args = parser.parse_args(args.suite_args)
+    except SystemExit as exc:  # the suite's --help
+        return exc.code if isinstance(exc.code, int) else 0
+    result = module.run(suite_args)
     print(json.dumps(result, indent=2, default=str))
     return 0
 
@@ -286,6 +297,10 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(message.split())
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"lowbit: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``lowbit`` command line on ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
@@ -296,7 +311,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return exc.code if isinstance(exc.code, int) else 0
         if args.command is None:
             raise UsageError("choose a command: demo, train, eval, bench (see 'lowbit --help')")
-        return args.handler(args)
+        with warnings.catch_warnings():  # restores the caller's warning display afterwards
+            warnings.showwarning = _show_warning
+            return args.handler(args)
     except (UsageError, ValueError, OSError, ImportError) as exc:
         if os.environ.get("LOWBIT_DEBUG"):
             raise

@@ -87,7 +87,7 @@ class DemoContext:
             "min_lr": 3e-4,
             "warmup_steps": min(50, self.steps // 10),
             "weight_decay": 0.1,
-            "eval_every": max(1, self.steps // 6),
+            "eval_every": max(25, self.steps // 6),  # about 6 points on the curve; short runs: at the end
             "eval_batches": 8,
             "log_every": max(1, min(10, self.steps // 20)),
             "save_every": 0,

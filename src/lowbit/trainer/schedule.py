@@ -7,8 +7,8 @@ For optimizer step k = 0, 1, ..., total_steps - 1 (k is the number of optimizer 
     m(k) = r + (1 - r) * (1 + cos(pi * p)) / 2            for k >= W, p = (k - W) / max(1, S - 1 - W)
 
 where W = warmup_steps, S = total_steps and r = min_ratio = min_lr / lr. The first step runs at base_lr / W,
-step W - 1 and step W at the peak, and the last step S - 1 at the floor r * base_lr; p is clamped to [0, 1],
-so steps past S stay at the floor. With W = 0 the cosine starts at step 0.
+step W - 1 and step W at the peak, and the last step S - 1 at the floor r * base_lr (when S - 1 > W); p is
+clamped to [0, 1], so steps past S stay at the floor. With W = 0 the cosine starts at step 0.
 """
 
 from __future__ import annotations
