@@ -1,0 +1,771 @@
+"""Fused quantizers of INT4 training (Xi et al. 2023): Hadamard quantizer, bit splitting, LSS compaction.
+
+Each launcher is one pass (two for a per-tensor absmax) over a bf16 / fp16 / fp32 row-major matrix that
+writes the GEMM operand directly. Contracts (x of shape (R, C), b the Hadamard block, H = BlockDiag(H_b)):
+
+``hadamard_quantize(x, b, granularity)``
+    codes = clamp(round(x̂ / s), -7, 7),  x̂ = x · H in fp32,  s = absmax(x̂) / 7 per row ("row") or per
+    tensor ("tensor"), or a given scale ``scale``; it equals
+    ``quantize(hadamard_transform(x.float(), b), 4, granularity="token" | "tensor")`` (or
+    ``quantize_with_scale``), which is ``lowbit.int4.function.hq_quantize``; ``round_rotated=True`` rounds
+    x̂ to x's dtype first, as ``quantize(hadamard_transform(x, b), ...)`` does.
+    Codes are written as FP8 E4M3 (every integer in [-7, 7] is exact in E4M3) or int8, optionally also
+    transposed ((C, R), the K-major layout a product over R needs).
+``bit_split_quantize(g)``
+    the halves of ``lowbit.quant.bit_split(g)``: hi = round(g / s_hi), lo = floor((g - hi·s_hi) / s_lo + u),
+    written as v = 14·hi + lo (int8, |v| <= 105: g = v·s_lo up to the lo rounding, one INT8 operand) and/or
+    packed (hi << 4 | lo & 15, int8) and/or two FP8 operands.
+``gather_scaled_rows(...)``
+    the compacted operands of the sampled ∇W product: kept rows of the INT4 codes (bf16, exact) and of the
+    saved activation codes times a per-row factor (the 1/p of leverage-score sampling fused in).
+``hadamard_rows(x, b)``
+    y = (x · H) · row_scale · tensor_scale in fp32, written in the output dtype: the rotation back of a
+    product whose inner dimension was rotated.
+
+The rotation is a ``tl.dot`` of the (rows × BC) tile with the BC × BC sign matrix BlockDiag(√b·H_b) held on
+chip, then one multiplication by fp32(1/√b), as the butterflies of ``hadamard_transform`` end. For bf16 /
+fp16 input the products are exact (entries ±1) and the fp32 sums equal the butterfly's whenever they are
+exact (the inputs' exponents span less than 16 binades, the usual case); fp32 input is split exactly into
+three bf16 pieces. Where a sum does round, the two paths can differ by an ulp, which flips a code only when
+x̂ / s lies within a few ulps of a .5 boundary (tests/kernels/test_hadamard_quant.py bounds this).
+
+Arithmetic that decides codes follows ``lowbit.quant`` exactly: divisions correctly rounded (``div_rn``),
+round half to even, no FMA contraction (the launch passes ``enable_fp_fusion=False``). On the CPU the
+kernels run under ``TRITON_INTERPRET=1`` (tests, small shapes).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import NamedTuple
+
+import torch
+
+from lowbit.quant import hadamard_matrix, is_power_of_two, true_div
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where Triton is absent
+    triton = None
+    tl = None
+
+__all__ = [
+    "HAS_TRITON",
+    "LO_RATIO",
+    "QMAX",
+    "BitSplitCodes",
+    "HadamardQuantized",
+    "bit_split_quantize",
+    "gather_scaled_rows",
+    "hadamard_quantize",
+    "hadamard_rows",
+    "interpreting",
+    "row_absmax",
+    "sign_matrix",
+    "unpack_hi_lo",
+]
+
+HAS_TRITON = triton is not None
+QMAX = 7  # INT4 symmetric codes lie in [-7, 7]
+LO_RATIO = 14  # bit splitting: s_lo = s_hi / 14 (lowbit.quant.gradient)
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_CODE_DTYPES = (torch.float8_e4m3fn, torch.int8)
+
+# Kernel modes of _hq_kernel.
+_STATS, _ROW, _GIVEN, _TRANSFORM = 0, 1, 2, 3
+# How x̂ is rounded before it is quantized (hadamard_transform returns x's dtype).
+_ROUND_NONE, _ROUND_BF16, _ROUND_FP16 = 0, 1, 2
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _check_triton(name: str, *tensors: torch.Tensor) -> None:
+    if not HAS_TRITON:
+        raise RuntimeError(f"{name} needs Triton: pip install 'lowbit[triton]'")
+    for t in tensors:
+        if t.device.type != "cuda" and not interpreting():
+            raise RuntimeError(
+                f"{name} runs on CUDA tensors (or on the CPU with TRITON_INTERPRET=1); got one on {t.device}"
+            )
+
+
+def _launch_options(device: torch.device) -> dict:
+    # No FMA contraction: the reference rounds every product and every sum.
+    return {} if device.type != "cuda" else {"enable_fp_fusion": False}
+
+
+@functools.cache
+def _sign_matrix_cached(block: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    h = hadamard_matrix(block, dtype=torch.float64) * math.sqrt(block)
+    signs = torch.block_diag(*[torch.round(h)] * (width // block))
+    return signs.to(dtype=dtype, device=device).contiguous()
+
+
+def sign_matrix(block: int, width: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """BlockDiag(√b·H_b, ...) of shape (width, width): the ±1 (and 0) matrix the kernels multiply by.
+
+    ``block`` (b) a power of two dividing ``width``. Cached per (b, width, dtype, device).
+    """
+    if not is_power_of_two(block) or width % block:
+        raise ValueError(f"block must be a power of two dividing width={width}, got {block!r}")
+    return _sign_matrix_cached(block, width, dtype, torch.device(device))
+
+
+def _rotation_width(block: int, n_cols: int) -> int:
+    """Columns per rotation tile: a multiple of the block, at least 16 (tl.dot), dividing n_cols."""
+    width = max(block, 16)
+    if n_cols % width:
+        raise ValueError(
+            f"the rotated dimension ({n_cols}) must be a multiple of max(block_size, 16) = {width} for the "
+            "Triton kernels"
+        )
+    return width
+
+
+def _check_block(block_size: int | None, n_cols: int) -> int:
+    if block_size is None or block_size == 1:
+        return 1
+    if not is_power_of_two(block_size) or block_size > 128:
+        raise ValueError(f"block_size must be None or a power of two <= 128, got {block_size!r}")
+    if n_cols % block_size:
+        raise ValueError(f"the last dim ({n_cols}) must be a multiple of block_size ({block_size})")
+    return block_size
+
+
+def _round_mode(dtype: torch.dtype) -> int:
+    return {torch.bfloat16: _ROUND_BF16, torch.float16: _ROUND_FP16}.get(dtype, _ROUND_NONE)
+
+
+def _n_split(dtype: torch.dtype) -> int:
+    # bf16 / fp16 tiles go into the dot as they are; anything wider is split into exact bf16 pieces.
+    return 1 if dtype in (torch.bfloat16, torch.float16) else 3
+
+
+def _dot_dtype(dtype: torch.dtype) -> torch.dtype:
+    # The interpreter's bf16 dot is broken (triton 3.9): it multiplies in fp32 there, with the same pieces.
+    if interpreting():
+        return torch.float32
+    return torch.float16 if dtype == torch.float16 else torch.bfloat16
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _rne_bf16(x):
+        """fp32 -> bf16, round to nearest even by bits (the interpreter truncates in ``.to``)."""
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + (((bits >> 16) & 1) + 0x7FFF)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+    @triton.jit
+    def _store_cast(ptrs, value, mask):
+        """Store fp32 ``value`` in the pointer's dtype, rounding to nearest even."""
+        if ptrs.dtype.element_ty == tl.bfloat16:
+            tl.store(ptrs, _rne_bf16(value), mask=mask)
+        else:
+            tl.store(ptrs, value.to(ptrs.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _round_to_input(y, ROUND: tl.constexpr):
+        """fp32 y rounded to the input dtype and back (hadamard_transform returns x's dtype)."""
+        if ROUND == 1:
+            return _rne_bf16(y).to(tl.float32)
+        elif ROUND == 2:
+            return y.to(tl.float16).to(tl.float32)
+        else:
+            return y
+
+    @triton.jit
+    def _rint(v):
+        """Round half to even (torch.round), exact for |v| < 2^22; larger values are clamped after."""
+        f = tl.floor(v)
+        d = v - f
+        odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
+        up = (d > 0.5) | ((d == 0.5) & odd)
+        return tl.where(up, f + 1.0, f)
+
+    @triton.jit
+    def _rotate(xr, s, NSPLIT: tl.constexpr, DOT_F32: tl.constexpr):
+        """xr (rows, W) · s (W, W) with fp32 accumulation (s = ±1 sign matrix, bf16 / fp16 / fp32).
+
+        NSPLIT == 1: xr (bf16 / fp16) goes into the dot as is. Else xr is taken in fp32 and split into
+        NSPLIT bf16 pieces (x = p1 + p2 + ..., each residual exact in fp32), one dot each.
+        DOT_F32: the dot runs on fp32 copies of the same pieces (CPU interpreter).
+        """
+        if NSPLIT == 1:
+            if DOT_F32:
+                acc = tl.dot(xr.to(tl.float32), s, input_precision="ieee")
+            else:
+                acc = tl.dot(xr, s)
+        else:
+            rest = xr.to(tl.float32)
+            acc = tl.zeros(xr.shape, dtype=tl.float32)
+            for _ in tl.static_range(NSPLIT):
+                piece = rest.to(tl.bfloat16)
+                rest = rest - piece.to(tl.float32)
+                if DOT_F32:
+                    acc = tl.dot(piece.to(tl.float32), s, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(piece, s, acc)
+        return acc
+
+    @triton.jit
+    def _transform(xr, s, inv_sqrt_b, ROTATE: tl.constexpr, NSPLIT: tl.constexpr, DOT_F32: tl.constexpr,
+                   ROUND: tl.constexpr):
+        if ROTATE:
+            y = _rotate(xr, s, NSPLIT, DOT_F32) * inv_sqrt_b
+            return _round_to_input(y, ROUND)
+        else:
+            return xr.to(tl.float32)
+
+    @triton.jit
+    def _hq_kernel(
+        x_ptr, s_ptr, scale_in_ptr, rs_ptr,
+        out_ptr, out_t_ptr, scale_out_ptr, absmax_ptr, sumsq_ptr,
+        R, C, stride_xr, stride_or, stride_tc,
+        inv_sqrt_b,
+        BR: tl.constexpr, BC: tl.constexpr,
+        ROTATE: tl.constexpr, NSPLIT: tl.constexpr, DOT_F32: tl.constexpr, ROUND: tl.constexpr,
+        MODE: tl.constexpr, WRITE_OUT: tl.constexpr, WRITE_T: tl.constexpr, HAS_RS: tl.constexpr,
+        QMAX_C: tl.constexpr,
+    ):
+        """One program: BR rows, all C columns in tiles of BC.
+
+        MODE 0 (stats): absmax of each row of x̂.  MODE 1 (row): per-row scale, then codes.
+        MODE 2 (given): codes with the scale at scale_in_ptr.  MODE 3 (transform): out = x̂ · rs[row] · scale.
+        """
+        pid = tl.program_id(0)
+        rows = pid * BR + tl.arange(0, BR)
+        row_ok = rows < R
+        rows64 = rows.to(tl.int64)
+        cols0 = tl.arange(0, BC)
+        if ROTATE:
+            s = tl.load(s_ptr + cols0[:, None] * BC + cols0[None, :])
+        else:
+            s = None
+        x_rows = x_ptr + rows64[:, None] * stride_xr
+
+        if MODE == 0 or MODE == 1:
+            amax = tl.zeros([BR], dtype=tl.float32)
+            for c0 in range(0, C, BC):
+                cols = c0 + cols0
+                mask = row_ok[:, None] & (cols[None, :] < C)
+                xr = tl.load(x_rows + cols[None, :], mask=mask, other=0.0)
+                y = _transform(xr, s, inv_sqrt_b, ROTATE, NSPLIT, DOT_F32, ROUND)
+                amax = tl.maximum(amax, tl.max(tl.abs(y), axis=1))
+            tl.store(absmax_ptr + rows, amax, mask=row_ok)
+            scale = tl.math.div_rn(amax, tl.full([BR], QMAX_C, tl.float32))
+            scale = tl.where(scale > 0, scale, 1.0)
+            if MODE == 1:
+                tl.store(scale_out_ptr + rows, scale, mask=row_ok)
+        else:
+            scale = tl.zeros([BR], dtype=tl.float32) + tl.load(scale_in_ptr)
+
+        if MODE == 1 or MODE == 2:
+            ssq = tl.zeros([BR], dtype=tl.float32)
+            for c0 in range(0, C, BC):
+                cols = c0 + cols0
+                mask = row_ok[:, None] & (cols[None, :] < C)
+                xr = tl.load(x_rows + cols[None, :], mask=mask, other=0.0)
+                y = _transform(xr, s, inv_sqrt_b, ROTATE, NSPLIT, DOT_F32, ROUND)
+                q = _rint(tl.math.div_rn(y, scale[:, None]))
+                q = tl.minimum(tl.maximum(q, -QMAX_C), QMAX_C)
+                ssq += tl.sum(q * q, axis=1)
+                if WRITE_OUT:
+                    out_ptrs = out_ptr + rows64[:, None] * stride_or + cols[None, :]
+                    tl.store(out_ptrs, q.to(out_ptr.dtype.element_ty), mask=mask)
+                if WRITE_T:
+                    t_ptrs = out_t_ptr + cols.to(tl.int64)[None, :] * stride_tc + rows64[:, None]
+                    tl.store(t_ptrs, q.to(out_t_ptr.dtype.element_ty), mask=mask)
+            tl.store(sumsq_ptr + rows, ssq, mask=row_ok)
+
+        if MODE == 3:
+            if HAS_RS:
+                rscale = tl.load(rs_ptr + rows, mask=row_ok, other=0.0) * scale
+            else:
+                rscale = scale
+            for c0 in range(0, C, BC):
+                cols = c0 + cols0
+                mask = row_ok[:, None] & (cols[None, :] < C)
+                xr = tl.load(x_rows + cols[None, :], mask=mask, other=0)
+                y = _transform(xr, s, inv_sqrt_b, ROTATE, NSPLIT, DOT_F32, 0)
+                _store_cast(out_ptr + rows64[:, None] * stride_or + cols[None, :], y * rscale[:, None], mask)
+
+    @triton.jit
+    def _bit_split_kernel(
+        g_ptr, noise_ptr, scale_in_ptr,
+        v_ptr, hl_ptr, hi8_ptr, lo8_ptr, scale_out_ptr, ssq_hi_ptr, ssq_lo_ptr,
+        R, C, stride_gr, stride_nr, stride_or, seed_ptr,
+        BR: tl.constexpr, BC: tl.constexpr, GIVEN: tl.constexpr, HAS_NOISE: tl.constexpr,
+        WRITE_V: tl.constexpr, WRITE_HL: tl.constexpr, WRITE_F8: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        rows = pid * BR + tl.arange(0, BR)
+        row_ok = rows < R
+        rows64 = rows.to(tl.int64)
+        cols0 = tl.arange(0, BC)
+        g_rows = g_ptr + rows64[:, None] * stride_gr
+        if GIVEN:
+            s_hi = tl.zeros([BR], dtype=tl.float32) + tl.load(scale_in_ptr)
+        else:
+            amax = tl.zeros([BR], dtype=tl.float32)
+            for c0 in range(0, C, BC):
+                cols = c0 + cols0
+                mask = row_ok[:, None] & (cols[None, :] < C)
+                g = tl.load(g_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                amax = tl.maximum(amax, tl.max(tl.abs(g), axis=1))
+            s_hi = tl.math.div_rn(amax, tl.full([BR], 7.0, tl.float32))
+            s_hi = tl.where(s_hi > 0, s_hi, 1.0)
+            tl.store(scale_out_ptr + rows, s_hi, mask=row_ok)
+        s_lo = tl.math.div_rn(s_hi, tl.full([BR], 14.0, tl.float32))
+        if not HAS_NOISE:
+            seed = tl.load(seed_ptr)
+        ssq_hi = tl.zeros([BR], dtype=tl.float32)
+        ssq_lo = tl.zeros([BR], dtype=tl.float32)
+        for c0 in range(0, C, BC):
+            cols = c0 + cols0
+            mask = row_ok[:, None] & (cols[None, :] < C)
+            g = tl.load(g_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            hi = _rint(tl.math.div_rn(g, s_hi[:, None]))
+            hi = tl.minimum(tl.maximum(hi, -7.0), 7.0)
+            resid = g - hi * s_hi[:, None]
+            if HAS_NOISE:
+                u = tl.load(noise_ptr + rows64[:, None] * stride_nr + cols[None, :], mask=mask, other=0.0)
+            else:
+                u = tl.rand(seed, (rows64[:, None] * C + cols[None, :]).to(tl.uint32))
+            lo = tl.floor(tl.math.div_rn(resid, s_lo[:, None]) + u)
+            lo = tl.minimum(tl.maximum(lo, -7.0), 7.0)
+            lo = tl.where(mask, lo, 0.0)
+            ssq_hi += tl.sum(hi * hi, axis=1)
+            ssq_lo += tl.sum(lo * lo, axis=1)
+            offs = rows64[:, None] * stride_or + cols[None, :]
+            if WRITE_V:
+                tl.store(v_ptr + offs, (hi * 14.0 + lo).to(tl.int8), mask=mask)
+            if WRITE_HL:
+                hl = hi.to(tl.int32) * 16 + (lo.to(tl.int32) & 15)
+                tl.store(hl_ptr + offs, hl.to(tl.int8), mask=mask)
+            if WRITE_F8:
+                tl.store(hi8_ptr + offs, hi.to(hi8_ptr.dtype.element_ty), mask=mask)
+                tl.store(lo8_ptr + offs, lo.to(lo8_ptr.dtype.element_ty), mask=mask)
+        tl.store(ssq_hi_ptr + rows, ssq_hi, mask=row_ok)
+        tl.store(ssq_lo_ptr + rows, ssq_lo, mask=row_ok)
+
+    @triton.jit
+    def _gather_kernel(
+        src_idx_ptr, half_ptr, factor_ptr, g_ptr, x_ptr, a_out_ptr, b_out_ptr,
+        R_OUT, N, K, stride_gr, stride_xr, stride_ar, stride_br,
+        BR: tl.constexpr, BC: tl.constexpr, G_PACKED: tl.constexpr,
+    ):
+        """Row j of the outputs: a_out[j] = codes of g row src_idx[j] (the hi or lo half when packed),
+        b_out[j] = factor[j] · x[src_idx[j]]; both rounded to the outputs' dtype (bf16: RNE)."""
+        pid = tl.program_id(0)
+        rows = pid * BR + tl.arange(0, BR)
+        row_ok = rows < R_OUT
+        src = tl.load(src_idx_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        f = tl.load(factor_ptr + rows, mask=row_ok, other=0.0)
+        cols0 = tl.arange(0, BC)
+        if G_PACKED:
+            half = tl.load(half_ptr + rows, mask=row_ok, other=0)  # 0: hi, 1: lo
+        for c0 in range(0, N, BC):
+            cols = c0 + cols0
+            mask = row_ok[:, None] & (cols[None, :] < N)
+            c = tl.load(g_ptr + src[:, None] * stride_gr + cols[None, :], mask=mask, other=0).to(tl.int32)
+            if G_PACKED:
+                hi = c >> 4
+                lo = ((c & 15) ^ 8) - 8
+                c = tl.where(half[:, None] == 0, hi, lo)
+            a_ptrs = a_out_ptr + rows.to(tl.int64)[:, None] * stride_ar + cols[None, :]
+            _store_cast(a_ptrs, c.to(tl.float32), mask)
+        for c0 in range(0, K, BC):
+            cols = c0 + cols0
+            mask = row_ok[:, None] & (cols[None, :] < K)
+            xq = tl.load(x_ptr + src[:, None] * stride_xr + cols[None, :], mask=mask).to(tl.float32)
+            b_ptrs = b_out_ptr + rows.to(tl.int64)[:, None] * stride_br + cols[None, :]
+            _store_cast(b_ptrs, xq * f[:, None], mask)
+
+
+class HadamardQuantized(NamedTuple):
+    """Result of :func:`hadamard_quantize` for x of shape (R, C).
+
+    codes: (R, C) FP8 E4M3 or int8, integers in [-7, 7] (None when not requested).
+    codes_t: (C, R) the same codes transposed (None unless requested).
+    scale: fp32, (R, 1) per row or (1, 1) per tensor; the dequantized x̂ is codes · scale.
+    absmax: (R,) fp32 absmax of each row of x̂ (None with a given scale).
+    code_sumsq: (R,) fp32 Σ codes² per row (exact integers): ‖row of codes·scale‖ = scale·sqrt(code_sumsq).
+    """
+
+    codes: torch.Tensor | None
+    codes_t: torch.Tensor | None
+    scale: torch.Tensor
+    absmax: torch.Tensor | None
+    code_sumsq: torch.Tensor
+
+
+class BitSplitCodes(NamedTuple):
+    """Result of :func:`bit_split_quantize` for g of shape (R, C).
+
+    v: (R, C) int8 = 14·hi + lo in [-105, 105], so that hi·s_hi + lo·s_lo = v·s_lo (None unless requested).
+    hl: (R, C) int8 packed halves, hi << 4 | (lo & 15) (:func:`unpack_hi_lo`; None unless requested).
+    hi_f8, lo_f8: (R, C) FP8 E4M3 halves (None unless requested).
+    scale_hi, scale_lo: fp32 (R, 1) per token or (1, 1) per tensor, scale_lo = scale_hi / 14.
+    sumsq_hi, sumsq_lo: (R,) fp32 Σ hi², Σ lo² per row (exact integers).
+    """
+
+    v: torch.Tensor | None
+    hl: torch.Tensor | None
+    hi_f8: torch.Tensor | None
+    lo_f8: torch.Tensor | None
+    scale_hi: torch.Tensor
+    scale_lo: torch.Tensor
+    sumsq_hi: torch.Tensor
+    sumsq_lo: torch.Tensor
+
+
+def unpack_hi_lo(hl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) int8 from the packed byte hi << 4 | (lo & 15) of :func:`bit_split_quantize`."""
+    h = hl.to(torch.int16)
+    return (h >> 4).to(torch.int8), (((h & 15) ^ 8) - 8).to(torch.int8)
+
+
+def _check_matrix(name: str, x: torch.Tensor, dtypes=_FLOAT_DTYPES) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+    if x.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {x.dtype}")
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (rows, cols), got shape {tuple(x.shape)}")
+    if x.shape[1] > 1 and x.stride(1) != 1:
+        raise ValueError(f"{name} must have contiguous rows (stride(1) == 1), got strides {x.stride()}")
+
+
+def _row_granularity(granularity: str) -> bool:
+    if granularity in ("row", "token", "channel"):
+        return True
+    if granularity == "tensor":
+        return False
+    raise ValueError(f"granularity must be 'row' (= 'token' / 'channel' of a 2-D matrix) or 'tensor', got "
+                     f"{granularity!r}")
+
+
+_HQ_CONFIG = {"rows_rotate": 64, "rows_plain": 16, "cols_plain": 256, "num_warps": 4}
+
+
+def _launch_hq(x, b, mode, *, scale_in=None, row_scale=None, out=None, out_t=None, scale_out=None,
+               absmax=None, sumsq=None, round_rotated=False, block_rows=None, num_warps=None) -> None:
+    """Launch _hq_kernel over the rows of x (checked by the caller); absent outputs are not written."""
+    n_rows, n_cols = x.shape
+    dev = x.device
+    rotate = b > 1
+    width = _rotation_width(b, n_cols) if rotate else _HQ_CONFIG["cols_plain"]
+    dummy = next(t for t in (absmax, sumsq, out, scale_in) if t is not None)
+    s = sign_matrix(b, width, _dot_dtype(x.dtype), dev) if rotate else dummy
+    br = block_rows or (_HQ_CONFIG["rows_rotate"] if rotate else _HQ_CONFIG["rows_plain"])
+    br = max(16 if rotate else 1, min(br, max(16, triton.next_power_of_2(n_rows))))
+    round_mode = _round_mode(x.dtype) if round_rotated and mode != _TRANSFORM else _ROUND_NONE
+    _hq_kernel[(triton.cdiv(n_rows, br),)](
+        x, s, scale_in if scale_in is not None else dummy, row_scale if row_scale is not None else dummy,
+        out if out is not None else dummy, out_t if out_t is not None else dummy,
+        scale_out if scale_out is not None else dummy, absmax if absmax is not None else dummy,
+        sumsq if sumsq is not None else dummy,
+        R=n_rows, C=n_cols, stride_xr=x.stride(0),
+        stride_or=out.stride(0) if out is not None else 0,
+        stride_tc=out_t.stride(0) if out_t is not None else 0,
+        inv_sqrt_b=1.0 / math.sqrt(b),
+        BR=br, BC=width, ROTATE=rotate, NSPLIT=_n_split(x.dtype), DOT_F32=interpreting(), ROUND=round_mode,
+        MODE=mode, WRITE_OUT=out is not None, WRITE_T=out_t is not None, HAS_RS=row_scale is not None,
+        QMAX_C=float(QMAX), num_warps=num_warps or _HQ_CONFIG["num_warps"], **_launch_options(dev),
+    )
+
+
+def hadamard_quantize(
+    x: torch.Tensor,
+    block_size: int | None,
+    *,
+    granularity: str = "row",
+    scale: torch.Tensor | None = None,
+    codes_dtype: torch.dtype | None = torch.float8_e4m3fn,
+    transposed_dtype: torch.dtype | None = None,
+    round_rotated: bool = False,
+    block_rows: int | None = None,
+    num_warps: int | None = None,
+) -> HadamardQuantized:
+    """INT4 codes of x̂ = x · BlockDiag(H_b), fused in one pass (two for a per-tensor absmax).
+
+    Equals ``quantize(hadamard_transform(x.float(), b), 4, granularity=g)`` with g = "token" for "row" and
+    "tensor" for "tensor", and ``quantize_with_scale(hadamard_transform(x.float(), b), scale, 4)`` when
+    ``scale`` is given (``lowbit.int4``'s ``hq_quantize``); with ``round_rotated=True`` x̂ is first rounded
+    to x's dtype, as ``hadamard_transform(x, b)`` returns it. Up to the .5-boundary flips the module
+    docstring describes.
+
+    Args:
+        x: (R, C) bf16 / fp16 / fp32 on CUDA (or the CPU under TRITON_INTERPRET=1), rows contiguous.
+        block_size: Hadamard block b, a power of two <= 128 dividing C (and C a multiple of max(b, 16));
+            None or 1: no rotation (plain INT4 round to nearest).
+        granularity: "row" (one scale per row: a token of X, an output channel of W) or "tensor".
+        scale: a given positive scale (fp32 tensor of one element, e.g. a learned LSQ scale): one pass,
+            granularity ignored. Not checked for positivity (that would sync).
+        codes_dtype: dtype of ``codes`` (float8_e4m3fn or int8), or None to skip writing them.
+        transposed_dtype: when given (float8_e4m3fn or int8), also write ``codes_t`` = codes.T, (C, R).
+        round_rotated: round x̂ to x's dtype before the scale (see above); default: x̂ in fp32.
+        block_rows, num_warps: launch configuration (defaults in ``_HQ_CONFIG``).
+
+    Returns:
+        :class:`HadamardQuantized`. Empty x gives empty codes and scale 1.
+    """
+    _check_matrix("x", x)
+    _check_triton("hadamard_quantize", x)
+    n_rows, n_cols = x.shape
+    b = _check_block(block_size, n_cols)
+    row_wise = _row_granularity(granularity)
+    for name, dt in (("codes_dtype", codes_dtype), ("transposed_dtype", transposed_dtype)):
+        if dt is not None and dt not in _CODE_DTYPES:
+            raise TypeError(f"{name} must be None, torch.float8_e4m3fn or torch.int8, got {dt}")
+    if scale is not None:
+        if not isinstance(scale, torch.Tensor) or scale.numel() != 1 or scale.device != x.device:
+            raise ValueError(f"scale must be a one-element tensor on {x.device}, got {scale!r}")
+        scale = scale.detach().reshape(1, 1).float().contiguous()
+        row_wise = False
+    dev = x.device
+    codes = None if codes_dtype is None else torch.empty(n_rows, n_cols, dtype=codes_dtype, device=dev)
+    codes_t = None
+    if transposed_dtype is not None:
+        codes_t = torch.empty(n_cols, n_rows, dtype=transposed_dtype, device=dev)
+    sumsq = torch.empty(n_rows, dtype=torch.float32, device=dev)
+    absmax = None if scale is not None else torch.empty(n_rows, dtype=torch.float32, device=dev)
+    if n_rows == 0 or n_cols == 0:
+        if absmax is not None:
+            absmax.zero_()
+        sumsq.zero_()
+        out_scale = scale if scale is not None else torch.ones(n_rows if row_wise else 1, 1, device=dev)
+        return HadamardQuantized(codes, codes_t, out_scale, absmax, sumsq)
+
+    if scale is None and not row_wise:
+        # Pass 1: absmax of x̂ per row; the tensor scale as lowbit.quant computes it; pass 2: codes.
+        _launch_hq(x, b, _STATS, absmax=absmax, round_rotated=round_rotated, block_rows=block_rows,
+                   num_warps=num_warps)
+        scale = true_div(absmax.amax().reshape(1, 1), float(QMAX))
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if scale is None:
+        out_scale = torch.empty(n_rows, 1, dtype=torch.float32, device=dev)
+        _launch_hq(x, b, _ROW, out=codes, out_t=codes_t, scale_out=out_scale, absmax=absmax, sumsq=sumsq,
+                   round_rotated=round_rotated, block_rows=block_rows, num_warps=num_warps)
+    else:
+        out_scale = scale
+        _launch_hq(x, b, _GIVEN, scale_in=scale, out=codes, out_t=codes_t, sumsq=sumsq,
+                   round_rotated=round_rotated, block_rows=block_rows, num_warps=num_warps)
+    return HadamardQuantized(codes, codes_t, out_scale, absmax, sumsq)
+
+
+def row_absmax(x: torch.Tensor, block_size: int | None, *, round_rotated: bool = False,
+               block_rows: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+    """(R,) fp32 absmax of each row of x̂ = x · BlockDiag(H_b) in fp32 (``round_rotated``: in x's dtype).
+
+    Same arguments and conditions as :func:`hadamard_quantize`; ``row_absmax(x, b).amax()`` is the absmax
+    of a per-tensor scale.
+    """
+    _check_matrix("x", x)
+    _check_triton("row_absmax", x)
+    n_rows, n_cols = x.shape
+    b = _check_block(block_size, n_cols)
+    absmax = torch.zeros(n_rows, dtype=torch.float32, device=x.device)
+    if n_rows == 0 or n_cols == 0:
+        return absmax
+    _launch_hq(x, b, _STATS, absmax=absmax, round_rotated=round_rotated, block_rows=block_rows,
+               num_warps=num_warps)
+    return absmax
+
+
+def hadamard_rows(
+    x: torch.Tensor,
+    block_size: int | None,
+    *,
+    row_scale: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    block_rows: int | None = None,
+    num_warps: int | None = None,
+) -> torch.Tensor:
+    """y = (x · BlockDiag(H_b)) · row_scale · scale in fp32, rounded once to ``out_dtype``.
+
+    The rotation back of a product: ∇X = (∇X̂)·H where ∇X̂ comes out of an integer product (int32) or a
+    bf16 one. The fp32 result is within a few fp32 ulps of hadamard_transform(x.float() · scales, b).
+
+    Args:
+        x: (R, C) int32 / bf16 / fp16 / fp32, rows contiguous; C a multiple of max(b, 16).
+        block_size: b, a power of two <= 128 (None or 1: no rotation, only the scales).
+        row_scale: optional (R,) or (R, 1) fp32; scale: optional one-element fp32 tensor.
+        out_dtype: fp32, bf16 or fp16.
+
+    Returns:
+        (R, C) tensor of ``out_dtype``.
+    """
+    _check_matrix("x", x, _FLOAT_DTYPES + (torch.int32,))
+    _check_triton("hadamard_rows", x)
+    if out_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be one of {_FLOAT_DTYPES}, got {out_dtype}")
+    n_rows, n_cols = x.shape
+    b = _check_block(block_size, n_cols)
+    dev = x.device
+    out = torch.empty(n_rows, n_cols, dtype=out_dtype, device=dev)
+    if out.numel() == 0:
+        return out
+    if row_scale is not None:
+        row_scale = row_scale.detach().reshape(-1).float().contiguous()
+        if row_scale.numel() != n_rows or row_scale.device != dev:
+            raise ValueError(f"row_scale must have {n_rows} elements on {dev}, got {tuple(row_scale.shape)}")
+    if scale is None:
+        scale = torch.ones(1, dtype=torch.float32, device=dev)
+    elif scale.numel() != 1 or scale.device != dev:
+        raise ValueError(f"scale must be a one-element tensor on {dev}")
+    scale = scale.detach().reshape(1).float()
+    # int32 (|v| < 2^24) and fp32 go into the dot in three exact bf16 pieces, bf16 / fp16 as they are.
+    _launch_hq(x, b, _TRANSFORM, scale_in=scale, row_scale=row_scale, out=out, block_rows=block_rows,
+               num_warps=num_warps)
+    return out
+
+
+_BS_CONFIG = {"rows": 16, "cols": 256, "num_warps": 4}
+
+
+def bit_split_quantize(
+    g: torch.Tensor,
+    *,
+    granularity: str = "token",
+    seed: int | torch.Tensor = 0,
+    noise: torch.Tensor | None = None,
+    write_v: bool = True,
+    write_packed: bool = False,
+    write_fp8: bool = False,
+    block_rows: int | None = None,
+    block_cols: int | None = None,
+    num_warps: int | None = None,
+) -> BitSplitCodes:
+    """Bit splitting of ∇Y into two INT4 halves in one pass (two with a per-tensor scale).
+
+    Equals ``lowbit.quant.bit_split(g, granularity=...)`` given the same uniform noise u: pass
+    ``noise`` = the tensor ``torch.rand(g.shape, generator=gen)`` that bit_split draws from the same
+    generator state, and hi, lo, scales are bit for bit the same. Without ``noise`` the kernel draws
+    u ~ U[0, 1) with Triton's Philox (``tl.rand(seed, row * C + col)``): another stream, same law.
+
+    Args:
+        g: (R, C) bf16 / fp16 / fp32, rows contiguous, on CUDA (or the CPU under TRITON_INTERPRET=1).
+        granularity: "token" (one scale per row) or "tensor".
+        seed: Philox seed of the in-kernel noise (ignored with ``noise``): an int, or an int64 tensor of
+            one element on g's device (e.g. drawn from a CUDA generator: no host sync).
+        noise: optional (R, C) fp32 uniform noise in [0, 1).
+        write_v, write_packed, write_fp8: which operands to write (:class:`BitSplitCodes`).
+
+    Returns:
+        :class:`BitSplitCodes`.
+    """
+    _check_matrix("g", g)
+    _check_triton("bit_split_quantize", g)
+    if granularity not in ("token", "tensor"):
+        raise ValueError(f"granularity must be 'token' or 'tensor', got {granularity!r}")
+    n_rows, n_cols = g.shape
+    dev = g.device
+    if noise is not None:
+        if noise.shape != g.shape or noise.dtype != torch.float32 or noise.device != dev:
+            raise ValueError(f"noise must be a float32 tensor of shape {tuple(g.shape)} on {dev}")
+        if noise.stride(1) != 1 and n_cols > 1:
+            raise ValueError("noise must have contiguous rows")
+
+    def empty(flag, dtype):
+        return torch.empty(n_rows, n_cols, dtype=dtype, device=dev) if flag else None
+
+    v, hl = empty(write_v, torch.int8), empty(write_packed, torch.int8)
+    hi8, lo8 = empty(write_fp8, torch.float8_e4m3fn), empty(write_fp8, torch.float8_e4m3fn)
+    ssq_hi = torch.zeros(n_rows, dtype=torch.float32, device=dev)
+    ssq_lo = torch.zeros(n_rows, dtype=torch.float32, device=dev)
+    per_token = granularity == "token"
+    if n_rows == 0 or n_cols == 0:
+        s_hi = torch.ones(n_rows if per_token else 1, 1, device=dev)
+        return BitSplitCodes(v, hl, hi8, lo8, s_hi, true_div(s_hi, LO_RATIO), ssq_hi, ssq_lo)
+    if per_token:
+        s_hi = torch.empty(n_rows, 1, dtype=torch.float32, device=dev)
+    else:
+        s_hi = true_div(row_absmax(g, None).amax().reshape(1, 1), float(QMAX))
+        s_hi = torch.where(s_hi > 0, s_hi, torch.ones_like(s_hi))
+    br = block_rows or _BS_CONFIG["rows"]
+    bc = block_cols or _BS_CONFIG["cols"]
+    some = next(t for t in (v, hl, hi8) if t is not None) if (write_v or write_packed or write_fp8) else None
+    dummy = ssq_hi
+    if isinstance(seed, torch.Tensor):
+        seed_t = seed.reshape(1).to(device=dev, dtype=torch.int64)
+    else:
+        seed_t = torch.tensor([int(seed)], dtype=torch.int64, device=dev)
+    _bit_split_kernel[(triton.cdiv(n_rows, br),)](
+        g, noise if noise is not None else dummy, s_hi,
+        v if v is not None else dummy, hl if hl is not None else dummy,
+        hi8 if hi8 is not None else dummy, lo8 if lo8 is not None else dummy,
+        s_hi, ssq_hi, ssq_lo,
+        R=n_rows, C=n_cols, stride_gr=g.stride(0), stride_nr=noise.stride(0) if noise is not None else 0,
+        stride_or=some.stride(0) if some is not None else 0, seed_ptr=seed_t,
+        BR=br, BC=bc, GIVEN=not per_token, HAS_NOISE=noise is not None,
+        WRITE_V=write_v, WRITE_HL=write_packed, WRITE_F8=write_fp8,
+        num_warps=num_warps or _BS_CONFIG["num_warps"], **_launch_options(dev),
+    )
+    return BitSplitCodes(v, hl, hi8, lo8, s_hi, true_div(s_hi, LO_RATIO), ssq_hi, ssq_lo)
+
+
+def gather_scaled_rows(
+    g_codes: torch.Tensor,
+    x_codes: torch.Tensor,
+    src_idx: torch.Tensor,
+    factor: torch.Tensor,
+    *,
+    half: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    block_rows: int = 16,
+    block_cols: int = 256,
+    num_warps: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compacted operands of a row-sampled product Σ_j a_jᵀ b_j (the ∇W product of LSS).
+
+    a[j] = g_codes[src_idx[j]] (the hi half when half[j] == 0, the lo half when 1, if g_codes is packed),
+    b[j] = factor[j] · x_codes[src_idx[j]], both rounded once to ``out_dtype`` (bf16 or fp16: integers in
+    [-105, 105] are exact, so ``a`` is exact; ``b`` has one rounding, relative error <= 2^-8 in bf16, 2^-11 in
+    fp16 as long as factor · 7 stays inside the fp16 range).
+
+    Args:
+        g_codes: (M, N) int8: codes (v or INT4) or, with ``half``, the packed halves of bit_split_quantize.
+        x_codes: (M, K) FP8 E4M3 / int8 codes of the saved activation.
+        src_idx: (R,) int32 / int64 source rows in [0, M) (not checked: that would sync).
+        factor: (R,) fp32 per-row factor (e.g. s_j / p_j · s_x).
+        half: optional (R,) int8 / int32, 0 = hi, 1 = lo; means g_codes is packed.
+
+    Returns:
+        (a, b): (R, N) and (R, K) of ``out_dtype``.
+    """
+    _check_matrix("g_codes", g_codes, (torch.int8,))
+    _check_matrix("x_codes", x_codes, _CODE_DTYPES)
+    _check_triton("gather_scaled_rows", g_codes)
+    n_out = src_idx.numel()
+    if factor.numel() != n_out or (half is not None and half.numel() != n_out):
+        raise ValueError("src_idx, factor (and half) must have the same number of elements")
+    if g_codes.shape[0] != x_codes.shape[0]:
+        raise ValueError(f"g_codes and x_codes must have the same rows, got {g_codes.shape[0]} and "
+                         f"{x_codes.shape[0]}")
+    dev = g_codes.device
+    n, k = g_codes.shape[1], x_codes.shape[1]
+    a = torch.empty(n_out, n, dtype=out_dtype, device=dev)
+    b = torch.empty(n_out, k, dtype=out_dtype, device=dev)
+    if n_out == 0:
+        return a, b
+    src_idx = src_idx.reshape(-1).contiguous()
+    factor = factor.reshape(-1).float().contiguous()
+    half_t = half.reshape(-1).to(torch.int32).contiguous() if half is not None else src_idx
+    _gather_kernel[(triton.cdiv(n_out, block_rows),)](
+        src_idx, half_t, factor, g_codes, x_codes, a, b,
+        R_OUT=n_out, N=n, K=k, stride_gr=g_codes.stride(0), stride_xr=x_codes.stride(0),
+        stride_ar=a.stride(0), stride_br=b.stride(0),
+        BR=block_rows, BC=block_cols, G_PACKED=half is not None, num_warps=num_warps,
+        **_launch_options(dev),
+    )
+    return a, b

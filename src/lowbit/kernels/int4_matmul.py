@@ -1,0 +1,254 @@
+"""The products of INT4 training on tensor cores, with the dequantization scales in the epilogue.
+
+Contracts (a: (M, K), b: (N, K), both K-contiguous, holding integer codes):
+
+``int4_mm(a, b, scale_a, scale_b)``
+    out = (a · bᵀ) ⊙ scale_a ⊙ scale_b, a and b FP8 E4M3 holding INT4 codes. ``torch._scaled_mm`` (cuBLAS):
+    every product of two codes is at most 49 in magnitude and the fp32 accumulator is exact below 2^24, so
+    a · bᵀ is exact for K <= 2^24 / 49 (342,000); the result is that exact integer times the scales, rounded
+    once to the output dtype. Scales: (M, 1) per row / (1, N) per column, or one element per tensor.
+``int8_scaled_mm(a, b, row_scale, col_scale, hadamard_block)``
+    out = ((a · bᵀ) ⊙ row_scale ⊙ col_scale) · BlockDiag(H_b) in fp32, rounded once; a, b int8 (e.g. the
+    bit-split v = 14·hi + lo in [-105, 105] against INT4 codes: |a·bᵀ| <= 735·K, exact in the int32
+    accumulator and in fp32 below 2^24, i.e. K < 22,800). A Triton GEMM whose epilogue applies the scales and
+    the rotation back (tl.dot of the fp32 tile, split into two exact-enough bf16 pieces, with the ±1 block
+    sign matrix): ∇X = ∇Y·W̃·H in one kernel, no int32 round trip through memory. ``backend="cublas"``
+    runs ``torch._int_mm`` and then ``hadamard_rows`` (an int32 round trip) instead.
+
+Why int8 for the bit-split gradient: v = 14·hi + lo needs 8 bits, which E4M3 does not hold exactly (its
+significand has 4 bits), so on FP8 tensor cores the gradient costs two exact INT4 products (hi and lo) or
+one lossy one; one INT8 product does it exactly at 1.2-1.3x the bf16 rate (FACTS.md), two FP8 products at
+about 1.8 / 2 = 0.9x. docs/kernels-int4.md has the measurements on an H100.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .hadamard_quant import (
+    HAS_TRITON,
+    _check_block,
+    _check_triton,
+    _launch_options,
+    _rotate,
+    _store_cast,
+    hadamard_rows,
+    interpreting,
+    sign_matrix,
+)
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+__all__ = ["GEMM_CONFIG", "int4_mm", "int8_scaled_mm", "int4_mm_reference"]
+
+#: Default tile configuration of the Triton int8 GEMM (BLOCK_N must stay 128 when rotating).
+GEMM_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 4}
+
+_F8 = torch.float8_e4m3fn
+
+
+def _as_row_scale(scale: torch.Tensor, n: int, name: str, device) -> torch.Tensor:
+    """(n,) fp32 from a per-row (n,) / (n, 1) / (1, n) scale or a one-element per-tensor scale."""
+    if not isinstance(scale, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(scale).__name__}")
+    dev = torch.device(device)
+    if scale.device != dev and not (scale.device.type == "cuda" == dev.type):
+        raise ValueError(f"{name} must be on {device}, got {scale.device}")
+    s = scale.detach().float().reshape(-1)
+    if s.numel() == 1:
+        return s.expand(n)
+    if s.numel() != n:
+        raise ValueError(f"{name} must have 1 or {n} elements, got shape {tuple(scale.shape)}")
+    return s
+
+
+def int4_mm_reference(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+                      out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The math of :func:`int4_mm` in fp64 (exact product, scales, one rounding): the test oracle."""
+    m, n = a.shape[0], b.shape[0]
+    prod = a.double() @ b.double().t()
+    sa = _as_row_scale(scale_a, m, "scale_a", a.device).double()
+    sb = _as_row_scale(scale_b, n, "scale_b", b.device).double()
+    return (prod * sa[:, None] * sb[None, :]).to(out_dtype)
+
+
+def int4_mm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
+    *,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """out = (a · bᵀ) ⊙ scale_a ⊙ scale_b on FP8 tensor cores (``torch._scaled_mm``), exact integer product.
+
+    Args:
+        a: (M, K) float8_e4m3fn holding integers (INT4 codes), rows contiguous.
+        b: (N, K) float8_e4m3fn, rows contiguous (passed to cuBLAS as the column-major K × N operand).
+        scale_a: per-row (M, 1) / (M,) or one-element fp32; scale_b: per-column (1, N) / (N,) or one element.
+        out_dtype: bf16 (default), fp16 or fp32.
+
+    Returns:
+        (M, N) ``out_dtype``. M, N, K must be multiples of 16 on CUDA (cuBLAS FP8 requirement).
+    """
+    for name, t in (("a", a), ("b", b)):
+        if t.dtype != _F8 or t.ndim != 2 or t.stride(1) != 1:
+            raise ValueError(f"{name} must be a 2-D float8_e4m3fn tensor with contiguous rows, got {t.dtype} "
+                             f"{tuple(t.shape)} strides {t.stride()}")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"a and b must share K, got {tuple(a.shape)} and {tuple(b.shape)}")
+    m, n = a.shape[0], b.shape[0]
+    per_tensor = scale_a.numel() == 1 and scale_b.numel() == 1
+    if per_tensor:
+        sa = scale_a.detach().float().reshape(())
+        sb = scale_b.detach().float().reshape(())
+    else:
+        # cuBLAS row-wise scaling needs both vectors: a per-tensor one is broadcast.
+        sa = _as_row_scale(scale_a, m, "scale_a", a.device).reshape(m, 1).contiguous()
+        sb = _as_row_scale(scale_b, n, "scale_b", b.device).reshape(1, n).contiguous()
+    return torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _scaled_gemm_kernel(
+        a_ptr, b_ptr, out_ptr, rs_ptr, cs_ptr, s_ptr,
+        M, N, K, stride_am, stride_bn, stride_om, stride_cs,
+        inv_sqrt_b,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        ROTATE: tl.constexpr, NSPLIT: tl.constexpr, DOT_F32: tl.constexpr, INT_ACC: tl.constexpr,
+        EVEN_K: tl.constexpr,
+    ):
+        """out[m, n] = rotate_n(Σ_k a[m, k] b[n, k]) · rs[m] · cs[n · stride_cs]; grouped tile order."""
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        group = GROUP_M * num_n
+        first_m = (pid // group) * GROUP_M
+        size_m = min(num_m - first_m, GROUP_M)
+        pid_m = first_m + ((pid % group) % size_m)
+        pid_n = (pid % group) // size_m
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        # Clamp the row indices instead of masking the loads: out-of-range rows are dropped at the store.
+        rm = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
+        rn = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
+        a_ptrs = a_ptr + rm[:, None] * stride_am + offs_k[None, :]
+        b_ptrs = b_ptr + rn[None, :] * stride_bn + offs_k[:, None]
+        if INT_ACC:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=(k0 + offs_k)[None, :] < K, other=0)
+                b = tl.load(b_ptrs, mask=(k0 + offs_k)[:, None] < K, other=0)
+            if INT_ACC:
+                acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+            else:
+                acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+
+        y = acc.to(tl.float32)
+        if ROTATE:
+            cols = tl.arange(0, BLOCK_N)
+            s = tl.load(s_ptr + cols[:, None] * BLOCK_N + cols[None, :])
+            y = _rotate(y, s, NSPLIT, DOT_F32) * inv_sqrt_b
+        rs = tl.load(rs_ptr + offs_m, mask=offs_m < M, other=0.0)
+        cs = tl.load(cs_ptr + offs_n * stride_cs, mask=offs_n < N, other=0.0)
+        y = y * rs[:, None] * cs[None, :]
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        _store_cast(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :], y, mask)
+
+
+def int8_scaled_mm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    row_scale: torch.Tensor,
+    col_scale: torch.Tensor,
+    *,
+    hadamard_block: int | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    backend: str = "triton",
+    config: dict | None = None,
+) -> torch.Tensor:
+    """out = ((a · bᵀ) ⊙ row_scale ⊙ col_scale) · BlockDiag(H_b), exact int32 product, one rounding.
+
+    Args:
+        a: (M, K) int8 (or FP8 E4M3 codes with ``backend="triton"``), rows contiguous.
+        b: (N, K) same dtype as a, rows contiguous (K-major: the layout both operands need).
+        row_scale: (M,) / (M, 1) or one element, fp32. col_scale: (N,) / (1, N) or one element; with
+            ``hadamard_block`` it must be one element (a per-column scale does not commute with the
+            rotation along N).
+        hadamard_block: b, a power of two <= 128 dividing N, to rotate the result along N; None: no rotation.
+        out_dtype: bf16 (default), fp16 or fp32.
+        backend: "triton" (fused epilogue) or "cublas" (``torch._int_mm``, then :func:`hadamard_rows`).
+        config: Triton tile configuration overriding ``GEMM_CONFIG`` keys.
+
+    Returns:
+        (M, N) ``out_dtype``, within a few fp32 ulps of the exact result before its final rounding.
+    """
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"a (M, K) and b (N, K) must be 2-D with the same K, got {tuple(a.shape)}, "
+                         f"{tuple(b.shape)}")
+    if a.dtype != b.dtype or a.dtype not in (torch.int8, _F8):
+        raise TypeError(f"a and b must both be int8 (or float8_e4m3fn), got {a.dtype} and {b.dtype}")
+    for name, t in (("a", a), ("b", b)):
+        if t.shape[1] > 1 and t.stride(1) != 1:
+            raise ValueError(f"{name} must have contiguous rows (K-major), got strides {t.stride()}")
+    m, k = a.shape
+    n = b.shape[0]
+    blk = _check_block(hadamard_block, n)
+    rs = _as_row_scale(row_scale, m, "row_scale", a.device).contiguous()
+    if blk > 1 and col_scale.numel() != 1:
+        raise ValueError("with hadamard_block, col_scale must be one element (per tensor)")
+    cs = col_scale.detach().float().reshape(-1).contiguous()
+    if cs.numel() not in (1, n):
+        raise ValueError(f"col_scale must have 1 or {n} elements, got {cs.numel()}")
+    if backend == "cublas":
+        if a.dtype != torch.int8:
+            raise TypeError("backend='cublas' multiplies int8 operands (torch._int_mm)")
+        acc = torch._int_mm(a, b.t())
+        if cs.numel() == 1:
+            return hadamard_rows(acc, blk, row_scale=rs, scale=cs, out_dtype=out_dtype)
+        return (acc.float() * rs[:, None] * cs[None, :]).to(out_dtype)
+    if backend != "triton":
+        raise ValueError(f"backend must be 'triton' or 'cublas', got {backend!r}")
+    _check_triton("int8_scaled_mm", a)
+    cfg = {**GEMM_CONFIG, **(config or {})}
+    if interpreting():
+        cfg.update(num_stages=1)
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    if blk > 1:
+        bn = max(blk, 16) if n < 128 else 128
+        if n % bn:
+            raise ValueError(f"with hadamard_block, N ({n}) must be a multiple of {bn}")
+    out = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    if out.numel() == 0:
+        return out
+    if k == 0:
+        return out.zero_()
+    s = sign_matrix(blk, bn, torch.float32 if interpreting() else torch.bfloat16, a.device) if blk > 1 else rs
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    _scaled_gemm_kernel[grid](
+        a, b, out, rs, cs, s,
+        M=m, N=n, K=k, stride_am=a.stride(0), stride_bn=b.stride(0), stride_om=out.stride(0),
+        stride_cs=0 if cs.numel() == 1 else 1,
+        inv_sqrt_b=1.0 / math.sqrt(blk),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
+        ROTATE=blk > 1, NSPLIT=2, DOT_F32=interpreting(), INT_ACC=a.dtype == torch.int8,
+        EVEN_K=k % bk == 0,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_launch_options(a.device),
+    )
+    return out

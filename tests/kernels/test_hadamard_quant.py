@@ -1,0 +1,286 @@
+"""lowbit.kernels.hadamard_quant against lowbit.quant: HQ codes, bit splitting, LSS gather, rotation back.
+
+On the CPU the kernels run under TRITON_INTERPRET=1 (set here before the kernel module is decorated; a module
+imported earlier without it is reloaded), on small shapes; the gpu-marked tests run full shapes on CUDA.
+"""
+
+import importlib
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+triton = pytest.importorskip("triton", reason="the kernels need Triton (lowbit[triton])")
+
+import lowbit.kernels.hadamard_quant as hq  # noqa: E402
+from lowbit.quant import (  # noqa: E402
+    bit_split,
+    hadamard_transform,
+    quantize,
+    quantize_with_scale,
+)
+
+if not torch.cuda.is_available():
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(hq._hq_kernel, InterpretedFunction):  # decorated before TRITON_INTERPRET was set
+        hq = importlib.reload(hq)
+
+CPU = pytest.param("cpu", id="cpu-interpret")
+GPU = pytest.param("cuda", marks=pytest.mark.gpu, id="cuda")
+U32 = 2.0**-24
+F8 = torch.float8_e4m3fn
+
+
+def _rows(n_rows, n_cols, dtype, device, seed=0, spread=3.0):
+    """Gaussian rows whose magnitudes span 10^-spread .. 10^spread (tokens differ by orders)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_rows, n_cols, generator=g) * torch.logspace(-spread, spread, n_rows)[:, None]
+    return x.to(device=device, dtype=dtype)
+
+
+def _transform_slack(x, block):
+    """Bound on |kernel x̂ - reference x̂| per element: both are fp32 evaluations of the same block sums
+    (butterflies: log2(b) roundings, dot: one per accumulation step plus the bf16 pieces of an fp32 input),
+    each within (log2(b) + 3)·u·Σ_block|x| / sqrt(b), u = 2^-24."""
+    if block in (None, 1):
+        return torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+    r, c = x.shape
+    blocks = x.double().abs().reshape(r, c // block, block).sum(-1, keepdim=True)
+    err = 2 * (math.log2(block) + 3) * U32 * blocks / math.sqrt(block)
+    return err.expand(r, c // block, block).reshape(r, c)
+
+
+def _assert_codes_match(codes, ref_codes, v_ref, tol_v):
+    """Codes equal, except a difference of one where the reference's pre-rounding value v_ref is within
+    tol_v of a .5 rounding boundary (or of the clamp at ±7.5, which never binds)."""
+    diff = (codes.float() - ref_codes.float()).abs()
+    assert float(diff.max()) <= 1.0
+    frac = (v_ref.abs() - v_ref.abs().floor() - 0.5).abs()
+    allowed = frac <= tol_v
+    bad = (diff > 0) & ~allowed
+    assert not bool(bad.any()), f"{int(bad.sum())} codes differ away from a rounding boundary"
+    # Boundary cases are rare for continuous data: at most 1% (a failing kernel differs almost everywhere).
+    assert float((diff > 0).float().mean()) <= 0.01
+
+
+def _reference(x, block, granularity, round_rotated=False):
+    src = x if round_rotated else x.float()
+    xh = hadamard_transform(src, block) if block not in (None, 1) else src
+    q = quantize(xh, 4, granularity="token" if granularity == "row" else "tensor")
+    return q, xh.float()
+
+
+@pytest.mark.parametrize("device", [CPU, GPU])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("block", [None, 2, 32, 128])
+@pytest.mark.parametrize("granularity", ["row", "tensor"])
+def test_hadamard_quantize_matches_reference(device, dtype, block, granularity):
+    shape = (24, 256) if device == "cpu" else (4096, 4096)
+    x = _rows(*shape, dtype, device, seed=block or 1, spread=1.5 if dtype == torch.float16 else 3.0)
+    out = hq.hadamard_quantize(x, block, granularity=granularity, transposed_dtype=torch.int8)
+    q, xh = _reference(x, block, granularity)
+    assert out.codes.dtype == F8 and out.codes.shape == x.shape
+    assert out.scale.shape == q.scale.shape and out.scale.dtype == torch.float32
+    slack = _transform_slack(x, block)
+    # The absmax and the scale move by at most the transform slack of the largest element.
+    amax_ref = xh.abs().amax(dim=1)
+    amax_tol = slack.amax(dim=1).float()
+    assert bool(((out.absmax - amax_ref).abs() <= amax_tol).all())
+    amax_tol = amax_tol[:, None] if granularity == "row" else amax_tol.amax().reshape(1, 1)
+    scale_tol = amax_tol / 7 + 2 * U32 * q.scale  # plus the rounding of the division
+    assert bool(((out.scale - q.scale).abs() <= scale_tol).all())
+    v_ref = xh.double() / q.scale.double()
+    tol_v = slack / q.scale.double() + v_ref.abs() * (scale_tol / q.scale).double() + 4 * U32 * v_ref.abs()
+    _assert_codes_match(out.codes, q.codes, v_ref, tol_v)
+    torch.testing.assert_close(out.codes_t.t(), out.codes.float().to(torch.int8), rtol=0, atol=0)
+    torch.testing.assert_close(out.code_sumsq, (out.codes.float() ** 2).sum(1), rtol=0, atol=0)
+    if dtype != torch.float32 and block not in (None, 1) and device == "cpu":
+        # bf16 / fp16 inputs: every block sum is exact here, so the codes are the reference's bit for bit.
+        torch.testing.assert_close(out.codes.float(), q.codes.float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", [CPU, GPU])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_round_rotated_matches_transform_in_input_dtype(device, dtype):
+    x = _rows(32, 128, dtype, device, seed=7, spread=1.0)
+    out = hq.hadamard_quantize(x, 32, granularity="row", codes_dtype=torch.int8, round_rotated=True)
+    q, xh = _reference(x, 32, "row", round_rotated=True)
+    torch.testing.assert_close(out.scale, q.scale, rtol=0, atol=0)
+    # x̂ rounded to the input dtype is the same value as the reference's (exact block sums, one rounding).
+    torch.testing.assert_close(out.codes, q.codes, rtol=0, atol=0)
+    torch.testing.assert_close(hq.row_absmax(x, 32, round_rotated=True), xh.abs().amax(1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", [CPU, GPU])
+@pytest.mark.parametrize("block", [None, 16])
+def test_given_scale_matches_quantize_with_scale_and_clips(device, block):
+    x = _rows(20, 64, torch.float32, device, seed=3, spread=0.5)
+    xh = hadamard_transform(x, block) if block else x
+    scale = xh.abs().median() / 8  # small: about half of the values clip at ±7
+    out = hq.hadamard_quantize(x, block, scale=scale, codes_dtype=torch.int8)
+    ref = quantize_with_scale(xh, scale, 4)
+    v_ref = xh.double() / scale.double()
+    tol_v = _transform_slack(x, block) / scale.double() + 4 * U32 * v_ref.abs()
+    _assert_codes_match(out.codes, ref, v_ref, tol_v)
+    assert int(out.codes.abs().eq(7).sum()) > out.codes.numel() // 4
+    assert out.absmax is None and out.scale.shape == (1, 1)
+
+
+@pytest.mark.parametrize("device", [CPU, GPU])
+def test_ties_round_half_to_even(device):
+    # No rotation: x / s lands exactly on k + 0.5 (s = 1, absmax 7); torch.round rounds those to even.
+    v = torch.tensor([0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 7.0, -0.5, -1.5, -2.5, -6.5, 0.0, 3.0, -7.0, 6.49])
+    x = v.repeat(16, 1).to(device)
+    out = hq.hadamard_quantize(x, None, granularity="row", codes_dtype=torch.int8)
+    ref = quantize(x, 4, granularity="token")
+    torch.testing.assert_close(out.codes, ref.codes, rtol=0, atol=0)
+    torch.testing.assert_close(out.scale, ref.scale, rtol=0, atol=0)
+    assert out.codes[0].tolist() == [0, 2, 2, 4, 4, 6, 6, 7, 0, -2, -2, -6, 0, 3, -7, 6]
+
+
+@pytest.mark.parametrize("device", [CPU, GPU])
+def test_zero_rows_and_tensor(device):
+    x = torch.zeros(17, 32, device=device, dtype=torch.bfloat16)  # bf16: exact block sums, exact scales
+    x[3] = torch.linspace(-1, 1, 32, device=device)
+    out = hq.hadamard_quantize(x, 16, granularity="row", codes_dtype=torch.int8)
+    ref = quantize(hadamard_transform(x.float(), 16), 4, granularity="token")
+    torch.testing.assert_close(out.scale, ref.scale, rtol=0, atol=0)
+    torch.testing.assert_close(out.codes, ref.codes, rtol=0, atol=0)
+    assert float(out.scale[0]) == 1.0 and int(out.codes[0].abs().sum()) == 0
+    zero = hq.hadamard_quantize(torch.zeros(16, 32, device=device), 16, granularity="tensor")
+    assert float(zero.scale) == 1.0 and float(zero.codes.float().abs().sum()) == 0.0
+    empty = hq.hadamard_quantize(torch.zeros(0, 32, device=device), 16)
+    assert empty.codes.shape == (0, 32)
+
+
+def test_argument_errors():
+    x = torch.randn(16, 64)
+    with pytest.raises(TypeError, match="x must have dtype"):
+        hq.hadamard_quantize(x.to(torch.int32), 16)
+    with pytest.raises(ValueError, match="must be 2-D"):
+        hq.hadamard_quantize(x.reshape(2, 8, 64), 16)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        hq.hadamard_quantize(x.t(), 16)
+    with pytest.raises(ValueError, match="power of two <= 128"):
+        hq.hadamard_quantize(x, 24)
+    with pytest.raises(ValueError, match="multiple of block_size"):
+        hq.hadamard_quantize(torch.randn(16, 48), 32)
+    with pytest.raises(ValueError, match="multiple of max"):
+        hq.hadamard_quantize(torch.randn(16, 40), 8)
+    with pytest.raises(ValueError, match="granularity"):
+        hq.hadamard_quantize(x, 16, granularity="group")
+    with pytest.raises(TypeError, match="codes_dtype"):
+        hq.hadamard_quantize(x, 16, codes_dtype=torch.float16)
+    with pytest.raises(ValueError, match="one-element"):
+        hq.hadamard_quantize(x, 16, scale=torch.ones(2))
+
+
+# ---------------------------------------------------------------------------------------------- bit split
+
+
+@pytest.mark.parametrize("device", [CPU, GPU])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("granularity", ["token", "tensor"])
+def test_bit_split_matches_reference_given_the_same_noise(device, dtype, granularity):
+    shape = (19, 300) if device == "cpu" else (4096, 11008)
+    g = _rows(*shape, dtype, device, seed=5, spread=4.0)
+    gen = torch.Generator(device=device).manual_seed(11)
+    ref = bit_split(g, gen, granularity=granularity)
+    gen = torch.Generator(device=device).manual_seed(11)
+    noise = torch.rand(g.shape, generator=gen, device=device)  # the draw bit_split made
+    out = hq.bit_split_quantize(g, granularity=granularity, noise=noise, write_packed=True, write_fp8=True)
+    hi, lo = hq.unpack_hi_lo(out.hl)
+    for got, want in ((hi, ref.hi), (lo, ref.lo), (out.scale_hi, ref.scale_hi), (out.scale_lo, ref.scale_lo)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(out.v, (14 * ref.hi.int() + ref.lo.int()).to(torch.int8), rtol=0, atol=0)
+    torch.testing.assert_close(out.hi_f8.float(), ref.hi.float(), rtol=0, atol=0)
+    torch.testing.assert_close(out.lo_f8.float(), ref.lo.float(), rtol=0, atol=0)
+    torch.testing.assert_close(out.sumsq_hi, (ref.hi.float() ** 2).sum(1), rtol=0, atol=0)
+    torch.testing.assert_close(out.sumsq_lo, (ref.lo.float() ** 2).sum(1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", [CPU, GPU])
+def test_bit_split_in_kernel_noise_is_unbiased_and_seeded(device):
+    # Rows of one repeated value c: the mean reconstruction of a row estimates c. Per element the stochastic
+    # half has variance <= s_lo^2 / 4, so the row mean of n elements has std <= s_lo / (2 sqrt(n)).
+    n = 1024 if device == "cpu" else 1 << 16
+    c = torch.tensor([0.3, -1.7, 2.9, 0.05, -0.61, 5.2, -3.33, 1.0], dtype=torch.float64)
+    g = torch.empty(8, n, dtype=torch.float64)
+    g[:] = c[:, None]
+    g[:, 0] = 7.0  # sets s_hi = 1 in every row, so the other elements are not multiples of s_hi
+    g = g.float().to(device)
+    out = hq.bit_split_quantize(g, seed=123, write_packed=True)
+    hi, lo = hq.unpack_hi_lo(out.hl)
+    recon = hi.double() * out.scale_hi.double() + lo.double() * out.scale_lo.double()
+    mean = recon[:, 1:].mean(1)
+    std = out.scale_lo.double().reshape(-1) / (2 * math.sqrt(n - 1))
+    assert bool(((mean - g[:, 1].double()).abs() <= 5 * std + 1e-6).all())
+    again = hq.bit_split_quantize(g, seed=123, write_packed=True)
+    other = hq.bit_split_quantize(g, seed=124, write_packed=True)
+    torch.testing.assert_close(again.hl, out.hl, rtol=0, atol=0)
+    assert not torch.equal(other.hl, out.hl)
+    seed_t = torch.tensor([123], device=device)
+    torch.testing.assert_close(hq.bit_split_quantize(g, seed=seed_t).v, out.v, rtol=0, atol=0)
+
+
+def test_bit_split_argument_errors():
+    g = torch.randn(16, 32)
+    with pytest.raises(ValueError, match="granularity"):
+        hq.bit_split_quantize(g, granularity="channel")
+    with pytest.raises(ValueError, match="noise must be"):
+        hq.bit_split_quantize(g, noise=torch.rand(16, 31))
+
+
+# ---------------------------------------------------------------------------------------------- gather
+
+
+@pytest.mark.parametrize("device", [CPU, GPU])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_gather_scaled_rows_matches_index_and_multiply(device, out_dtype):
+    g = _rows(40, 96, torch.float32, device, seed=2)
+    bs = hq.bit_split_quantize(g, seed=1, write_packed=True)
+    hi, lo = hq.unpack_hi_lo(bs.hl)
+    x_codes = torch.randint(-7, 8, (40, 80), device=device).to(F8)
+    src = torch.tensor([0, 3, 3, 39, 17, 5, 22], device=device)
+    half = torch.tensor([0, 0, 1, 1, 0, 1, 0], device=device)
+    factor = torch.rand(7, device=device) * 1e-3
+    a, b = hq.gather_scaled_rows(bs.hl, x_codes, src, factor, half=half, out_dtype=out_dtype)
+    want_a = torch.where(half[:, None] == 0, hi[src], lo[src]).to(out_dtype)
+    want_b = (x_codes[src].float() * factor[:, None]).to(out_dtype)  # one fp32 product, RNE to out_dtype
+    torch.testing.assert_close(a, want_a, rtol=0, atol=0)
+    torch.testing.assert_close(b, want_b, rtol=0, atol=0)
+    a_v, _ = hq.gather_scaled_rows(bs.v, x_codes, src, factor)
+    torch.testing.assert_close(a_v, bs.v[src].to(torch.bfloat16), rtol=0, atol=0)
+    a0, b0 = hq.gather_scaled_rows(bs.v, x_codes, src[:0], factor[:0])
+    assert a0.shape == (0, 96) and b0.shape == (0, 80)
+
+
+# ---------------------------------------------------------------------------------------------- rotation
+
+
+@pytest.mark.parametrize("device", [CPU, GPU])
+@pytest.mark.parametrize("in_dtype", [torch.int32, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("block", [None, 16, 128])
+def test_hadamard_rows_matches_fp64_transform(device, in_dtype, block):
+    r, c = (24, 256) if device == "cpu" else (4096, 4096)
+    gen = torch.Generator().manual_seed(4)
+    if in_dtype == torch.int32:
+        x = torch.randint(-(2**22), 2**22, (r, c), generator=gen, dtype=torch.int32)
+    else:
+        x = torch.randn(r, c, generator=gen).to(in_dtype)
+    x = x.to(device)
+    rs = torch.rand(r, generator=gen).to(device) + 0.5
+    sc = torch.tensor([0.375], device=device)
+    out = hq.hadamard_rows(x, block, row_scale=rs, scale=sc, out_dtype=torch.float32)
+    xs = x.double() * rs.double()[:, None] * 0.375
+    ref = hadamard_transform(xs, block) if block else xs
+    # fp32 block sums (three exact bf16 pieces for int32 / fp32 input) and two scale products.
+    tol = _transform_slack(xs, block) + 4 * U32 * ref.abs()
+    assert bool(((out.double() - ref).abs() <= tol).all())
+    out_bf16 = hq.hadamard_rows(x, block, row_scale=rs, scale=sc, out_dtype=torch.bfloat16)
+    # then one rounding to bf16: unit roundoff 2^-8 of the fp32 value
+    assert bool(((out_bf16.double() - ref).abs() <= tol + 2.0**-8 * (ref.abs() + tol)).all())
