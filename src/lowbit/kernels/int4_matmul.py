@@ -93,7 +93,8 @@ def int4_mm(
         out_dtype: bf16 (default), fp16 or fp32.
 
     Returns:
-        (M, N) ``out_dtype``. M, N, K must be multiples of 16 on CUDA (cuBLAS FP8 requirement).
+        (M, N) ``out_dtype``. M, N, K must be multiples of 16 on CUDA (cuBLAS FP8 requirement). On other
+        devices the same exact product is computed in fp32 (float64 past K = 342,000), scales after.
     """
     for name, t in (("a", a), ("b", b)):
         if t.dtype != _F8 or t.ndim != 2 or t.stride(1) != 1:
@@ -102,6 +103,13 @@ def int4_mm(
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"a and b must share K, got {tuple(a.shape)} and {tuple(b.shape)}")
     m, n = a.shape[0], b.shape[0]
+    if a.device.type != "cuda":
+        # Off CUDA (tests, CPU runs): the same math, the exact integer product in fp32, scales after.
+        sa = _as_row_scale(scale_a, m, "scale_a", a.device)
+        sb = _as_row_scale(scale_b, n, "scale_b", b.device)
+        exact = torch.float32 if a.shape[1] <= 2**24 // 49 else torch.float64
+        prod = (a.to(exact) @ b.to(exact).t()).float()
+        return (prod * sa[:, None] * sb[None, :]).to(out_dtype)
     per_tensor = scale_a.numel() == 1 and scale_b.numel() == 1
     if per_tensor:
         sa = scale_a.detach().float().reshape(())

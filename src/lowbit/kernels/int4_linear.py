@@ -1,0 +1,311 @@
+"""INT4 fully quantized linear on Hopper: the kernel-level forward / backward pair and an autograd Function.
+
+Mirrors ``lowbit.int4.function`` (the emulated math, Xi et al. 2023) with X (N tokens × K), W (M × K),
+H = BlockDiag(H_b) along K:
+
+Forward::
+
+    q_x, s_x = HQ(X)   q_w, s_w = HQ(W)          hadamard_quantize: one fused pass each (two for a
+                                                 per-tensor absmax); q_x as FP8 (N, K), q_w as FP8 (M, K)
+                                                 and int8 transposed (K, M) for the backward
+    Y = s_x ⊙ s_wᵀ ⊙ (q_x · q_wᵀ) (+ bias)        int4_mm: torch._scaled_mm, exact integer product
+
+Backward (bit splitting; "rtn" uses one INT4 code matrix G with its scale instead of v and s_lo)::
+
+    v = 14·hi + lo, s_lo = s_hi / 14             bit_split_quantize: one fused pass over ∇Y
+    ∇X = (s_lo ⊙ (v · q_w) · s_w) · H             int8_scaled_mm: Triton int8 GEMM, scales and the rotation
+                                                 back in the epilogue (per-tensor s_w; a per-channel s_w
+                                                 sits on the inner dimension: fp16 product, then rotation)
+    ∇W = (Σ_rows a_jᵀ (f_j · b_j)) · H             a_j: INT4 / v codes of a row (exact in fp16), b_j: the
+                                                 saved q_x row, f_j = s_j · w_j · s_x (times a power of two,
+                                                 one fp16 rounding); an fp16 product with fp32 accumulation,
+                                                 since every f_j sits on its inner dimension
+
+With leverage-score sampling the rows j are the kept rows of the 2N stacked halves [hi; lo] (scores
+‖s_h·G_h row‖·‖q_x·s_x row‖, p = leverage_score_probabilities(scores, keep_ratio·2N), Bernoulli keep,
+w_j = 1/p_j), compacted by ``gather_scaled_rows`` so the ∇W product's inner dimension is the number kept
+(one device sync for that number). Without sampling the rows are the N tokens with a_j = v_j, f_j = s_lo·s_x.
+
+Where the results differ from the emulation: the products here are exact integers times scales rounded
+once (the emulation rounds twice in fp32), the ∇W operand f_j·b_j is rounded to fp16 (relative 2^-11), the
+in-kernel stochastic rounding draws its noise from Triton's Philox instead of ``generator`` (pass ``noise``
+to use a given draw). tests/kernels/test_int4_linear.py holds both to the emulated math.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from lowbit.quant import leverage_score_probabilities
+
+from .hadamard_quant import (
+    bit_split_quantize,
+    gather_scaled_rows,
+    hadamard_quantize,
+    hadamard_rows,
+)
+from .int4_matmul import int4_mm, int8_scaled_mm
+
+__all__ = ["Int4LinearSaved", "int4_linear_bwd", "int4_linear_fwd", "int4_linear_triton"]
+
+_F8 = torch.float8_e4m3fn
+
+
+class Int4LinearSaved(NamedTuple):
+    """What the forward keeps for the backward (INT4 codes in one byte each, no full-precision copy).
+
+    x_codes: (N, K) FP8 E4M3 codes of X·H. x_scale: (N, 1) per token or (1, 1) fp32.
+    x_code_sumsq: (N,) Σ codes² per row (for the leverage scores).
+    w_codes_t: (K, M) int8 codes of W·H, transposed (the K-major operand of the ∇X product).
+    w_scale: (M, 1) per channel or (1, 1) fp32. block_size: the Hadamard block or None.
+    """
+
+    x_codes: torch.Tensor
+    x_scale: torch.Tensor
+    x_code_sumsq: torch.Tensor
+    w_codes_t: torch.Tensor
+    w_scale: torch.Tensor
+    block_size: int | None
+
+
+def int4_linear_fwd(
+    x2d: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    block_size: int | None,
+    granularity: str = "tensor",
+    x_scale: torch.Tensor | None = None,
+    w_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, Int4LinearSaved]:
+    """Y = HQ(X) · HQ(W)ᵀ (+ bias): the forward of ``lowbit.int4`` on FP8 tensor cores.
+
+    Args:
+        x2d: (N, K) bf16 / fp16 / fp32, rows contiguous, on CUDA. weight: (M, K), same kinds of dtype.
+        bias: optional (M,), added in ``out_dtype`` after the product (one more rounding than the
+            emulation's fp32 sum).
+        block_size: Hadamard block (power of two <= 128 dividing K) or None (no rotation).
+        granularity: "tensor" (one scale per tensor) or "row" (per token of X, per output channel of W).
+        x_scale, w_scale: given (learned, LSQ) positive one-element scales; then granularity is ignored.
+        out_dtype: dtype of Y (default x2d's).
+
+    Returns:
+        (Y (N, M) ``out_dtype``, :class:`Int4LinearSaved`). N, M, K multiples of 16 (cuBLAS FP8).
+    """
+    if x2d.ndim != 2 or weight.ndim != 2 or x2d.shape[1] != weight.shape[1]:
+        raise ValueError(f"x2d (N, K) and weight (M, K) must share K, got {tuple(x2d.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if granularity not in ("tensor", "row"):
+        raise ValueError(f"granularity must be 'tensor' or 'row', got {granularity!r}")
+    qx = hadamard_quantize(x2d, block_size, granularity=granularity, scale=x_scale, codes_dtype=_F8)
+    qw = hadamard_quantize(weight, block_size, granularity=granularity, scale=w_scale, codes_dtype=_F8,
+                           transposed_dtype=torch.int8)
+    y = int4_mm(qx.codes, qw.codes, qx.scale, qw.scale.reshape(1, -1), out_dtype=out_dtype or x2d.dtype)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    saved = Int4LinearSaved(qx.codes, qx.scale, qx.code_sumsq, qw.codes_t, qw.scale, block_size)
+    return y, saved
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a · b of fp16 operands with fp32 accumulation, fp32 result (fp16 output where cuBLAS cannot)."""
+    if a.device.type != "cuda":
+        return a.float() @ b.float()
+    try:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    except (TypeError, RuntimeError):
+        return torch.mm(a, b).float()
+
+
+def _pow2_normalizer(values: torch.Tensor) -> torch.Tensor:
+    """One-element fp32 power of two 2^e with 7·max|values| / 2^e in [2^12, 2^13) (1 for all zeros).
+
+    Dividing a factor by it is exact, and puts factor · code (|code| <= 7) well inside the fp16 range:
+    the largest rows keep 11 significant bits, and only rows 2^-36 times smaller reach fp16 subnormals.
+    """
+    vmax = values.detach().abs().amax().reshape(1).float() * 7.0
+    e = torch.floor(torch.log2(vmax)) - 12.0
+    return torch.where(vmax > 0, torch.exp2(e), torch.ones_like(vmax))
+
+
+def _lss_weights(
+    scale_hi: torch.Tensor, scale_lo: torch.Tensor, sumsq_hi: torch.Tensor, sumsq_lo: torch.Tensor,
+    x_norm: torch.Tensor, keep_ratio: float, generator: torch.Generator | None,
+) -> torch.Tensor:
+    """(2N,) fp32 weights of the stacked [hi; lo] rows: 1/p where kept, 0 where dropped."""
+    n = x_norm.shape[0]
+    norm_hi = scale_hi.reshape(-1).expand(n) * sumsq_hi.sqrt()
+    norm_lo = scale_lo.reshape(-1).expand(n) * sumsq_lo.sqrt()
+    scores = torch.cat((norm_hi * x_norm, norm_lo * x_norm))
+    p = leverage_score_probabilities(scores, keep_ratio * 2 * n, validate=False)
+    u = torch.rand(p.shape, generator=generator, dtype=torch.float32, device=p.device)
+    keep = u < p
+    return torch.where(keep, 1.0 / torch.where(keep, p, torch.ones_like(p)), torch.zeros_like(p))
+
+
+def int4_linear_bwd(
+    grad_y: torch.Tensor,
+    saved: Int4LinearSaved,
+    *,
+    grad_quantizer: str = "bit_split",
+    grad_granularity: str = "token",
+    lss_keep_ratio: float | None = None,
+    generator: torch.Generator | None = None,
+    need_grad_x: bool = True,
+    need_grad_w: bool = True,
+    x_dtype: torch.dtype = torch.bfloat16,
+    w_dtype: torch.dtype = torch.float32,
+    rotate_back: bool = True,
+    noise: torch.Tensor | None = None,
+    row_weights: torch.Tensor | None = None,
+    grad_x_backend: str = "triton",
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(∇X, ∇W) of ``int4_linear_fwd`` for the output gradient ``grad_y`` (module docstring).
+
+    Args:
+        grad_y: (N, M) bf16 / fp16 / fp32, rows contiguous.
+        saved: from :func:`int4_linear_fwd`.
+        grad_quantizer: "bit_split" (two INT4 halves, per ``grad_granularity``) or "rtn" (one INT4 matrix).
+        grad_granularity: "token" or "tensor".
+        lss_keep_ratio: None (no sampling) or the expected kept fraction of the 2N stacked halves (bit_split).
+        generator: random source on grad_y's device: the seed of the in-kernel noise and the Bernoulli draws.
+        need_grad_x, need_grad_w: which gradients to compute (the other is returned as None).
+        x_dtype, w_dtype: dtypes of ∇X and ∇W.
+        rotate_back: False returns ∇V_x = ∇X·H and ∇V_w = ∇W·H (fp32) for callers that act between the
+            product and the rotation (LSQ's clip mask), then :func:`hadamard_rows`.
+        noise: optional (N, M) fp32 uniform noise of the lo rounding (``bit_split_quantize``); for tests.
+        row_weights: optional (2, N) / (2, N, 1) given sampling weights (1/p kept, 0 dropped), as
+            ``lowbit.int4.function.lss_row_weights`` returns; replaces the draw. For tests.
+        grad_x_backend: "triton" (fused int8 GEMM) or "cublas" (torch._int_mm + rotation pass).
+
+    Returns:
+        (∇X (N, K) or None, ∇W (M, K) or None).
+    """
+    if grad_quantizer not in ("bit_split", "rtn"):
+        raise ValueError(f"grad_quantizer must be 'bit_split' or 'rtn', got {grad_quantizer!r}")
+    if grad_granularity not in ("token", "tensor"):
+        raise ValueError(f"grad_granularity must be 'token' or 'tensor', got {grad_granularity!r}")
+    if lss_keep_ratio is not None and (grad_quantizer != "bit_split" or not 0 < lss_keep_ratio <= 1):
+        raise ValueError(f"lss_keep_ratio must be None or in (0, 1] with grad_quantizer='bit_split', got "
+                         f"{lss_keep_ratio!r}")
+    if row_weights is not None and grad_quantizer != "bit_split":
+        raise ValueError("row_weights sample the bit-split halves: grad_quantizer must be 'bit_split'")
+    x_codes, x_scale, x_sumsq, w_codes_t, w_scale, block = saved
+    n, k = x_codes.shape
+    m = w_codes_t.shape[1]
+    if grad_y.shape != (n, m):
+        raise ValueError(f"grad_y must have shape {(n, m)}, got {tuple(grad_y.shape)}")
+    dev = grad_y.device
+    sample = lss_keep_ratio is not None or row_weights is not None
+    if grad_quantizer == "bit_split":
+        seed = None
+        if noise is None:
+            seed = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=dev, dtype=torch.int64)
+        bs = bit_split_quantize(grad_y, granularity=grad_granularity, seed=seed if seed is not None else 0,
+                                noise=noise, write_v=True, write_packed=sample and need_grad_w)
+        g_codes, g_scale = bs.v, bs.scale_lo
+    else:
+        q = hadamard_quantize(grad_y, None, granularity="row" if grad_granularity == "token" else "tensor",
+                              codes_dtype=torch.int8)
+        g_codes, g_scale = q.codes, q.scale
+
+    grad_x = grad_w = None
+    if need_grad_x:
+        out_dtype = x_dtype if rotate_back else torch.float32
+        blk = block if rotate_back else None
+        if w_scale.numel() == 1:
+            grad_x = int8_scaled_mm(g_codes, w_codes_t, g_scale, w_scale, hadamard_block=blk,
+                                    out_dtype=out_dtype, backend=grad_x_backend)
+        else:
+            # A per-channel weight scale lies on the inner dimension M: fold it into an fp16 operand.
+            norm = _pow2_normalizer(w_scale)
+            w_scaled = (w_codes_t.float() * (w_scale.reshape(1, m) / norm)).to(torch.float16)  # (K, M)
+            prod = _mm_fp32(g_codes.to(torch.float16), w_scaled.t())
+            grad_x = hadamard_rows(prod, blk, row_scale=g_scale.expand(n, 1), scale=norm, out_dtype=out_dtype)
+
+    if need_grad_w:
+        x_scale_rows = x_scale.reshape(-1).expand(n)
+        if sample:
+            if row_weights is None:
+                x_norm = x_scale_rows * x_sumsq.sqrt()
+                row_weights = _lss_weights(bs.scale_hi, bs.scale_lo, bs.sumsq_hi, bs.sumsq_lo, x_norm,
+                                           lss_keep_ratio, generator)
+            wts = row_weights.reshape(2 * n).float()
+            kept = torch.nonzero(wts > 0).squeeze(1)  # one device sync: the number kept
+            src, half = kept % n, torch.div(kept, n, rounding_mode="floor")
+            s_half = torch.stack((bs.scale_hi.reshape(-1).expand(n), bs.scale_lo.reshape(-1).expand(n)))
+            factor = s_half[half, src] * wts[kept] * x_scale_rows[src]
+            g_src, half_arg = bs.hl, half
+        else:
+            src = torch.arange(n, device=dev)
+            factor = g_scale.reshape(-1).expand(n) * x_scale_rows
+            g_src, half_arg = g_codes, None
+        norm = _pow2_normalizer(factor)
+        a, b = gather_scaled_rows(g_src, x_codes, src, factor / norm, half=half_arg, out_dtype=torch.float16)
+        if a.shape[0] == 0:
+            prod = torch.zeros(m, k, dtype=torch.float32, device=dev)
+        else:
+            prod = _mm_fp32(a.t(), b)
+        grad_w = hadamard_rows(prod, block if rotate_back else None, scale=norm,
+                               out_dtype=w_dtype if rotate_back else torch.float32)
+    return grad_x, grad_w
+
+
+class Int4LinearTriton(torch.autograd.Function):
+    """Autograd Function over :func:`int4_linear_fwd` / :func:`int4_linear_bwd` (absmax scales)."""
+
+    @staticmethod
+    def forward(ctx, x2d, weight, bias, block_size, granularity, grad_quantizer, grad_granularity,
+                lss_keep_ratio, generator):
+        y, saved = int4_linear_fwd(x2d, weight, bias, block_size=block_size, granularity=granularity)
+        ctx.save_for_backward(*saved[:5])
+        ctx.args = (block_size, grad_quantizer, grad_granularity, lss_keep_ratio, generator)
+        ctx.dtypes = (x2d.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        block_size, grad_quantizer, grad_granularity, lss_keep_ratio, generator = ctx.args
+        saved = Int4LinearSaved(*ctx.saved_tensors, block_size)
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_y = grad_y.contiguous()
+        grad_x, grad_w = int4_linear_bwd(
+            grad_y, saved, grad_quantizer=grad_quantizer, grad_granularity=grad_granularity,
+            lss_keep_ratio=lss_keep_ratio, generator=generator, need_grad_x=need_x, need_grad_w=need_w,
+            x_dtype=x_dtype, w_dtype=w_dtype,
+        )
+        grad_b = grad_y.float().sum(0).to(b_dtype) if need_b else None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+def int4_linear_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    block_size: int | None = 32,
+    granularity: str = "tensor",
+    grad_quantizer: str = "bit_split",
+    grad_granularity: str = "token",
+    lss_keep_ratio: float | None = 0.5,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """INT4 fully quantized ``x · weightᵀ + bias`` on the Triton / FP8 path (differentiable: x, weight, bias).
+
+    x: (..., K) bf16 / fp16 / fp32 on CUDA; weight (M, K); bias (M,) or None. Defaults: the "hq-lss" recipe
+    of ``lowbit.int4`` (block 32, per-tensor absmax scales, bit splitting per token, keep ratio 0.5).
+    Returns (..., M) in x's dtype.
+    """
+    k = weight.shape[1]
+    if x.shape[-1] != k:
+        raise ValueError(f"x's last dim ({x.shape[-1]}) must equal weight's D_in ({k})")
+    x2d = x.reshape(-1, k)
+    if x2d.stride(1) != 1:
+        x2d = x2d.contiguous()
+    y = Int4LinearTriton.apply(x2d, weight, bias, block_size, granularity, grad_quantizer, grad_granularity,
+                               lss_keep_ratio, generator)
+    return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,242 @@
+"""lowbit.kernels.int4_linear against an inline fp64 reference of INT4 training's math (Xi et al. 2023).
+
+The reference follows the paper's equations with lowbit.quant (HQ forward, bit splitting, leverage-score
+weights) and the same codes / noise / sampling weights as the kernels, so every difference is rounding; each
+bound below is derived from the roundings the kernels do (see lowbit.kernels.int4_linear).
+"""
+
+import importlib
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+triton = pytest.importorskip("triton", reason="the kernels need Triton (lowbit[triton])")
+
+import lowbit.kernels.hadamard_quant as hq  # noqa: E402
+import lowbit.kernels.int4_linear as lin  # noqa: E402
+import lowbit.kernels.int4_matmul as mm  # noqa: E402
+from lowbit.quant import bit_split, hadamard_transform, quantize  # noqa: E402
+
+if not torch.cuda.is_available():
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(hq._hq_kernel, InterpretedFunction):  # decorated before TRITON_INTERPRET was set
+        hq, mm, lin = importlib.reload(hq), importlib.reload(mm), importlib.reload(lin)
+
+CPU = pytest.param("cpu", id="cpu")
+GPU = pytest.param("cuda", marks=pytest.mark.gpu, id="cuda")
+U32 = 2.0**-24
+U16 = 2.0**-11  # fp16 unit roundoff
+UBF = 2.0**-8  # bf16 unit roundoff
+
+
+def _shape(device):
+    return (64, 64, 48) if device == "cpu" else (16384, 4096, 4096)  # N tokens, K = D_in, M = D_out
+
+
+def _problem(device, seed=0):
+    n, k, m = _shape(device)
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, k, generator=g) * torch.logspace(-1, 1, n)[:, None]).to(device, torch.bfloat16)
+    w = (torch.randn(m, k, generator=g) / math.sqrt(k)).to(device)
+    gy = (torch.randn(n, m, generator=g) * torch.logspace(-3, 1, n)[:, None]).to(device, torch.bfloat16)
+    return x, w, gy
+
+
+def _rot(t, block):
+    return hadamard_transform(t, block) if block else t
+
+
+def _rot_bound(e, block):
+    """Bound on |E·|H|| per element for an elementwise error bound e (fp64): block sums / sqrt(b)."""
+    if not block:
+        return e
+    r, c = e.shape
+    s = e.reshape(r, c // block, block).sum(-1, keepdim=True) / math.sqrt(block)
+    return s.expand(r, c // block, block).reshape(r, c)
+
+
+def _check(got, ref, bound, what):
+    err = (got.double() - ref).abs()
+    excess = err - bound
+    assert bool((excess <= 0).all()), f"{what}: max error {err.max():.3e}, worst excess {excess.max():.3e}"
+
+
+def _halves(gy, noise_gen_seed, granularity="token"):
+    """bit_split of ∇Y with a generator, and the same uniform draw for the kernel."""
+    gen = torch.Generator(device=gy.device).manual_seed(noise_gen_seed)
+    bs = bit_split(gy, gen, granularity=granularity)
+    gen = torch.Generator(device=gy.device).manual_seed(noise_gen_seed)
+    noise = torch.rand(gy.shape, generator=gen, device=gy.device)
+    return bs, noise
+
+
+@pytest.mark.parametrize("device", [CPU, GPU])
+@pytest.mark.parametrize("granularity", ["tensor", "row"])
+@pytest.mark.parametrize("block", [None, 32])
+def test_forward_codes_and_product(device, granularity, block):
+    x, w, _ = _problem(device)
+    y, saved = lin.int4_linear_fwd(x, w, block_size=block, granularity=granularity)
+    qx = quantize(_rot(x.float(), block), 4, granularity="token" if granularity == "row" else "tensor")
+    qw = quantize(_rot(w, block), 4, granularity="channel" if granularity == "row" else "tensor")
+    # bf16 X: exact block sums, so its codes are the reference's bit for bit; fp32 W may flip a code at a
+    # .5 boundary (test_hadamard_quant bounds that), so the product is checked on the kernel's codes.
+    torch.testing.assert_close(saved.x_codes.float(), qx.codes.float(), rtol=0, atol=0)
+    torch.testing.assert_close(saved.x_scale, qx.scale, rtol=0, atol=0)
+    w_codes = saved.w_codes_t.t()
+    assert float((w_codes != qw.codes).float().mean()) <= 0.01
+    ref = (qx.codes.double() @ w_codes.double().t()) * qx.scale.double() * saved.w_scale.double().t()
+    assert y.dtype == torch.bfloat16 and y.shape == ref.shape
+    _check(y, ref, (3 * U32 + UBF) * ref.abs(), "Y")
+    bias = torch.randn(w.shape[0], device=device)
+    yb, _ = lin.int4_linear_fwd(x, w, bias, block_size=block, granularity=granularity)
+    _check(yb, ref + bias.double(), (3 * U32 + 2 * UBF) * (ref.abs() + bias.abs().double()), "Y + bias")
+
+
+def _reference_backward(gy, saved, bs, weights, quantizer="bit_split"):
+    """fp64 ∇X, ∇W on the kernel's saved codes, and the elementwise bounds of the kernels' roundings."""
+    x_codes, x_scale, _, w_codes_t, w_scale, block = saved
+    n, m = gy.shape
+    w_hat = w_codes_t.t().double() * w_scale.double()  # (M, K)
+    x_hat = x_codes.double() * x_scale.double()  # (N, K)
+    if quantizer == "bit_split":
+        halves = [(bs.hi.double(), bs.scale_hi.double()), (bs.lo.double(), bs.scale_lo.double())]
+    else:
+        halves = [(bs.codes.double(), bs.scale.double())]
+    g_hat = sum(c * s for c, s in halves)
+    gvx = g_hat @ w_hat
+    # ∇W: Σ_h (G_h ⊙ s_h ⊙ w_h)ᵀ · X̂, the kernel rounds each (factor · x code) to fp16
+    a_abs = torch.zeros(m, x_codes.shape[1], dtype=torch.float64, device=gy.device)
+    gvw = torch.zeros_like(a_abs)
+    for h, (c, s) in enumerate(halves):
+        wt = torch.ones(n, 1, dtype=torch.float64, device=gy.device) if weights is None else weights[h]
+        gvw += (c * s * wt).t() @ x_hat
+        a_abs += (c.abs() * s * wt).t() @ x_hat.abs()
+    r = n * len(halves)
+    if w_scale.numel() == 1:  # exact int products, fp32 rotation from bf16 pieces with 16 bits
+        ex = _rot_bound((2.0**-17 + (math.log2(block or 1) + 3) * U32) * (g_hat.abs() @ w_hat.abs()), block)
+    else:  # the per-channel weight scale is folded into an fp16 operand
+        ex = _rot_bound((U16 + m * U32) * (g_hat.abs() @ w_hat.abs()), block)
+    ew = _rot_bound((U16 + r * U32) * a_abs, block)
+    return _rot(gvx, block), _rot(gvw, block), ex, ew
+
+
+@pytest.mark.parametrize("device", [CPU, GPU])
+@pytest.mark.parametrize("granularity", ["tensor", "row"])
+@pytest.mark.parametrize("grad_granularity", ["token", "tensor"])
+@pytest.mark.parametrize("lss", [False, True])
+def test_backward_bit_split_matches_reference(device, granularity, grad_granularity, lss):
+    x, w, gy = _problem(device, seed=1)
+    _, saved = lin.int4_linear_fwd(x, w, block_size=32, granularity=granularity)
+    bs, noise = _halves(gy, 7, grad_granularity)
+    weights = None
+    if lss:  # Bernoulli weights 1/p or 0 for the 2N stacked halves
+        g = torch.Generator().manual_seed(3)
+        p = torch.rand(2, gy.shape[0], 1, generator=g) * 0.9 + 0.1
+        keep = torch.rand(p.shape, generator=g) < p
+        weights = torch.where(keep, 1 / p, torch.zeros_like(p)).to(device)
+    gx, gw = lin.int4_linear_bwd(gy, saved, grad_granularity=grad_granularity, noise=noise,
+                                 row_weights=weights, x_dtype=torch.float32, w_dtype=torch.float32)
+    gx_ref, gw_ref, ex, ew = _reference_backward(gy, saved, bs, None if weights is None else weights.double())
+    assert gx.shape == x.shape and gw.shape == w.shape
+    _check(gx, gx_ref, ex + 4 * U32 * gx_ref.abs(), "grad_x")
+    _check(gw, gw_ref, ew + 4 * U32 * gw_ref.abs(), "grad_w")
+    gx_bf, _ = lin.int4_linear_bwd(gy, saved, grad_granularity=grad_granularity, noise=noise,
+                                   row_weights=weights, need_grad_w=False)
+    assert gx_bf.dtype == torch.bfloat16
+    _check(gx_bf, gx_ref, ex + (4 * U32 + UBF) * (gx_ref.abs() + ex), "grad_x bf16")
+
+
+@pytest.mark.parametrize("device", [CPU, GPU])
+@pytest.mark.parametrize("backend", ["triton", "cublas"])
+def test_backward_rtn_and_cublas_backend(device, backend):
+    x, w, gy = _problem(device, seed=2)
+    _, saved = lin.int4_linear_fwd(x, w, block_size=None)
+    q = quantize(gy, 4, granularity="tensor")
+    gx, gw = lin.int4_linear_bwd(gy, saved, grad_quantizer="rtn", grad_granularity="tensor",
+                                 x_dtype=torch.float32, grad_x_backend=backend)
+    gx_ref, gw_ref, ex, ew = _reference_backward(gy, saved, q, None, quantizer="rtn")
+    _check(gx, gx_ref, ex + 4 * U32 * gx_ref.abs(), "grad_x")
+    _check(gw, gw_ref, ew + 4 * U32 * gw_ref.abs(), "grad_w")
+
+
+@pytest.mark.parametrize("device", [CPU, GPU])
+def test_rotate_back_false_returns_the_unrotated_gradients(device):
+    x, w, gy = _problem(device, seed=4)
+    _, saved = lin.int4_linear_fwd(x, w, block_size=16)
+    _, noise = _halves(gy, 9)
+    gx, gw = lin.int4_linear_bwd(gy, saved, noise=noise, x_dtype=torch.float32)
+    gvx, gvw = lin.int4_linear_bwd(gy, saved, noise=noise, rotate_back=False)
+    assert gvx.dtype == torch.float32 and gvw.dtype == torch.float32
+    back_x = hq.hadamard_rows(gvx, 16, out_dtype=torch.float32)
+    back_w = hq.hadamard_rows(gvw, 16, out_dtype=torch.float32)
+    tol_x = _rot_bound((2.0**-17 + 16 * U32) * gvx.double().abs(), 16)
+    _check(back_x, gx.double(), tol_x + 4 * U32 * gx.double().abs(), "rotated back grad_x")
+    _check(back_w, gw.double(), _rot_bound(8 * U32 * gvw.double().abs(), 16), "rotated back grad_w")
+
+
+@pytest.mark.parametrize("device", [CPU, GPU])
+def test_sampled_weight_gradient_is_unbiased(device):
+    # In-kernel Philox noise and Bernoulli sampling: E[∇W] = (∇Y restricted to the hi/lo grid...) exactly the
+    # unsampled product of ∇Y, since E[lo · s_lo | hi] = the residual and E[w | scores] = 1. Projected on a
+    # fixed direction D, the mean of T draws is within 5 standard errors (t with T - 1 dof: P < 1e-3).
+    n, k, m = (32, 32, 16) if device == "cpu" else (4096, 1024, 1024)
+    x, w, gy = _problem(device, seed=5)
+    x, w, gy = x[:n, :k].contiguous(), w[:m, :k].contiguous(), gy[:n, :m].contiguous()
+    _, saved = lin.int4_linear_fwd(x, w, block_size=16)
+    x_hat = saved.x_codes.double() * saved.x_scale.double()
+    expected = _rot(gy.double().t() @ x_hat, 16)
+    d = torch.randn(expected.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    d = d.to(device)
+    gen = torch.Generator(device=device).manual_seed(1)
+    trials = 12 if device == "cpu" else 64
+    proj, kept_any = [], False
+    for _ in range(trials):
+        _, gw = lin.int4_linear_bwd(gy, saved, lss_keep_ratio=0.5, generator=gen, need_grad_x=False)
+        proj.append(float((gw.double() * d).sum()))
+        kept_any = kept_any or gw.abs().sum() > 0
+    proj = torch.tensor(proj, dtype=torch.float64)
+    target = float((expected * d).sum())
+    stderr = float(proj.std()) / math.sqrt(trials)
+    # fp16 rounding of the scaled operand biases each draw by at most U16 · Σ|terms| (see above)
+    bias = U16 * float((gy.double().abs().t() @ x_hat.abs()).abs().sum() * d.abs().max())
+    assert kept_any and stderr > 0
+    assert abs(float(proj.mean()) - target) <= 5 * stderr + bias
+
+
+@pytest.mark.parametrize("device", [CPU, GPU])
+def test_autograd_function(device):
+    x, w, gy = _problem(device, seed=6)
+    b = torch.randn(w.shape[0], device=device)
+    xr, wr, br = (t.detach().clone().requires_grad_(True) for t in (x, w, b))
+    y = lin.int4_linear_triton(xr.reshape(2, -1, x.shape[1]), wr, br,
+                               generator=torch.Generator(device=device).manual_seed(5))
+    assert y.shape == (2, x.shape[0] // 2, w.shape[0]) and y.dtype == x.dtype
+    y.backward(gy.reshape(y.shape))
+    y2, saved = lin.int4_linear_fwd(x, w, b, block_size=32)
+    gen = torch.Generator(device=device).manual_seed(5)
+    gx, gw = lin.int4_linear_bwd(gy, saved, lss_keep_ratio=0.5, generator=gen, x_dtype=x.dtype,
+                                 w_dtype=w.dtype)
+    torch.testing.assert_close(y.reshape(y2.shape), y2, rtol=0, atol=0)
+    torch.testing.assert_close(xr.grad, gx, rtol=0, atol=0)
+    torch.testing.assert_close(wr.grad, gw, rtol=0, atol=0)
+    torch.testing.assert_close(br.grad, gy.float().sum(0), rtol=0, atol=0)
+
+
+def test_argument_errors():
+    x, w, gy = _problem("cpu")
+    with pytest.raises(ValueError, match="share K"):
+        lin.int4_linear_fwd(x, w[:, :32], block_size=None)
+    with pytest.raises(ValueError, match="granularity"):
+        lin.int4_linear_fwd(x, w, block_size=None, granularity="channel")
+    _, saved = lin.int4_linear_fwd(x, w, block_size=None)
+    with pytest.raises(ValueError, match="grad_y must have shape"):
+        lin.int4_linear_bwd(gy[:, :8], saved)
+    with pytest.raises(ValueError, match="lss_keep_ratio"):
+        lin.int4_linear_bwd(gy, saved, grad_quantizer="rtn", lss_keep_ratio=0.5)
+    with pytest.raises(ValueError, match="grad_quantizer"):
+        lin.int4_linear_bwd(gy, saved, grad_quantizer="sr")
