@@ -1,0 +1,699 @@
+"""Triton kernels for the OneBit product from packed signs, y = h ⊙ ((x ⊙ g) · Sᵀ), fp32 accumulation.
+
+Specification: ``lowbit.quant.binary.onebit_matmul_reference(x, signs_packed, g, h, n)`` (fp32 result);
+with ``layernorm_eps`` the kernels also apply the OneBit post-LayerNorm (no affine, over the out dim, in
+fp32), the specification of which is ``F.layer_norm(reference, (m,), eps=eps)``.
+
+Layout. S (m × n, ±1) is read as ``lowbit.quant.pack_bits_int32`` lays it out: int32 words (m, ceil(n / 32)),
+bit j of word i = element 32i + j, 1 = +1. ``pack_bits`` bytes (uint8, 8 per byte) are the same bits in
+little-endian order, so a uint8 matrix whose rows are a whole number of words is used as int32 without a
+copy (other uint8 matrices are padded to whole words first, which copies).
+
+Two kernels, chosen by the number of tokens M (rows of x) in :func:`onebit_matmul`:
+
+- ``_onebit_gemv_kernel`` (small M, CUDA cores): each program owns BLOCK_N rows of S and a K-range. The
+  sign of each term is applied by XOR-ing bit j of the weight word onto the IEEE sign bit of the fp32 value
+  x_k · g_k (one shift and one LOP3 per weight bit), and the terms are added in fp32. Every weight bit is
+  read once per token. Split-K programs write fp32 partials; the last program of a tile (an acq_rel
+  atomic counter) adds them in a fixed order, so the result is deterministic.
+- ``_onebit_mm_kernel`` (tensor cores, any M): the weight tile is unpacked in registers straight into the
+  bf16/fp16 bit pattern of ±g_k (a rotate puts bit j on the sign position, XOR with the bits of -g_k), so
+  g is folded into the weights exactly (a ±g_k value is representable in g's dtype) and x is used as
+  loaded; ``tl.dot`` accumulates in fp32. For fp32 x (or g of another dtype than x) x ⊙ g is formed in
+  fp32 and split exactly into three bf16 parts (hi + mid + lo) against ±1 weights: three products whose
+  sum is the fp32 product, since ±1 · bf16 is exact. With BLOCK_M = 16 and split-K this kernel is the
+  tensor-core GEMV for 2..16 tokens; with large tiles it is the GEMM.
+
+Epilogue (both kernels): multiply by h in fp32, cast to the output dtype. With ``LN`` the tile is written
+in fp32 to a work buffer and the last program of the launch (a second counter) normalizes all rows; this
+single-program tail is only worth it for small M·m (decode), which :func:`onebit_matmul` checks.
+
+Counters live in a per-device, per-stream int32 buffer that every launch leaves at zero (the last program
+resets what it used), so launches are CUDA-graph safe once the buffer exists: call once before capture.
+Two launches in flight at once on one stream are ordered by the stream, so they cannot race.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where Triton is absent
+    triton = None
+    tl = None
+
+__all__ = [
+    "HAS_TRITON",
+    "GemvConfig",
+    "MMConfig",
+    "LN_FUSE_MAX_ELEMENTS",
+    "as_int32_words",
+    "onebit_gemv",
+    "onebit_matmul",
+    "onebit_mm",
+    "select_config",
+    "triton_usable",
+]
+
+HAS_TRITON = triton is not None
+
+#: Fuse the post-LayerNorm into the kernel when M · out_features is at most this (the normalization then
+#: runs in one program at the end of the launch); larger outputs use F.layer_norm on the fp32 product.
+LN_FUSE_MAX_ELEMENTS = 16384
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+if HAS_TRITON:
+    _SIGN16 = tl.constexpr(-32768)  # 0x8000 as int16: the sign bit of a bf16 / fp16 value
+    _MINUS_ONE_BF16 = tl.constexpr(-16512)  # 0xBF80 as int16: -1.0 in bf16
+
+
+def triton_usable(device: torch.device | str) -> bool:
+    """True when the kernels can run on ``device``: CUDA with Triton, or any device with
+    ``TRITON_INTERPRET=1`` set when this module was imported (the CPU interpreter, slow: for tests)."""
+    if not HAS_TRITON:
+        return False
+    if _INTERPRETED:
+        return True
+    return torch.device(device).type == "cuda"
+
+
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+if HAS_TRITON:
+    # The kernels call only Triton builtins and the @triton.jit helpers of this module (no tl.sum, tl.zeros,
+    # tl.cdiv, which are themselves jit functions): a copy of this module imported with TRITON_INTERPRET=1
+    # then runs in the CPU interpreter even when triton itself was imported without it (the tests do that).
+
+    @triton.jit
+    def _add(a, b):
+        return a + b
+
+    @triton.jit
+    def _dot(a, b, acc, F32_DOT: tl.constexpr):
+        """acc + a @ b on tensor cores. F32_DOT (set only under TRITON_INTERPRET=1, whose CPU ``tl.dot``
+        multiplies the raw uint16 patterns of bf16 operands) upcasts to fp32 first: same exact products."""
+        if F32_DOT:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            return tl.dot(a, b, acc)
+
+    @triton.jit
+    def _to_out(y, OUT_DTYPE: tl.constexpr):
+        """fp32 -> output dtype, round to nearest even. bf16 is rounded by hand: the CPU interpreter truncates
+        in ``.to(tl.bfloat16)``, the GPU rounds; the bit formula gives the GPU's result on both (finite y)."""
+        if OUT_DTYPE == tl.bfloat16:
+            bits = y.to(tl.uint32, bitcast=True)
+            bits = bits + (((bits >> 16) & 1) + 0x7FFF)
+            rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+            return tl.where(y == y, rounded, y.to(tl.bfloat16))  # NaN stays NaN
+        else:
+            return y.to(OUT_DTYPE)
+
+    @triton.jit
+    def _layernorm_rows(ypre_ptr, out_ptr, M, N, stride_om, stride_on, eps, LN_BLOCK: tl.constexpr):
+        """out[m, :] = (y[m, :] - mean) / sqrt(var + eps) for every row of the fp32 (M, N) work buffer
+        (biased variance, two passes, as F.layer_norm)."""
+        offs = tl.arange(0, LN_BLOCK)
+        for m in range(0, M):
+            row = ypre_ptr + m * N  # LN is fused only for small M·N (no int32 overflow)
+            s1 = tl.full((LN_BLOCK,), 0.0, tl.float32)
+            for n0 in range(0, N, LN_BLOCK):
+                mask = n0 + offs < N
+                s1 += tl.load(row + n0 + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            mean = tl.reduce(s1, 0, _add) / N
+            s2 = tl.full((LN_BLOCK,), 0.0, tl.float32)
+            for n0 in range(0, N, LN_BLOCK):
+                mask = n0 + offs < N
+                v = tl.load(row + n0 + offs, mask=mask, other=0.0, cache_modifier=".cg")
+                d = tl.where(mask, v - mean, 0.0)
+                s2 += d * d
+            rstd = 1.0 / tl.sqrt(tl.reduce(s2, 0, _add) / N + eps)
+            out_row = out_ptr + m * stride_om
+            for n0 in range(0, N, LN_BLOCK):
+                mask = n0 + offs < N
+                v = tl.load(row + n0 + offs, mask=mask, other=0.0, cache_modifier=".cg")
+                z = _to_out((v - mean) * rstd, out_ptr.dtype.element_ty)
+                tl.store(out_row + (n0 + offs) * stride_on, z, mask=mask)
+
+    @triton.jit
+    def _finish_tile(
+        y, offs_m, offs_n, m_mask, n_mask, h_ptr, out_ptr, stride_om, stride_on, ypre_ptr, cnt_ptr, n_units,
+        M, N, ln_eps, LN: tl.constexpr, LN_BLOCK: tl.constexpr,
+    ):
+        """Epilogue of one finished (BM, BN) fp32 tile y = (x ⊙ g)·Sᵀ: ⊙ h, then store (or the LN tail)."""
+        hv = tl.load(h_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        y = y * hv[None, :]
+        mask = m_mask[:, None] & n_mask[None, :]
+        if LN:
+            tl.store(ypre_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], y, mask=mask)
+            # Slot n_units counts finished tiles; the last one (acquire: sees every tile) normalizes.
+            done = tl.atomic_add(cnt_ptr + n_units, 1, sem="acq_rel")
+            if done == n_units - 1:
+                tl.atomic_xchg(cnt_ptr + n_units, 0)
+                _layernorm_rows(ypre_ptr, out_ptr, M, N, stride_om, stride_on, ln_eps, LN_BLOCK)
+        else:
+            ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
+            tl.store(ptrs, _to_out(y, out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _reduce_split_k(
+        acc, tile_id, offs_m, offs_n, m_mask, n_mask, part_ptr, cnt_ptr, M, N, split_k, pid_k,
+        h_ptr, out_ptr, stride_om, stride_on, ypre_ptr, n_units, ln_eps,
+        LN: tl.constexpr, LN_BLOCK: tl.constexpr,
+    ):
+        """Split-K: store this program's fp32 partial; the last program of the tile sums the partials in
+        order k = 0..split_k-1 (deterministic) and runs the epilogue."""
+        mask = m_mask[:, None] & n_mask[None, :]
+        tile_off = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        plane = M.to(tl.int64) * N
+        tl.store(part_ptr + pid_k * plane + tile_off, acc, mask=mask)
+        done = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel")
+        if done == split_k - 1:
+            tl.atomic_xchg(cnt_ptr + tile_id, 0)
+            y = acc * 0.0
+            for s in range(0, split_k):
+                y += tl.load(part_ptr + s * plane + tile_off, mask=mask, other=0.0, cache_modifier=".cg")
+            _finish_tile(y, offs_m, offs_n, m_mask, n_mask, h_ptr, out_ptr, stride_om, stride_on, ypre_ptr,
+                         cnt_ptr, n_units, M, N, ln_eps, LN, LN_BLOCK)
+
+    @triton.jit
+    def _onebit_gemv_kernel(
+        x_ptr, w_ptr, g_ptr, h_ptr, out_ptr, part_ptr, cnt_ptr, ypre_ptr,
+        M, N, K, KW, kw_per_split, split_k, n_tiles,
+        stride_xm, stride_xk, stride_wn, stride_om, stride_on,
+        ln_eps,
+        BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, LN: tl.constexpr, LN_BLOCK: tl.constexpr,
+        EVEN_K: tl.constexpr,
+    ):
+        """CUDA-core GEMV: one token (row of x) × BLOCK_N rows of S × one K-range per program.
+
+        grid = (M · n_tiles, split_k). acc holds Σ_k (bit ? -1 : +1)·(x_k g_k) = -(x ⊙ g)·Sᵀ per lane.
+        """
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        pid_m = pid // n_tiles
+        pid_n = pid % n_tiles
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        j = tl.arange(0, 32)
+        to_sign = 31 - j  # left shift that moves bit j onto bit 31 (the fp32 sign)
+        x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
+        w_rows = w_ptr + (offs_n % N).to(tl.int64)[:, None] * stride_wn  # rows past N: valid junk, not stored
+        kw_lo = pid_k * kw_per_split
+        kw_hi = tl.minimum(kw_lo + kw_per_split, KW)
+        acc = tl.full((BLOCK_N, BLOCK_KW, 32), 0.0, tl.float32)
+        for kw0 in range(kw_lo, kw_hi, BLOCK_KW):
+            offs_kw = kw0 + tl.arange(0, BLOCK_KW)
+            offs_k = offs_kw[:, None] * 32 + j[None, :]  # (BLOCK_KW, 32): k = 32·word + j
+            if EVEN_K:  # whole blocks only: no masks
+                w = tl.load(w_rows + offs_kw[None, :])
+                xv = tl.load(x_row + offs_k * stride_xk).to(tl.float32)
+                gv = tl.load(g_ptr + offs_k).to(tl.float32)
+            else:  # x ⊙ g is 0 past K and past this split, so those words' bits multiply zeros
+                kw_mask = offs_kw < kw_hi
+                w = tl.load(w_rows + offs_kw[None, :], mask=kw_mask[None, :], other=0)
+                k_mask = (offs_k < K) & kw_mask[:, None]
+                xv = tl.load(x_row + offs_k * stride_xk, mask=k_mask, other=0.0).to(tl.float32)
+                gv = tl.load(g_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            xg_bits = (xv * gv).to(tl.int32, bitcast=True)  # exact fp32 x_k·g_k, as in the reference
+            sign = (w[:, :, None] << to_sign[None, None, :]) & -2147483648  # bit j -> sign bit
+            acc += (xg_bits[None, :, :] ^ sign).to(tl.float32, bitcast=True)
+        y = -tl.reduce(tl.reduce(acc, 2, _add), 1, _add)  # (BLOCK_N,): (x ⊙ g)·Sᵀ
+        offs_m = pid_m + tl.arange(0, 1)
+        m_mask = offs_m < M
+        y2 = tl.reshape(y, (1, BLOCK_N))
+        n_units = M * n_tiles
+        if split_k == 1:
+            _finish_tile(y2, offs_m, offs_n, m_mask, n_mask, h_ptr, out_ptr, stride_om, stride_on, ypre_ptr,
+                         cnt_ptr, n_units, M, N, ln_eps, LN, LN_BLOCK)
+        else:
+            _reduce_split_k(y2, pid, offs_m, offs_n, m_mask, n_mask, part_ptr, cnt_ptr, M, N, split_k, pid_k,
+                            h_ptr, out_ptr, stride_om, stride_on, ypre_ptr, n_units, ln_eps, LN, LN_BLOCK)
+
+    # Unpacking a tile of words into one value per bit. Each of the 32 bit planes is computed with a
+    # constant shift in the words' own register layout; tl.join stacks planes as new register-resident
+    # dims, ordered so that the final reshape lists bit j of word i at column 32i + j (natural K order).
+    # A thread thus holds whole runs of K: its stores to shared memory are vectorized, and no data moves
+    # between threads.
+
+    @triton.jit
+    def _join1(w, J: tl.constexpr):
+        """Bits J and J + 16 of each int32 word on bit 15 of two int16 values (last dim b4: bit J + 16·b4);
+        the other bits are junk, masked off by the caller. One shift serves both halves."""
+        s = w << (15 - J)
+        return tl.join(s.to(tl.int16), (s >> 16).to(tl.int16))
+
+    @triton.jit
+    def _join2(w, J: tl.constexpr):  # dims (b4, b3): bit J + 8·b3 + 16·b4
+        return tl.join(_join1(w, J), _join1(w, J + 8))
+
+    @triton.jit
+    def _join3(w, J: tl.constexpr):
+        return tl.join(_join2(w, J), _join2(w, J + 4))
+
+    @triton.jit
+    def _join4(w, J: tl.constexpr):
+        return tl.join(_join3(w, J), _join3(w, J + 2))
+
+    @triton.jit
+    def _unpack_bit15(w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """(BLOCK_N, BLOCK_K // 32) int32 words -> (BLOCK_N, BLOCK_K) int16 holding bit j of word i on bit 15
+        at column 32i + j (other bits junk: mask with 0x8000).
+        Dims after the joins: (n, word, b4, b3, b2, b1, b0) with bit j = 16·b4 + 8·b3 + 4·b2 + 2·b1 + b0."""
+        t = tl.join(_join4(w, 0), _join4(w, 1))
+        return tl.reshape(t, (BLOCK_N, BLOCK_K))
+
+    @triton.jit
+    def _onebit_mm_kernel(
+        x_ptr, w_ptr, g_ptr, h_ptr, out_ptr, part_ptr, cnt_ptr, ypre_ptr,
+        M, N, K, KW, k_per_split, split_k,
+        stride_xm, stride_xk, stride_wn, stride_om, stride_on,
+        ln_eps,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        SPLIT3: tl.constexpr, DOT_DTYPE: tl.constexpr, LN: tl.constexpr, LN_BLOCK: tl.constexpr,
+        F32_DOT: tl.constexpr, SWAP_AB: tl.constexpr, EVEN_K: tl.constexpr,
+    ):
+        """Tensor-core product: (BLOCK_M × BLOCK_N) output tile per program, weight tiles unpacked on chip.
+
+        grid = (cdiv(M, BLOCK_M) · cdiv(N, BLOCK_N), split_k). Without SPLIT3, g_ptr points at the int16 bit
+        patterns of g (dtype DOT_DTYPE = x's dtype) and the B tile is ±g; with SPLIT3, g_ptr is g itself and
+        the B tile is ±1 in bf16 against the three bf16 parts of the fp32 x ⊙ g.
+        """
+        BLOCK_KW: tl.constexpr = BLOCK_K // 32
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        num_m = (M + BLOCK_M - 1) // BLOCK_M
+        num_n = (N + BLOCK_N - 1) // BLOCK_N
+        # Grouped order: GROUP_M row-tiles share each column of weight tiles while it sits in L2.
+        group = GROUP_M * num_n
+        first_m = (pid // group) * GROUP_M
+        group_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % group) % group_m
+        pid_n = (pid % group) // group_m
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        # Rows past the end read row (index mod M) / (mod N) instead of being masked: valid data, results
+        # dropped by the masked store, and no per-element masks in the loop.
+        x_rows = x_ptr + (offs_m % M).to(tl.int64)[:, None] * stride_xm
+        w_rows = w_ptr + (offs_n % N).to(tl.int64)[:, None] * stride_wn
+        k_lo = pid_k * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+        if SWAP_AB:
+            acc = tl.full((BLOCK_N, BLOCK_M), 0.0, tl.float32)  # yᵀ tile: the weights are the MMA's A operand
+        else:
+            acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < k_hi
+            offs_kw = k0 // 32 + tl.arange(0, BLOCK_KW)
+            if EVEN_K:  # every K block is whole: no masks
+                xt = tl.load(x_rows + offs_k[None, :] * stride_xk)
+                w = tl.load(w_rows + offs_kw[None, :])
+            else:  # x past k_hi reads 0, so the junk bits there multiply zeros
+                xt = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=k_mask[None, :], other=0.0)
+                w = tl.load(w_rows + offs_kw[None, :], mask=(offs_kw < KW)[None, :], other=0)
+            bits = _unpack_bit15(w, BLOCK_N, BLOCK_K)  # (BLOCK_N, BLOCK_K) int16, bit 15 set where S = +1
+            if SPLIT3:
+                # 0xBF80 = -1.0 in bf16; bit set -> +1.0
+                b_t = tl.trans(((bits & _SIGN16) ^ _MINUS_ONE_BF16).to(tl.bfloat16, bitcast=True))
+                if EVEN_K:
+                    gv = tl.load(g_ptr + offs_k).to(tl.float32)
+                else:
+                    gv = tl.load(g_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+                xg = xt.to(tl.float32) * gv[None, :]
+                hi = xg.to(tl.bfloat16)
+                r = xg - hi.to(tl.float32)
+                mid = r.to(tl.bfloat16)
+                lo = (r - mid.to(tl.float32)).to(tl.bfloat16)
+                acc = _dot(hi, b_t, acc, F32_DOT)
+                acc = _dot(mid, b_t, acc, F32_DOT)
+                acc = _dot(lo, b_t, acc, F32_DOT)
+            else:
+                if EVEN_K:
+                    g_neg = tl.load(g_ptr + offs_k) ^ _SIGN16  # int16 bits of -g_k
+                else:
+                    g_neg = tl.load(g_ptr + offs_k, mask=k_mask, other=0) ^ _SIGN16
+                b = ((bits & _SIGN16) ^ g_neg[None, :]).to(DOT_DTYPE, bitcast=True)  # ±g_k, + where bit 1
+                if SWAP_AB:
+                    acc = _dot(b, tl.trans(xt), acc, F32_DOT)
+                else:
+                    acc = _dot(xt, tl.trans(b), acc, F32_DOT)
+        n_units = num_m * num_n
+        if SWAP_AB:
+            acc = tl.trans(acc)
+        if split_k == 1:
+            _finish_tile(acc, offs_m, offs_n, m_mask, n_mask, h_ptr, out_ptr, stride_om, stride_on, ypre_ptr,
+                         cnt_ptr, n_units, M, N, ln_eps, LN, LN_BLOCK)
+        else:
+            _reduce_split_k(acc, pid, offs_m, offs_n, m_mask, n_mask, part_ptr, cnt_ptr, M, N, split_k, pid_k,
+                            h_ptr, out_ptr, stride_om, stride_on, ypre_ptr, n_units, ln_eps, LN, LN_BLOCK)
+
+
+# ------------------------------------------------------------------------------------------------ configs
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Tile of the CUDA-core GEMV: BLOCK_N rows of S, BLOCK_KW words (32·BLOCK_KW of K) per step;
+    split_k = 0 picks it from the shape."""
+
+    block_n: int = 32
+    block_kw: int = 8
+    split_k: int = 0
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@dataclass(frozen=True)
+class MMConfig:
+    """Tile of the tensor-core kernel; split_k = 0 picks it from the shape (1 when the tiles fill the GPU)."""
+
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 64
+    group_m: int = 8
+    split_k: int = 0
+    num_warps: int = 8
+    num_stages: int = 3
+    swap_ab: bool = False  # weights as the MMA's A operand (yᵀ = S·(x ⊙ g)ᵀ): for few tokens
+
+
+#: Number of tokens up to which the CUDA-core GEMV is used (measured on H100, see docs/kernels-onebit.md).
+GEMV_CORE_MAX_M = 1
+#: Number of tokens up to which the tensor-core kernel runs with BLOCK_M = 16 and split-K (GEMV regime).
+GEMV_TC_MAX_M = 16
+_SM_COUNT_DEFAULT = 132
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNT_DEFAULT
+
+
+def select_config(m: int, n_out: int, k: int) -> GemvConfig | MMConfig:
+    """The kernel and tile :func:`onebit_matmul` uses for ``m`` tokens, ``n_out`` outputs and K = ``k``."""
+    if m <= GEMV_CORE_MAX_M:
+        return GemvConfig(block_n=32, block_kw=8, num_warps=4)
+    if m <= GEMV_TC_MAX_M:
+        return MMConfig(block_m=16, block_n=64, block_k=256, group_m=1, num_warps=4, num_stages=3)
+    if m <= 64:
+        return MMConfig(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=4)
+    return MMConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3)
+
+
+def _auto_split_k(tiles: int, k_steps: int, sm_count: int, max_split: int = 16) -> int:
+    """Split K until there are about two programs per SM, keeping at least two K steps per program."""
+    if tiles >= sm_count or k_steps < 4:
+        return 1
+    split = min(max_split, -(-2 * sm_count // tiles), k_steps // 2)
+    return max(split, 1)
+
+
+# ------------------------------------------------------------------------------------------------ host side
+
+
+class _Counters:
+    """Zeroed int32 counter buffers per (device, stream); kernels leave every counter they use at zero."""
+
+    def __init__(self):
+        self._buffers: dict = {}
+
+    def get(self, device: torch.device, size: int) -> torch.Tensor:
+        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+        key = (device, stream)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < size:
+            buf = torch.zeros(max(size, 1024), dtype=torch.int32, device=device)
+            self._buffers[key] = buf
+        return buf
+
+
+_COUNTERS = _Counters()
+
+
+def as_int32_words(signs_packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Packed signs as int32 words (m, ceil(n / 32)) in the ``pack_bits_int32`` layout.
+
+    int32 input is returned as is; uint8 (``pack_bits``, (m, ceil(n / 8))) is reinterpreted without a copy
+    when a row is a whole number of words and 4-byte aligned, else padded with zero bytes (a copy; the
+    padding bits lie past n and are never used).
+    """
+    if not isinstance(signs_packed, torch.Tensor) or signs_packed.dtype not in (torch.uint8, torch.int32):
+        got = getattr(signs_packed, "dtype", type(signs_packed).__name__)
+        raise TypeError(f"signs_packed must be a uint8 (8 per byte) or int32 (32 per word) tensor, got {got}")
+    if signs_packed.ndim != 2:
+        raise ValueError(f"signs_packed must be 2-D (m, packed_n), got shape {tuple(signs_packed.shape)}")
+    per = 8 if signs_packed.dtype == torch.uint8 else 32
+    if signs_packed.shape[1] != -(-n // per):
+        raise ValueError(
+            f"signs_packed must have ceil(n / {per}) = {-(-n // per)} columns for n = {n} "
+            f"({signs_packed.dtype}), got {signs_packed.shape[1]}"
+        )
+    if signs_packed.dtype == torch.int32:
+        return signs_packed
+    b = signs_packed
+    aligned = b.shape[1] % 4 == 0 and b.stride(1) == 1 and b.stride(0) % 4 == 0
+    aligned = aligned and b.storage_offset() % 4 == 0 and b.data_ptr() % 4 == 0
+    if not aligned:
+        b = F.pad(b, (0, -b.shape[1] % 4)).contiguous()
+    return b.view(torch.int32)
+
+
+@dataclass
+class _Problem:
+    x2: torch.Tensor  # (M, K) view of x
+    w: torch.Tensor  # (N, KW) int32
+    g: torch.Tensor
+    h: torch.Tensor
+    lead: tuple
+    m: int
+    n_out: int
+    k: int
+    out_dtype: torch.dtype
+
+
+def _prepare(x, signs_packed, g, h, n, out_dtype) -> _Problem:
+    if not HAS_TRITON:
+        raise RuntimeError("the OneBit kernels need Triton: pip install 'lowbit[triton]'")
+    for name, t in (("x", x), ("g", g), ("h", h)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int (in_features), got {n!r}")
+    if x.ndim < 1 or x.shape[-1] != n:
+        raise ValueError(f"x must have shape (..., n={n}), got {tuple(x.shape)}")
+    w = as_int32_words(signs_packed, n)
+    n_out = w.shape[0]
+    if g.shape != (n,):
+        raise ValueError(f"g must have shape (n,) = ({n},), got {tuple(g.shape)}")
+    if h.shape != (n_out,):
+        raise ValueError(f"h must have shape (m,) = ({n_out},) (rows of signs_packed), got {tuple(h.shape)}")
+    devices = {t.device for t in (x, w, g, h)}
+    if len(devices) != 1:
+        raise ValueError(f"x, signs_packed, g and h must be on one device, got {sorted(map(str, devices))}")
+    if not triton_usable(x.device):
+        raise ValueError(
+            f"the OneBit kernels run on CUDA (or under TRITON_INTERPRET=1), got a tensor on {x.device}"
+        )
+    if w.stride(1) != 1:
+        w = w.contiguous()
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    if out_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
+    x2 = x.reshape(-1, n)
+    lead = tuple(x.shape[:-1])
+    return _Problem(x2, w, g.contiguous(), h.contiguous(), lead, x2.shape[0], n_out, n, out_dtype)
+
+
+def _check_eps(layernorm_eps):
+    if layernorm_eps is None:
+        return None
+    number = isinstance(layernorm_eps, (int, float)) and not isinstance(layernorm_eps, bool)
+    if not number or not layernorm_eps > 0:
+        raise ValueError(f"layernorm_eps must be None or a number > 0, got {layernorm_eps!r}")
+    return float(layernorm_eps)
+
+
+def _buffers(p: _Problem, split_k: int, tiles: int, fuse_ln: bool):
+    dev = p.x2.device
+    part = torch.empty(split_k * p.m * p.n_out if split_k > 1 else 1, dtype=torch.float32, device=dev)
+    ypre = torch.empty(p.m * p.n_out if fuse_ln else 1, dtype=torch.float32, device=dev)
+    cnt = _COUNTERS.get(dev, tiles + 1)
+    return part, ypre, cnt
+
+
+def _finish_unfused(y32: torch.Tensor, p: _Problem, eps: float | None) -> torch.Tensor:
+    if eps is not None:
+        y32 = F.layer_norm(y32, (p.n_out,), eps=eps)
+    return y32.to(p.out_dtype)
+
+
+def _ln_block(n_out: int) -> int:
+    return min(1024, triton.next_power_of_2(max(n_out, 16)))
+
+
+def _launch_gemv(p: _Problem, cfg: GemvConfig, eps: float | None, fuse_ln: bool) -> torch.Tensor:
+    out = torch.empty((p.m, p.n_out), dtype=p.out_dtype if fuse_ln or eps is None else torch.float32,
+                      device=p.x2.device)
+    kw_total = p.w.shape[1]
+    n_tiles = triton.cdiv(p.n_out, cfg.block_n)
+    k_steps = triton.cdiv(kw_total, cfg.block_kw)
+    split_k = cfg.split_k or _auto_split_k(p.m * n_tiles, k_steps, _sm_count(p.x2.device))
+    split_k = max(1, min(split_k, k_steps))
+    kw_per_split = triton.cdiv(k_steps, split_k) * cfg.block_kw
+    split_k = triton.cdiv(kw_total, kw_per_split)  # no empty splits
+    part, ypre, cnt = _buffers(p, split_k, p.m * n_tiles, fuse_ln)
+    grid = (p.m * n_tiles, split_k)
+    _onebit_gemv_kernel[grid](
+        p.x2, p.w, p.g, p.h, out, part, cnt, ypre,
+        p.m, p.n_out, p.k, kw_total, kw_per_split, split_k, n_tiles,
+        p.x2.stride(0), p.x2.stride(1), p.w.stride(0), out.stride(0), out.stride(1),
+        eps if eps is not None else 0.0,
+        BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw, LN=fuse_ln, LN_BLOCK=_ln_block(p.n_out),
+        EVEN_K=p.k % (32 * cfg.block_kw) == 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+_TL_DOT = {}
+
+
+def _launch_mm(p: _Problem, cfg: MMConfig, eps: float | None, fuse_ln: bool) -> torch.Tensor:
+    if cfg.block_k % 32 or cfg.block_k < 32:
+        raise ValueError(f"block_k must be a multiple of 32, got {cfg.block_k}")
+    out = torch.empty((p.m, p.n_out), dtype=p.out_dtype if fuse_ln or eps is None else torch.float32,
+                      device=p.x2.device)
+    x2 = p.x2
+    split3 = not (x2.dtype in (torch.bfloat16, torch.float16) and p.g.dtype == x2.dtype)
+    if split3:
+        g_arg, dot_dtype = p.g, tl.bfloat16
+    else:
+        g_arg = p.g.view(torch.int16)
+        dot_dtype = tl.bfloat16 if x2.dtype == torch.bfloat16 else tl.float16
+    tiles = triton.cdiv(p.m, cfg.block_m) * triton.cdiv(p.n_out, cfg.block_n)
+    k_steps = triton.cdiv(p.k, cfg.block_k)
+    split_k = cfg.split_k or _auto_split_k(tiles, k_steps, _sm_count(x2.device))
+    split_k = max(1, min(split_k, k_steps))
+    k_per_split = triton.cdiv(k_steps, split_k) * cfg.block_k
+    split_k = triton.cdiv(p.k, k_per_split)
+    part, ypre, cnt = _buffers(p, split_k, tiles, fuse_ln)
+    grid = (tiles, split_k)
+    _onebit_mm_kernel[grid](
+        x2, p.w, g_arg, p.h, out, part, cnt, ypre,
+        p.m, p.n_out, p.k, p.w.shape[1], k_per_split, split_k,
+        x2.stride(0), x2.stride(1), p.w.stride(0), out.stride(0), out.stride(1),
+        eps if eps is not None else 0.0,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        SPLIT3=split3, DOT_DTYPE=dot_dtype, LN=fuse_ln, LN_BLOCK=_ln_block(p.n_out), F32_DOT=_INTERPRETED,
+        SWAP_AB=cfg.swap_ab and not split3, EVEN_K=p.k % cfg.block_k == 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def _run(p: _Problem, cfg, eps: float | None, fuse_ln: bool | None) -> torch.Tensor:
+    if fuse_ln is None:
+        fuse_ln = eps is not None and p.m * p.n_out <= LN_FUSE_MAX_ELEMENTS
+    fuse_ln = bool(fuse_ln) and eps is not None
+    if p.m == 0:
+        out = torch.empty((0, p.n_out), dtype=p.out_dtype, device=p.x2.device)
+    elif isinstance(cfg, GemvConfig):
+        out = _launch_gemv(p, cfg, eps, fuse_ln)
+    else:
+        out = _launch_mm(p, cfg, eps, fuse_ln)
+    if p.m and eps is not None and not fuse_ln:
+        out = _finish_unfused(out, p, eps)
+    return out.reshape(*p.lead, p.n_out)
+
+
+def onebit_matmul(
+    x: torch.Tensor,
+    signs_packed: torch.Tensor,
+    g: torch.Tensor,
+    h: torch.Tensor,
+    n: int,
+    *,
+    out_dtype: torch.dtype | None = None,
+    layernorm_eps: float | None = None,
+) -> torch.Tensor:
+    """y = h ⊙ ((x ⊙ g) · Sᵀ) from packed signs, fp32 accumulation; optionally LayerNorm(y) (no affine).
+
+    Equals ``lowbit.quant.binary.onebit_matmul_reference`` within the fp32 summation bound (see
+    tests/kernels/test_onebit.py), cast to ``out_dtype``. Chooses the kernel by the number of tokens M:
+    the CUDA-core GEMV for M <= GEMV_CORE_MAX_M, the tensor-core kernel with 16-row tiles and split-K up to
+    GEMV_TC_MAX_M, larger tiles above (``select_config``).
+
+    Args:
+        x: (..., n) float32 / bfloat16 / float16, any strides; M = x.numel() / n tokens.
+        signs_packed: S (m, ceil(n / 32)) int32 (``pack_bits_int32``, preferred) or (m, ceil(n / 8)) uint8
+            (``pack_bits``; used without a copy when ceil(n / 8) is a multiple of 4).
+        g: (n,) input scale; h: (m,) output scale (float32 / bfloat16 / float16). g of x's dtype (bf16 or
+            fp16) is folded into the unpacked weights (exact); other combinations take the fp32 path
+            (x ⊙ g in fp32, split in three bf16 parts), which is exact too but does 3× the MMA work.
+        n: in_features (the unpadded length of a sign row).
+        out_dtype: dtype of the result (default x.dtype).
+        layernorm_eps: if given, return F.layer_norm(y, (m,), eps=layernorm_eps) computed in fp32 from the
+            fp32 y (the OneBit post-LayerNorm), fused into the kernel when M·m <= LN_FUSE_MAX_ELEMENTS.
+
+    Returns:
+        (..., m) of ``out_dtype`` on x's device. M = 0 gives an empty result.
+
+    Raises:
+        TypeError / ValueError for a wrong dtype, shape or device (CUDA, or any device under
+        TRITON_INTERPRET=1); RuntimeError without Triton.
+    """
+    p = _prepare(x, signs_packed, g, h, n, out_dtype)
+    eps = _check_eps(layernorm_eps)
+    return _run(p, select_config(p.m, p.n_out, p.k), eps, None)
+
+
+def onebit_gemv(
+    x: torch.Tensor,
+    signs_packed: torch.Tensor,
+    g: torch.Tensor,
+    h: torch.Tensor,
+    n: int,
+    *,
+    config: GemvConfig | None = None,
+    out_dtype: torch.dtype | None = None,
+    layernorm_eps: float | None = None,
+    fuse_layernorm: bool | None = None,
+) -> torch.Tensor:
+    """The CUDA-core GEMV kernel for any M (one token per program row; meant for M = 1 or 2).
+    Arguments as :func:`onebit_matmul`; ``config`` sets the tile, ``fuse_layernorm`` forces the LN path."""
+    p = _prepare(x, signs_packed, g, h, n, out_dtype)
+    return _run(p, config or GemvConfig(), _check_eps(layernorm_eps), fuse_layernorm)
+
+
+def onebit_mm(
+    x: torch.Tensor,
+    signs_packed: torch.Tensor,
+    g: torch.Tensor,
+    h: torch.Tensor,
+    n: int,
+    *,
+    config: MMConfig | None = None,
+    out_dtype: torch.dtype | None = None,
+    layernorm_eps: float | None = None,
+    fuse_layernorm: bool | None = None,
+) -> torch.Tensor:
+    """The tensor-core kernel for any M. Arguments as :func:`onebit_matmul`; ``config`` sets the tile
+    (default: ``select_config``'s choice for M > 16), ``fuse_layernorm`` forces the LN path."""
+    p = _prepare(x, signs_packed, g, h, n, out_dtype)
+    if config is None:
+        config = select_config(max(p.m, GEMV_TC_MAX_M + 1), p.n_out, p.k)
+    return _run(p, config, _check_eps(layernorm_eps), fuse_layernorm)

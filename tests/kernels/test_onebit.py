@@ -1,0 +1,381 @@
+"""Tests of lowbit.kernels.onebit against the OneBit reference product.
+
+How the kernels run without a GPU: ``TRITON_INTERPRET=1`` must be set when ``@triton.jit`` decorates a
+kernel (triton 3.x reads it at decoration time). Another test may already have imported
+``lowbit.kernels.onebit`` compiled for CUDA, and setting the variable for the whole process would change
+other kernels' tests, so this file loads a private copy of the module (``_interp``) with the variable set
+only while it is imported. Its kernels are interpreted on the CPU whatever else runs in the process
+(pytest-xdist workers included). The GPU tests (marker ``gpu``) use the normal module on CUDA.
+
+Tolerances (derived, not tuned). With exact products (±1 · x_k · g_k is exact in fp32 for bf16/fp16
+operands; fp32 x is split exactly into three bf16 parts), the only rounding is the fp32 summation of at most
+3K terms, the fp32 product x_k·g_k (fp32 inputs), the multiplication by h and the final cast, so for every
+output element (Higham, summation in any order)
+
+    |y - y_exact| <= gamma · |h| · Σ_k |x_k g_k|  +  u_out · |y_exact|,   gamma = (3K + 2) · 2^-24,
+
+with u_out the unit roundoff of the output dtype (0 for fp32 output). Integer-valued inputs make every
+product and partial sum exact, so there the kernels must match bit for bit. The PyTorch comparison
+("at most 2x the error of the same math in PyTorch at that precision") uses the RMS of the error relative
+to the term sums, against torch's fp32 matmul of x ⊙ g with the unpacked ±1 matrix.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lowbit.kernels.onebit as onebit_mod
+from lowbit.quant import pack_bits, pack_bits_int32
+from lowbit.quant.binary import onebit_matmul_reference
+
+triton = pytest.importorskip("triton")
+
+U32 = 2.0**-24
+U_OUT = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+CUDA = pytest.mark.gpu
+
+
+def _load_interpreted():
+    """A private copy of lowbit.kernels.onebit whose kernels run in the Triton CPU interpreter."""
+    path = pathlib.Path(onebit_mod.__file__)
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        spec = importlib.util.spec_from_file_location("_lowbit_onebit_interpreted", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+    return module
+
+
+_interp = _load_interpreted()
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _problem(m, k, n_out, dtype, seed, *, integer=False, g_dtype=None, device="cpu"):
+    """x (m, k), ±1 signs (n_out, k) int8, g (k,), h (n_out,); integer-valued when ``integer``."""
+    gen = _gen(seed)
+    g_dtype = g_dtype or (dtype if dtype != torch.float32 else torch.bfloat16)
+    if integer:
+        x = torch.randint(-4, 5, (m, k), generator=gen).float()
+        sign = torch.randint(0, 2, (k,), generator=gen) * 2 - 1
+        g = torch.randint(1, 5, (k,), generator=gen).float() * sign
+        h = torch.randint(-3, 4, (n_out,), generator=gen).float()
+    else:
+        x = torch.randn(m, k, generator=gen) * 3
+        g = torch.rand(k, generator=gen) + 0.25
+        h = torch.randn(n_out, generator=gen)
+    s = (torch.randint(0, 2, (n_out, k), generator=gen, dtype=torch.int8) * 2 - 1)
+    return x.to(device, dtype), s.to(device), g.to(device, g_dtype), h.to(device, g_dtype)
+
+
+def _exact(x, s, g, h):
+    """fp64 product and the per-element term sum |h| · Σ_k |x_k g_k| (for the bound)."""
+    xg = x.double() * g.double()
+    y = (xg @ s.double().t()) * h.double()
+    terms = (xg.abs() @ torch.ones_like(s.double()).t()) * h.double().abs()
+    return y, terms
+
+
+def _bound(k, terms, y_exact, out_dtype):
+    return (3 * k + 2) * U32 * terms + U_OUT[out_dtype] * y_exact.abs()
+
+
+def _assert_within(y, y_exact, bound):
+    err = (y.double().cpu() - y_exact.cpu()).abs()
+    excess = err - bound.cpu()
+    assert torch.isfinite(y).all()
+    assert bool((excess <= 0).all()), f"max error {err.max():.3e}, worst excess {excess.max():.3e}"
+
+
+def _pack(s, layout):
+    return pack_bits_int32(s) if layout == "int32" else pack_bits(s)
+
+
+# Kernel paths: (name, callable(mod, x, w, g, h, k, **kw)) with tiny tiles so that several tiles, split-K
+# and ragged K tails are exercised on the small interpreter shapes.
+def _core(mod, *a, **kw):
+    cfg = mod.GemvConfig(block_n=16, block_kw=2, split_k=kw.pop("split_k", 2))
+    return mod.onebit_gemv(*a, config=cfg, **kw)
+
+
+def _tc_gemv(mod, *a, **kw):
+    cfg = mod.MMConfig(block_m=16, block_n=16, block_k=64, group_m=1, split_k=kw.pop("split_k", 2))
+    return mod.onebit_mm(*a, config=cfg, **kw)
+
+
+def _tc_swap(mod, *a, **kw):
+    cfg = mod.MMConfig(block_m=16, block_n=64, block_k=64, group_m=1, split_k=kw.pop("split_k", 1),
+                       num_warps=4, swap_ab=True)
+    return mod.onebit_mm(*a, config=cfg, **kw)
+
+
+def _tc_gemm(mod, *a, **kw):
+    cfg = mod.MMConfig(block_m=16, block_n=32, block_k=32, group_m=2, split_k=kw.pop("split_k", 1))
+    return mod.onebit_mm(*a, config=cfg, **kw)
+
+
+def _dispatch(mod, *a, **kw):
+    kw.pop("split_k", None)
+    return mod.onebit_matmul(*a, **kw)
+
+
+PATHS = {"core": _core, "tc_gemv": _tc_gemv, "tc_swap": _tc_swap, "tc_gemm": _tc_gemm, "dispatch": _dispatch}
+
+
+# -------------------------------------------------------------------------------------- CPU (interpreter)
+
+
+# One ragged shape per path (M by the path's regime; the core GEMV is one token per program and slow in the
+# interpreter); K is not a multiple of 32 and N not of the tile, so every tail is exercised.
+SHAPES = {"core": (2, 100, 33), "tc_gemv": (3, 100, 33), "tc_swap": (5, 77, 40), "tc_gemm": (17, 130, 40),
+          "dispatch": (17, 130, 19)}
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_integer_inputs_are_exact(path, dtype):
+    """Integer-valued x, g, h: every product and partial sum is exact, so the result is bit-exact."""
+    m, k, n_out = SHAPES[path]
+    x, s, g, h = _problem(m, k, n_out, dtype, seed=k + m, integer=True)
+    y_exact, _ = _exact(x, s, g, h)
+    layout = "uint8" if dtype == torch.float16 else "int32"
+    y = PATHS[path](_interp, x, _pack(s, layout), g, h, k, out_dtype=torch.float32)
+    assert y.shape == (m, n_out) and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), y_exact, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("dtype,out_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
+                                             (torch.float32, torch.float32)])
+def test_random_inputs_within_summation_bound(path, dtype, out_dtype):
+    m, k, n_out = SHAPES[path]
+    k = 300 if path == "core" else k  # a longer K for the summation
+    x, s, g, h = _problem(m, k, n_out, dtype, seed=1000 * m + k)
+    y_exact, terms = _exact(x, s, g, h)
+    y = PATHS[path](_interp, x, pack_bits_int32(s), g, h, k, out_dtype=out_dtype)
+    assert y.dtype == out_dtype
+    _assert_within(y, y_exact, _bound(k, terms, y_exact, out_dtype))
+    if out_dtype == torch.float32:
+        # At most 2x the error of the same math in PyTorch fp32 (RMS relative to the term sums).
+        y_torch = torch.matmul(x.float() * g.float(), s.float().t()) * h.float()
+        rel_k = ((y.double() - y_exact) / terms.clamp_min(1e-30)).square().mean().sqrt()
+        rel_t = ((y_torch.double() - y_exact) / terms.clamp_min(1e-30)).square().mean().sqrt()
+        assert rel_k <= 2 * rel_t + U32
+
+
+def test_equals_reference_function():
+    """The dispatcher against lowbit.quant.binary.onebit_matmul_reference (both within the bound of the
+    exact product, so within twice the bound of each other)."""
+    k, n_out = 200, 24
+    cases = ((1, torch.bfloat16, None), (5, torch.float16, None), (20, torch.float32, None),
+             (3, torch.bfloat16, torch.float16))  # g of another dtype than x: the exact fp32 path
+    for i, (m, dtype, g_dtype) in enumerate(cases):
+        x, s, g, h = _problem(m, k, n_out, dtype, seed=m, g_dtype=g_dtype)
+        for packed in (pack_bits(s),) if i % 2 else (pack_bits_int32(s),):
+            ref = onebit_matmul_reference(x, packed, g, h, k)
+            y = _interp.onebit_matmul(x, packed, g, h, k, out_dtype=torch.float32)
+            _, terms = _exact(x, s, g, h)
+            err = (y.double() - ref.double()).abs()
+            assert bool((err <= 2 * (3 * k + 2) * U32 * terms).all())
+
+
+LN_CASES = [("core", True, torch.bfloat16), ("core", False, torch.float32), ("tc_gemv", True, torch.float32),
+            ("tc_gemv", False, torch.bfloat16), ("dispatch", None, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("path,fuse,out_dtype", LN_CASES)
+def test_post_layernorm(path, fuse, out_dtype):
+    """LN(y) with the fused single-program tail and with F.layer_norm on the fp32 product; both within the
+    propagated bound: |ΔLN| <= 2ε(1 + |z|)/σ + 4·N·u·(1 + |z|) + u_out·|z| for |Δy| <= ε."""
+    m, k, n_out, eps = 2, 150, 37, 1e-5
+    x, s, g, h = _problem(m, k, n_out, torch.bfloat16, seed=7)
+    y_exact, terms = _exact(x, s, g, h)
+    z = F.layer_norm(y_exact, (n_out,), eps=eps)
+    sigma = (y_exact.var(dim=-1, unbiased=False, keepdim=True) + eps).sqrt()
+    eps_y = _bound(k, terms, y_exact, torch.float32).amax(dim=-1, keepdim=True)
+    kw = {} if fuse is None else {"fuse_layernorm": fuse}
+    w = pack_bits_int32(s)
+    y = PATHS[path](_interp, x, w, g, h, k, out_dtype=out_dtype, layernorm_eps=eps, **kw)
+    bound = (2 * eps_y / sigma + 4 * n_out * U32) * (1 + z.abs()) + U_OUT[out_dtype] * z.abs()
+    _assert_within(y, z, bound)
+    if fuse is not False:  # a second launch finds the counters reset and gives the same bits
+        again = PATHS[path](_interp, x, w, g, h, k, out_dtype=out_dtype, layernorm_eps=eps, **kw)
+        torch.testing.assert_close(again, y, rtol=0, atol=0)
+
+
+def test_split_k_is_deterministic_and_matches_unsplit():
+    m, k, n_out = 2, 320, 20
+    x, s, g, h = _problem(m, k, n_out, torch.bfloat16, seed=3, integer=True)
+    w = pack_bits_int32(s)
+    ys = [PATHS[p](_interp, x, w, g, h, k, out_dtype=torch.float32, split_k=sk)
+          for p, sk in (("core", 1), ("core", 5), ("tc_gemv", 1), ("tc_gemv", 3))]
+    for y in ys[1:]:
+        torch.testing.assert_close(y, ys[0], rtol=0, atol=0)
+
+
+def test_shapes_strides_and_empty():
+    k, n_out = 96, 12
+    x, s, g, h = _problem(6, k, n_out, torch.bfloat16, seed=11, integer=True)
+    w = pack_bits_int32(s)
+    y_exact, _ = _exact(x, s, g, h)
+    # leading dims
+    y = _interp.onebit_matmul(x.reshape(2, 3, k), w, g, h, k, out_dtype=torch.float32)
+    assert y.shape == (2, 3, n_out)
+    torch.testing.assert_close(y.reshape(6, n_out).double(), y_exact, rtol=0, atol=0)
+    # a non-contiguous x (every other column of a wider buffer)
+    wide = torch.zeros(6, 2 * k, dtype=x.dtype)
+    wide[:, ::2] = x
+    y = _interp.onebit_matmul(wide[:, ::2], w, g, h, k, out_dtype=torch.float32)
+    torch.testing.assert_close(y.double(), y_exact, rtol=0, atol=0)
+    # default output dtype is x's
+    assert _interp.onebit_matmul(x, w, g, h, k).dtype == torch.bfloat16
+    # no tokens
+    y = _interp.onebit_matmul(x[:0], w, g, h, k)
+    assert y.shape == (0, n_out)
+
+
+def test_uint8_rows_not_whole_words():
+    """pack_bits rows of ceil(n/8) bytes that are not a multiple of 4 are padded to words."""
+    k, n_out = 41, 9  # 6 bytes per row
+    x, s, g, h = _problem(2, k, n_out, torch.float16, seed=5, integer=True)
+    w8 = pack_bits(s)
+    words = _interp.as_int32_words(w8, k)
+    assert words.dtype == torch.int32 and words.shape == (n_out, 2)
+    torch.testing.assert_close(words, pack_bits_int32(s), rtol=0, atol=0)
+    y = _interp.onebit_matmul(x, w8, g, h, k, out_dtype=torch.float32)
+    torch.testing.assert_close(y.double(), _exact(x, s, g, h)[0], rtol=0, atol=0)
+    # whole words: a view, no copy
+    w8_even = pack_bits(torch.ones(3, 64))
+    assert _interp.as_int32_words(w8_even, 64).data_ptr() == w8_even.data_ptr()
+
+
+def test_errors():
+    k, n_out = 64, 8
+    x, s, g, h = _problem(2, k, n_out, torch.bfloat16, seed=0)
+    w = pack_bits_int32(s)
+    f = _interp.onebit_matmul
+    with pytest.raises(TypeError, match="x must be float32"):
+        f(x.to(torch.int32), w, g, h, k)
+    with pytest.raises(TypeError, match="signs_packed must be a uint8"):
+        f(x, w.to(torch.int64), g, h, k)
+    with pytest.raises(ValueError, match="columns"):
+        f(x, w[:, :1], g, h, k)
+    with pytest.raises(ValueError, match="x must have shape"):
+        f(x[:, :10], w, g, h, k)
+    with pytest.raises(ValueError, match="g must have shape"):
+        f(x, w, g[:10], h, k)
+    with pytest.raises(ValueError, match="h must have shape"):
+        f(x, w, g, h[:3], k)
+    with pytest.raises(ValueError, match="n must be a positive int"):
+        f(x, w, g, h, 0)
+    with pytest.raises(ValueError, match="layernorm_eps"):
+        f(x, w, g, h, k, layernorm_eps=-1.0)
+    with pytest.raises(TypeError, match="out_dtype"):
+        f(x, w, g, h, k, out_dtype=torch.int8)
+    with pytest.raises(ValueError, match="block_k must be a multiple of 32"):
+        _interp.onebit_mm(x, w, g, h, k, config=_interp.MMConfig(block_k=48))
+    if not onebit_mod._INTERPRETED:  # the CUDA-compiled module refuses CPU tensors
+        with pytest.raises(ValueError, match="run on CUDA"):
+            onebit_mod.onebit_matmul(x, w, g, h, k)
+
+
+def test_select_config_regimes():
+    one = _interp.select_config(1, 4096, 4096)
+    assert isinstance(one, _interp.GemvConfig if _interp.GEMV_CORE_MAX_M >= 1 else _interp.MMConfig)
+    cfg = _interp.select_config(16, 4096, 4096)
+    assert isinstance(cfg, _interp.MMConfig) and cfg.block_m == 16
+    assert _interp.select_config(4096, 4096, 4096).block_m >= 64
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("m", [1, 5, 16, 100, 600])
+def test_gpu_dispatch_within_bound(dtype, m):
+    k, n_out = 1000, 300  # ragged K (not a multiple of 32) and N
+    x, s, g, h = _problem(m, k, n_out, dtype, seed=m, device="cuda")
+    y_exact, terms = _exact(x.cpu(), s.cpu(), g.cpu(), h.cpu())
+    for layout in ("int32", "uint8"):
+        for out_dtype in (dtype, torch.float32):
+            y = onebit_mod.onebit_matmul(x, _pack(s, layout), g, h, k, out_dtype=out_dtype)
+            _assert_within(y, y_exact, _bound(k, terms, y_exact, out_dtype))
+
+
+@CUDA
+@pytest.mark.parametrize("path", ["core", "tc_gemv", "tc_swap", "tc_gemm"])
+@pytest.mark.parametrize("m,k,n_out", [(1, 4096, 512), (7, 2048 + 32, 200), (33, 4096, 384)])
+def test_gpu_paths_integer_exact(path, m, k, n_out):
+    x, s, g, h = _problem(m, k, n_out, torch.bfloat16, seed=k + m, integer=True, device="cuda")
+    y = PATHS[path](onebit_mod, x, pack_bits_int32(s), g, h, k, out_dtype=torch.float32)
+    y_exact = _exact(x.cpu(), s.cpu(), g.cpu(), h.cpu())[0]
+    torch.testing.assert_close(y.double().cpu(), y_exact, rtol=0, atol=0)
+
+
+@CUDA
+def test_gpu_bf16_within_2x_torch_same_precision():
+    """bf16 output: max error at most 2x that of torch's bf16 product of x and the dense ±g weight (the same
+    operands: bf16 x, S ⊙ g in bf16, fp32 accumulation, bf16 result), plus the fp32 summation slack."""
+    m, k, n_out = 16, 4096, 1024
+    x, s, g, h = _problem(m, k, n_out, torch.bfloat16, seed=1, device="cuda")
+    y_exact, terms = _exact(x.cpu(), s.cpu(), g.cpu(), h.cpu())
+    w_dense = (s.to(torch.bfloat16) * g[None, :])
+    y_torch = ((x @ w_dense.t()).float() * h.float()).to(torch.bfloat16)
+    err_t = (y_torch.double().cpu() - y_exact).abs().max()
+    y = onebit_mod.onebit_matmul(x, pack_bits_int32(s), g, h, k)
+    err_k = (y.double().cpu() - y_exact).abs().max()
+    assert err_k <= 2 * err_t + ((3 * k + 2) * U32 * terms).max()
+
+
+@CUDA
+@pytest.mark.parametrize("m,n_out", [(1, 1536), (1, 11008), (4, 576), (64, 300)])
+def test_gpu_post_layernorm(m, n_out):
+    k, eps = 576, 1e-5
+    x, s, g, h = _problem(m, k, n_out, torch.bfloat16, seed=m, device="cuda")
+    y_exact, terms = _exact(x.cpu(), s.cpu(), g.cpu(), h.cpu())
+    z = F.layer_norm(y_exact, (n_out,), eps=eps)
+    sigma = (y_exact.var(dim=-1, unbiased=False, keepdim=True) + eps).sqrt()
+    eps_y = _bound(k, terms, y_exact, torch.float32).amax(dim=-1, keepdim=True)
+    bound = (2 * eps_y / sigma + 4 * n_out * U32) * (1 + z.abs()) + U_OUT[torch.bfloat16] * z.abs()
+    y = onebit_mod.onebit_matmul(x, pack_bits_int32(s), g, h, k, layernorm_eps=eps)
+    _assert_within(y, z, bound)
+    y2 = onebit_mod.onebit_matmul(x, pack_bits_int32(s), g, h, k, layernorm_eps=eps)
+    torch.testing.assert_close(y2, y, rtol=0, atol=0)
+
+
+@CUDA
+def test_gpu_cuda_graph_replay():
+    """Launches inside a CUDA graph (counters reset by the kernels themselves) replay correctly."""
+    m, k, n_out = 1, 1536, 576
+    x, s, g, h = _problem(m, k, n_out, torch.bfloat16, seed=9, device="cuda")
+    w = pack_bits_int32(s)
+    f = lambda: onebit_mod.onebit_matmul(x, w, g, h, k, layernorm_eps=1e-5)  # noqa: E731
+    ref = f()  # warm-up: compiles and allocates the counters
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = f()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
