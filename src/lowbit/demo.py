@@ -41,7 +41,7 @@ __all__ = ["DEFAULT_STEPS", "PARTS", "DemoContext", "DemoPart", "Section", "part
 DEMO_MODEL = "gpt-tiny"
 DEMO_DATA = "shakespeare"
 #: Steps of the fp32 run; tuned so the whole demo takes about 2-3 minutes on 2 CPU cores (docs/training.md).
-DEFAULT_STEPS = 600
+DEFAULT_STEPS = 800
 
 
 @dataclass(frozen=True)

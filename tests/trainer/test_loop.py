@@ -506,3 +506,23 @@ def test_resume_with_generator_attribute_batcher(tmp_path):
         resume="auto",
     )
     assert rec.losses == rec_full.losses[3:]
+
+
+def test_duck_typed_callback_with_fewer_parameters():
+    class Guard:  # no Callback base, older/narrower signature: gets only the keywords it names
+        def __init__(self):
+            self.seen = []
+
+        def before_optimizer_step(self, step, model, optimizer):
+            self.seen.append(step)
+            return False  # skip every update
+
+        def on_step_end(self, **kwargs):
+            assert set(kwargs) == {"step", "loss", "grad_norm", "lr", "skipped"} and kwargs["skipped"]
+
+    model = TinyLM()
+    before = [p.detach().clone() for p in model.parameters()]
+    guard = Guard()
+    train(model, *_batchers(), _config(steps=3), callbacks=[guard])
+    assert guard.seen == [1, 2, 3]
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -116,8 +116,7 @@ def train_lm(
             ckpt_extra = load_checkpoint(path).get("extra", {})
             if ckpt_extra.get("model_name", model_name) != model_name:
                 raise ValueError(
-                    f"model {model_name!r} does not match the checkpoint's model "
-                    f"{ckpt_extra['model_name']!r}"
+                    f"model {model_name!r} does not match the checkpoint's model {ckpt_extra['model_name']!r}"
                 )
     if lm_data is None:
         tokenizer = tokenizer_from_state_dict(ckpt_extra["tokenizer"]) if ckpt_extra else None

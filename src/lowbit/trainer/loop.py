@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import math
 import os
 import random
@@ -213,7 +214,8 @@ class TrainResult:
 class Callback:
     """Hooks into :func:`train`. Subclass and override what you need; every method is a no-op here.
 
-    Duck-typed objects work as well: the loop calls only the methods an object has, always with keywords.
+    Duck-typed objects work as well: the loop calls only the methods an object has, by keyword, passing only
+    the keywords the method's signature names (or all of them to a method taking ``**kwargs``).
     """
 
     def on_train_start(
@@ -373,8 +375,27 @@ def _restore_batcher(batcher: Any, state: dict[str, Any] | None) -> None:
     )
 
 
+def _accepted(fn: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The subset of ``kwargs`` that ``fn`` accepts by name (all of them when it takes ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # some builtins have no signature
+        return kwargs
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return kwargs
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {k: v for k, v in kwargs.items() if k in names}
+
+
 def _call(callbacks: Sequence[Any], method: str, **kwargs: Any) -> list[Any]:
-    return [getattr(cb, method)(**kwargs) for cb in callbacks if hasattr(cb, method)]
+    """Call ``method`` on every callback that has it, with the keywords it accepts (so a hook written as
+    ``before_optimizer_step(self, step, model, optimizer)`` works without the newer keywords)."""
+    results = []
+    for cb in callbacks:
+        fn = getattr(cb, method, None)
+        if fn is not None:
+            results.append(fn(**_accepted(fn, kwargs)))
+    return results
 
 
 # Fields whose change on resume alters the trajectory (others: logging, output, device).
