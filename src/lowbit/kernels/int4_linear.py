@@ -110,14 +110,27 @@ def int4_linear_fwd(
     return y, saved
 
 
+#: Whether ``torch.mm(..., out_dtype=torch.float32)`` works for fp16 operands here (None: not tried yet).
+MM_FP32_OUT: bool | None = None
+
+
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a · b of fp16 operands with fp32 accumulation, fp32 result (fp16 output where cuBLAS cannot)."""
+    """a · b of fp16 operands with fp32 accumulation and an fp32 result.
+
+    Where cuBLAS cannot write fp32 from fp16 operands (``torch.mm`` without ``out_dtype``), the operands go
+    through bf16 instead (an fp16 output could overflow): one more rounding of b, relative 2^-8.
+    """
+    global MM_FP32_OUT
     if a.device.type != "cuda":
         return a.float() @ b.float()
-    try:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    except (TypeError, RuntimeError):
-        return torch.mm(a, b).float()
+    if MM_FP32_OUT is not False:
+        try:
+            out = torch.mm(a, b, out_dtype=torch.float32)
+            MM_FP32_OUT = True
+            return out
+        except (TypeError, RuntimeError):
+            MM_FP32_OUT = False
+    return torch.mm(a.to(torch.bfloat16), b.to(torch.bfloat16)).float()
 
 
 def _pow2_normalizer(values: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,391 @@
+"""lowbit bench int4-linear: forward + backward of one linear layer, INT4 training (Triton, FP8) vs bf16.
+
+For each shape M × K × N (tokens × D_in × D_out) it times one ``y = x·wᵀ`` forward and the backward to
+∇x and ∇w (``torch.autograd.grad``, nothing accumulated) for: bf16 eager, bf16 under torch.compile, torchao
+float8 training (tensorwise, compiled; when torchao is importable) and ours (``lowbit.kernels.int4_linear``,
+the "hq-lss" recipe by default), all in this run, on Gaussian bf16 data. For the first shape it also times
+every kernel of ours alone, with its bytes or FLOPs, against a device-to-device copy and the library
+products measured in the same run. Prints a table; writes everything to a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+import traceback
+from datetime import date
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["DEFAULT_SHAPES", "add_arguments", "run"]
+
+DEFAULT_SHAPES = ((16384, 4096, 4096), (16384, 4096, 11008), (8192, 8192, 8192), (16384, 2048, 2048))
+METHODS = ("bf16-eager", "bf16-compiled", "torchao-float8-compiled", "ours", "ours-nolss", "ours-cublas-dx")
+
+
+def _parse_shapes(text: str) -> list[tuple[int, int, int]]:
+    shapes = []
+    for part in text.split(";"):
+        dims = tuple(int(v) for v in part.replace("x", ",").split(",") if v.strip())
+        if len(dims) != 3 or min(dims) <= 0:
+            raise argparse.ArgumentTypeError(f"a shape is M,K,N (three positive ints), got {part!r}")
+        shapes.append(dims)
+    return shapes
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``lowbit bench int4-linear``."""
+    parser.add_argument("--shapes", type=_parse_shapes, default=list(DEFAULT_SHAPES),
+                        help="M,K,N;M,K,N;... (default: the four shapes of the issue)")
+    parser.add_argument("--methods", default="bf16-eager,bf16-compiled,torchao-float8-compiled,ours",
+                        help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--block-size", type=int, default=32, help="Hadamard block of ours (default 32)")
+    parser.add_argument("--keep-ratio", type=float, default=0.5, help="LSS keep ratio of ours (default 0.5)")
+    parser.add_argument("--kernels", choices=("first", "all", "none"), default="first",
+                        help="per-kernel timing of ours: for the first shape, all shapes or none")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also try tile configurations of the Triton kernels (first shape)")
+    parser.add_argument("--warmup-ms", type=float, default=25.0)
+    parser.add_argument("--rep-ms", type=float, default=100.0)
+    parser.add_argument("--time-budget", type=float, default=0.0,
+                        help="seconds; skip what is left once passed (0: no limit)")
+    parser.add_argument("--json", default="runs/bench_int4_linear.json", help="where to write the results")
+    parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # "cpu": interpreter smoke run
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+class _Budget:
+    def __init__(self, seconds: float):
+        self.start = time.monotonic()
+        self.seconds = seconds
+
+    def left(self) -> bool:
+        return self.seconds <= 0 or time.monotonic() - self.start < self.seconds
+
+
+def _bench(fn, args) -> float:
+    """Median milliseconds of fn (CUDA events, L2 flushed between runs; triton.testing.do_bench)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median"))
+
+
+def _try(record: dict, key: str, fn):
+    """Run fn, store its result (or the error) under record[key]; never raises."""
+    try:
+        record[key] = fn()
+    except Exception as exc:  # noqa: BLE001 - a benchmark row that fails is reported, the run goes on
+        record[key] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
+                       "trace": traceback.format_exc(limit=4)[-1500:]}
+    return record[key]
+
+
+# ---------------------------------------------------------------------------------------------- methods
+
+
+def _step_fn(method: str, x, w, gy, args):
+    """A closure doing one forward + backward of ``method`` (grads returned, not accumulated)."""
+    if method == "bf16-eager":
+        def step():
+            y = F.linear(x, w)
+            return torch.autograd.grad(y, (x, w), gy)
+        return step
+    if method == "bf16-compiled":
+        lin = torch.compile(lambda a, b: F.linear(a, b), dynamic=False)
+
+        def step():
+            y = lin(x, w)
+            return torch.autograd.grad(y, (x, w), gy)
+        return step
+    if method == "torchao-float8-compiled":
+        from torchao.float8 import convert_to_float8_training
+
+        module = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            module.weight.copy_(w)
+        module = convert_to_float8_training(torch.nn.Sequential(module))
+        compiled = torch.compile(module, dynamic=False)
+        weight = module[0].weight
+
+        def step():
+            y = compiled(x)
+            return torch.autograd.grad(y, (x, weight), gy)
+        return step
+    if method.startswith("ours"):
+        from lowbit.kernels import int4_linear as lin4
+
+        keep = None if method == "ours-nolss" else args.keep_ratio
+        gen = torch.Generator(device=x.device).manual_seed(0)
+        if method == "ours-cublas-dx":
+            def fn(a, b):
+                y, saved = lin4.int4_linear_fwd(a, b, block_size=args.block_size)
+                return y, saved
+
+            def step():
+                y, saved = fn(x, w)
+                return lin4.int4_linear_bwd(gy, saved, lss_keep_ratio=keep, generator=gen, x_dtype=x.dtype,
+                                            w_dtype=w.dtype, grad_x_backend="cublas")
+            return step
+
+        def step():
+            y = lin4.int4_linear_triton(x, w, block_size=args.block_size, lss_keep_ratio=keep, generator=gen)
+            return torch.autograd.grad(y, (x, w), gy)
+        return step
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+
+
+def _kernel_rows(m, k, n, x, w, gy, args, budget) -> list[dict]:
+    """Time every kernel of ours alone, plus the library baselines they are compared with."""
+    from lowbit.kernels import hadamard_quant as hq
+    from lowbit.kernels import int4_linear as lin4
+    from lowbit.kernels import int4_matmul as mm
+
+    b = args.block_size
+    f8 = torch.float8_e4m3fn
+    rows: list[dict] = []
+
+    def add(name, fn, *, bytes_=None, flops=None, note=""):
+        if not budget.left():
+            rows.append({"kernel": name, "skipped": "time budget"})
+            return
+        row = {"kernel": name, "note": note}
+        res = _try(row, "ms", lambda: _bench(fn, args))
+        if isinstance(res, float):
+            if bytes_:
+                row["bytes"] = bytes_
+                row["GB/s"] = bytes_ / res / 1e6
+            if flops:
+                row["flops"] = flops
+                row["TFLOP/s"] = flops / res / 1e9
+        rows.append(row)
+
+    # ceilings of this run: copy bandwidth and the library products on INT4-valued / Gaussian data
+    big = torch.randn(m, k, device=x.device, dtype=torch.bfloat16)
+    dst = torch.empty_like(big)
+    add("copy bf16 M×K (ceiling)", lambda: dst.copy_(big), bytes_=4 * m * k)
+    add("bf16 GEMM M×K×N, x·wᵀ (Gaussian)", lambda: F.linear(x, w), flops=2 * m * k * n)
+
+    # forward
+    ascale = torch.ones(1, device=x.device)
+    add("fwd: HQ(X) absmax pass", lambda: hq.row_absmax(x, b), bytes_=2 * m * k)
+    add("fwd: HQ(X) quantize pass (given scale)", lambda: hq.hadamard_quantize(x, b, scale=ascale),
+        bytes_=3 * m * k)
+    add("fwd: HQ(X) per tensor, both passes", lambda: hq.hadamard_quantize(x, b, granularity="tensor"),
+        bytes_=5 * m * k, note="bytes = 2 reads + 1 write; ideal single pass 3·M·K")
+    add("fwd: HQ(X) per row (one kernel)", lambda: hq.hadamard_quantize(x, b, granularity="row"),
+        bytes_=3 * m * k, note="bytes = one read + one write (the second read hits L2 or not)")
+    add("fwd: HQ(W) per tensor + transposed int8", lambda: hq.hadamard_quantize(
+        w, b, granularity="tensor", transposed_dtype=torch.int8), bytes_=6 * n * k)
+    qx = hq.hadamard_quantize(x, b, granularity="tensor")
+    qw = hq.hadamard_quantize(w, b, granularity="tensor", transposed_dtype=torch.int8)
+    add("fwd: int4_mm (FP8 _scaled_mm, bf16 out)", lambda: mm.int4_mm(qx.codes, qw.codes, qx.scale, qw.scale),
+        flops=2 * m * k * n)
+
+    # backward
+    add("bwd: bit split (v + packed halves)", lambda: hq.bit_split_quantize(gy, seed=1, write_packed=True),
+        bytes_=4 * m * n)
+    bs = hq.bit_split_quantize(gy, seed=1, write_packed=True, write_fp8=True)
+    x_norm = qx.scale.reshape(-1).expand(m) * qx.code_sumsq.sqrt()
+    gen = torch.Generator(device=x.device).manual_seed(0)
+
+    def sample():
+        wts = lin4._lss_weights(bs.scale_hi, bs.scale_lo, bs.sumsq_hi, bs.sumsq_lo, x_norm, args.keep_ratio,
+                                gen)
+        return torch.nonzero(wts > 0).squeeze(1), wts
+    add("bwd: LSS probabilities + Bernoulli + compaction index (sync)", sample)
+    kept, wts = sample()
+    r = int(kept.numel())
+    src, half = kept % m, torch.div(kept, m, rounding_mode="floor")
+    s_half = torch.stack((bs.scale_hi.reshape(-1).expand(m), bs.scale_lo.reshape(-1).expand(m)))
+    factor = s_half[half, src] * wts[kept] * qx.scale.reshape(-1).expand(m)[src]
+    add(f"bwd: gather kept rows → fp16 operands (R = {r})", lambda: hq.gather_scaled_rows(
+        bs.hl, qx.codes, src, factor, half=half, out_dtype=torch.float16), bytes_=r * (n + k) * 3)
+    a16, b16 = hq.gather_scaled_rows(bs.hl, qx.codes, src, factor, half=half, out_dtype=torch.float16)
+    add(f"bwd: ∇W fp16 GEMM N×R×K (R = {r})", lambda: lin4._mm_fp32(a16.t(), b16), flops=2 * n * r * k)
+    gvw = lin4._mm_fp32(a16.t(), b16)
+    add("bwd: ∇W rotation back (fp32 in, bf16 out)", lambda: hq.hadamard_rows(gvw, b), bytes_=6 * n * k)
+    one = torch.ones(1, device=x.device)
+    add("bwd: ∇X int8 GEMM + scales + rotation (Triton)", lambda: mm.int8_scaled_mm(
+        bs.v, qw.codes_t, bs.scale_lo, qw.scale, hadamard_block=b), flops=2 * m * n * k)
+    add("bwd: ∇X int8 GEMM, no rotation (Triton)", lambda: mm.int8_scaled_mm(
+        bs.v, qw.codes_t, bs.scale_lo, qw.scale), flops=2 * m * n * k)
+    add("alt ∇X: torch._int_mm (int32 out)", lambda: torch._int_mm(bs.v, qw.codes_t.t()), flops=2 * m * n * k)
+    acc = torch._int_mm(bs.v, qw.codes_t.t())
+    add("alt ∇X: rotation pass of the int32 product", lambda: hq.hadamard_rows(
+        acc, b, row_scale=bs.scale_lo, scale=qw.scale), bytes_=6 * m * k)
+    w_codes_t_f8 = qw.codes_t.to(f8)
+    add("alt ∇X: two FP8 _scaled_mm (hi and lo), bf16 out", lambda: (
+        mm.int4_mm(bs.hi_f8, w_codes_t_f8, bs.scale_hi, one),
+        mm.int4_mm(bs.lo_f8, w_codes_t_f8, bs.scale_lo, one)), flops=4 * m * n * k,
+        note="plus a pass adding the two bf16 products (not timed)")
+    add("ref: FP8 _scaled_mm M×N×K (INT4 data)", lambda: mm.int4_mm(bs.hi_f8, w_codes_t_f8, one, one),
+        flops=2 * m * n * k)
+
+    if args.sweep:
+        for cfg in ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
+                    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
+                    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 5},
+                    {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
+                    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}):
+            tag = "x".join(str(v) for v in cfg.values())
+            add(f"sweep ∇X int8 GEMM + rotation {tag}", lambda cfg=cfg: mm.int8_scaled_mm(
+                bs.v, qw.codes_t, bs.scale_lo, qw.scale, hadamard_block=b, config=cfg), flops=2 * m * n * k)
+        for rows_, warps in ((16, 4), (32, 4), (64, 4), (128, 8), (64, 8)):
+            add(f"sweep HQ(X) quantize pass rows={rows_} warps={warps}", lambda r_=rows_, w_=warps:
+                hq.hadamard_quantize(x, b, scale=ascale, block_rows=r_, num_warps=w_), bytes_=3 * m * k)
+        for rows_, cols, warps in ((8, 512, 4), (16, 512, 8), (32, 256, 4), (4, 1024, 4)):
+            add(f"sweep bit split rows={rows_} cols={cols} warps={warps}",
+                lambda r_=rows_, c_=cols, w_=warps: hq.bit_split_quantize(
+                    gy, seed=1, write_packed=True, block_rows=r_, block_cols=c_, num_warps=w_),
+                bytes_=4 * m * n)
+    copy = next((row for row in rows if row["kernel"].startswith("copy")), {})
+    if isinstance(copy.get("GB/s"), float):
+        for row in rows:
+            if isinstance(row.get("GB/s"), float):
+                row["% of copy"] = 100.0 * row["GB/s"] / copy["GB/s"]
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+def _device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
+def _run_shape(idx: int, shape, methods: list[str], args, budget: _Budget, dev: torch.device) -> dict:
+    m, k, n = shape
+    g = torch.Generator(device=dev).manual_seed(idx)
+    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16, generator=g).requires_grad_(True)
+    w = torch.randn(n, k, device=dev, dtype=torch.bfloat16, generator=g) / math.sqrt(k)
+    w.requires_grad_(True)
+    gy = torch.randn(m, n, device=dev, dtype=torch.bfloat16, generator=g) / math.sqrt(n)
+    entry = {"shape": [m, k, n], "flops_fwd_bwd": 6 * m * k * n, "methods": {}}
+    for method in methods:
+        if not budget.left():
+            entry["methods"][method] = {"skipped": "time budget"}
+            continue
+        rec: dict = {}
+        t0 = time.monotonic()
+        step = _try(rec, "setup", lambda method=method: _step_fn(method, x, w, gy, args))
+        if callable(step):
+            del rec["setup"]
+            ms = _try(rec, "ms", lambda step=step: _bench(step, args))
+            if isinstance(ms, float):
+                rec["TFLOP/s"] = 6 * m * k * n / ms / 1e9
+        rec["wall_s"] = round(time.monotonic() - t0, 1)
+        entry["methods"][method] = rec
+        print(f"[{m}x{k}x{n}] {method}: {rec.get('ms', rec.get('setup'))}", flush=True)
+    base = entry["methods"].get("bf16-eager", {}).get("ms")
+    if isinstance(base, float):
+        for rec in entry["methods"].values():
+            if isinstance(rec.get("ms"), float):
+                rec["speedup_vs_bf16_eager"] = base / rec["ms"]
+    if args.kernels == "all" or (args.kernels == "first" and idx == 0):
+        x_d, w_d = x.detach(), w.detach()
+        entry["kernels"] = _try({}, "rows", lambda: _kernel_rows(m, k, n, x_d, w_d, gy, args, budget))
+        from lowbit.kernels import int4_linear as lin4
+
+        entry["mm_fp32_out"] = lin4.MM_FP32_OUT
+    return entry
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Time the methods over the shapes; returns (and writes to ``args.json``) the results."""
+    dev = torch.device(getattr(args, "device", "cuda"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("lowbit bench int4-linear needs a CUDA GPU")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    budget = _Budget(args.time_budget)
+    import triton
+
+    settings = {k: ([list(s) for s in v] if k == "shapes" else v) for k, v in vars(args).items()
+                if k != "handler"}
+    result = {
+        "suite": "int4-linear",
+        "date": date.today().isoformat(),
+        "device": _device_name() if dev.type == "cuda" else "cpu",
+        "versions": {"torch": torch.__version__, "triton": triton.__version__},
+        "settings": settings,
+        "shapes": [],
+    }
+    try:
+        import torchao
+
+        result["versions"]["torchao"] = torchao.__version__
+    except ImportError:
+        if "torchao-float8-compiled" in methods:
+            methods.remove("torchao-float8-compiled")
+            result["note"] = "torchao is not importable: no torchao row"
+    for idx, shape in enumerate(args.shapes):
+        result["shapes"].append(_run_shape(idx, shape, methods, args, budget, dev))
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        path = Path(args.json)  # written after every shape: a run cut short keeps what it measured
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2, default=str))
+    print(format_table(result), flush=True)
+    return result
+
+
+def format_table(result: dict) -> str:
+    """Markdown tables of a result of :func:`run`: methods per shape, then the kernels of ours."""
+    ver = result["versions"]
+    lines = [f"{result['date']}, {result['device']}, torch {ver.get('torch')}, triton {ver.get('triton')}, "
+             f"torchao {ver.get('torchao', '-')}", ""]
+    methods = sorted({m for e in result["shapes"] for m in e["methods"]}, key=METHODS.index)
+    lines.append("| M×K×N | " + " | ".join(methods) + " |")
+    lines.append("|---|" + "---|" * len(methods))
+    for e in result["shapes"]:
+        cells = []
+        for meth in methods:
+            rec = e["methods"].get(meth, {})
+            if isinstance(rec.get("ms"), float):
+                sp = rec.get("speedup_vs_bf16_eager")
+                cells.append(f"{rec['ms']:.3f} ms" + (f" ({sp:.2f}x)" if sp else ""))
+            else:
+                failed = rec.get("ms") or rec.get("setup") or {}
+                cells.append(str(rec.get("skipped") or failed.get("error", "-"))[:60])
+        lines.append(f"| {'×'.join(map(str, e['shape']))} | " + " | ".join(cells) + " |")
+    for e in result["shapes"]:
+        rows = e.get("kernels")
+        if not isinstance(rows, list):
+            continue
+        lines += ["", f"Kernels of ours at {'×'.join(map(str, e['shape']))}:", "",
+                  "| kernel | ms | GB/s | % of copy | TFLOP/s |", "|---|---|---|---|---|"]
+        for row in rows:
+            ms = row.get("ms")
+            if not isinstance(ms, float):
+                err = row.get("skipped") or (ms or {}).get("error", "")
+                lines.append(f"| {row['kernel']} | {str(err)[:70]} | | | |")
+                continue
+            keys = ("GB/s", "% of copy", "TFLOP/s")
+            cells = [format(row[key], ".0f") if key in row else "" for key in keys]
+            lines.append(f"| {row['kernel']} | {ms:.4f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lowbit.bench.int4_linear", description=__doc__)
+    add_arguments(parser)
+    run(parser.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
