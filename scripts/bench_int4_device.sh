@@ -37,7 +37,7 @@ if [[ $PHASE == main || $PHASE == all ]]; then
 
     echo "== benchmark, main shape ($(($(date +%s) - T0)) s)"
     python3 -m lowbit.bench.int4_linear --shapes 16384,4096,4096 \
-        --methods bf16-eager,bf16-compiled,torchao-float8-compiled,ours,ours-nolss,ours-cublas-dx \
+        --methods bf16-eager,ours,torchao-float8-compiled,bf16-compiled,ours-nolss,ours-cublas-dx \
         --kernels first --sweep --time-budget "${MAIN_BUDGET:-140}" --json "$OUT/bench_main.json" \
         >"$OUT/bench_main.log" 2>&1
     echo "bench exit $?"

@@ -144,8 +144,9 @@ def _step_fn(method: str, x, w, gy, args):
 # ---------------------------------------------------------------------------------------------- kernels
 
 
-def _kernel_rows(m, k, n, x, w, gy, args, budget) -> list[dict]:
-    """Time every kernel of ours alone, plus the library baselines they are compared with."""
+def _kernel_rows(m, k, n, x, w, gy, args, budget, on_row=None) -> list[dict]:
+    """Time every kernel of ours alone, plus the library baselines they are compared with; ``on_row(rows)``
+    after each row."""
     from lowbit.kernels import hadamard_quant as hq
     from lowbit.kernels import int4_linear as lin4
     from lowbit.kernels import int4_matmul as mm
@@ -168,6 +169,8 @@ def _kernel_rows(m, k, n, x, w, gy, args, budget) -> list[dict]:
                 row["flops"] = flops
                 row["TFLOP/s"] = flops / res / 1e9
         rows.append(row)
+        if on_row is not None:
+            on_row(rows)
 
     # ceilings of this run: copy bandwidth and the library products on INT4-valued / Gaussian data
     big = torch.randn(m, k, device=x.device, dtype=torch.bfloat16)
@@ -265,7 +268,8 @@ def _device_name() -> str:
     return f"CPU ({platform.processor() or platform.machine()})"
 
 
-def _run_shape(idx: int, shape, methods: list[str], args, budget: _Budget, dev: torch.device) -> dict:
+def _run_shape(idx: int, shape, methods: list[str], args, budget: _Budget, dev: torch.device, save) -> dict:
+    """One shape: every method, then (maybe) the kernel table; ``save(entry)`` after each step."""
     m, k, n = shape
     g = torch.Generator(device=dev).manual_seed(idx)
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16, generator=g).requires_grad_(True)
@@ -287,6 +291,7 @@ def _run_shape(idx: int, shape, methods: list[str], args, budget: _Budget, dev: 
                 rec["TFLOP/s"] = 6 * m * k * n / ms / 1e9
         rec["wall_s"] = round(time.monotonic() - t0, 1)
         entry["methods"][method] = rec
+        save(entry)
         print(f"[{m}x{k}x{n}] {method}: {rec.get('ms', rec.get('setup'))}", flush=True)
     base = entry["methods"].get("bf16-eager", {}).get("ms")
     if isinstance(base, float):
@@ -295,7 +300,10 @@ def _run_shape(idx: int, shape, methods: list[str], args, budget: _Budget, dev: 
                 rec["speedup_vs_bf16_eager"] = base / rec["ms"]
     if args.kernels == "all" or (args.kernels == "first" and idx == 0):
         x_d, w_d = x.detach(), w.detach()
-        entry["kernels"] = _try({}, "rows", lambda: _kernel_rows(m, k, n, x_d, w_d, gy, args, budget))
+        def on_row(rows):
+            entry["kernels"] = rows
+            save(entry)
+        entry["kernels"] = _try({}, "rows", lambda: _kernel_rows(m, k, n, x_d, w_d, gy, args, budget, on_row))
         from lowbit.kernels import int4_linear as lin4
 
         entry["mm_fp32_out"] = lin4.MM_FP32_OUT
@@ -332,13 +340,18 @@ def run(args: argparse.Namespace) -> dict:
         if "torchao-float8-compiled" in methods:
             methods.remove("torchao-float8-compiled")
             result["note"] = "torchao is not importable: no torchao row"
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(entry=None):  # after every measurement: a run cut short keeps what it measured
+        shapes = result["shapes"] + ([entry] if entry is not None else [])
+        path.write_text(json.dumps({**result, "shapes": shapes}, indent=2, default=str))
+
     for idx, shape in enumerate(args.shapes):
-        result["shapes"].append(_run_shape(idx, shape, methods, args, budget, dev))
+        result["shapes"].append(_run_shape(idx, shape, methods, args, budget, dev, save))
+        save()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-        path = Path(args.json)  # written after every shape: a run cut short keeps what it measured
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2, default=str))
     print(format_table(result), flush=True)
     return result
 
