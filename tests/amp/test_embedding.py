@@ -40,8 +40,11 @@ def test_gpt_embedding_grad_shrunk_head_grad_kept(alpha):
     x = torch.randint(0, 37, (3, 8))
     logits_ref, g_full = grads(model, x)
     # the head's share of the tied weight's gradient: the same loss with the embedding outputs detached
-    hooks = [m.register_forward_hook(lambda m, a, o: o.detach()) for m in model.modules()
-             if isinstance(m, nn.Embedding)]
+    hooks = [
+        m.register_forward_hook(lambda m, a, o: o.detach())
+        for m in model.modules()
+        if isinstance(m, nn.Embedding)
+    ]
     _, g_head = grads(model, x)
     for h in hooks:
         h.remove()
@@ -54,8 +57,9 @@ def test_gpt_embedding_grad_shrunk_head_grad_kept(alpha):
     expected = g_head[w] + alpha * (g_full[w] - g_head[w])
     # two fp32 sums of the same terms in a different order: a few ulps of the largest magnitude
     torch.testing.assert_close(g[w], expected, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(g["transformer.wpe.weight"], alpha * g_full["transformer.wpe.weight"],
-                               rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        g["transformer.wpe.weight"], alpha * g_full["transformer.wpe.weight"], rtol=1e-6, atol=0
+    )
     for name in g:  # everything past the embeddings is untouched
         if name not in (w, "transformer.wpe.weight"):
             assert torch.equal(g[name], g_full[name]), name

@@ -196,8 +196,14 @@ def test_lower_lr_with_lambda_scheduler():
 def test_rollback_from_checkpoint(tmp_path):
     model, opt, x, y = make_problem()
     path = tmp_path / "checkpoint.pt"
-    guard = SpikeGuard(window=50, min_history=10, patience=2, action="rollback",
-                       rollback_fn=rollback_from_checkpoint(path), log_path=tmp_path / "spikes.jsonl")
+    guard = SpikeGuard(
+        window=50,
+        min_history=10,
+        patience=2,
+        action="rollback",
+        rollback_fn=rollback_from_checkpoint(path),
+        log_path=tmp_path / "spikes.jsonl",
+    )
 
     def corrupt(step, loss):
         if step == 8:  # the "last good checkpoint"
@@ -215,8 +221,13 @@ def test_rollback_from_checkpoint(tmp_path):
 
 
 def test_rollback_without_checkpoint_is_logged(tmp_path):
-    guard = SpikeGuard(min_history=1, window=5, patience=1, action="rollback",
-                       rollback_fn=rollback_from_checkpoint(tmp_path / "missing.pt"))
+    guard = SpikeGuard(
+        min_history=1,
+        window=5,
+        patience=1,
+        action="rollback",
+        rollback_fn=rollback_from_checkpoint(tmp_path / "missing.pt"),
+    )
     model, opt, *_ = make_problem()
     guard.observe(1, 1.0, 1.0)
     assert not guard.observe(2, float("nan"), 1.0, model=model, optimizer=opt)
@@ -269,8 +280,16 @@ def test_with_the_trainer(tmp_path):
         return loss * float("nan") if calls["n"] == 12 else loss
 
     guard = SpikeGuard(window=20, min_history=5)
-    config = trainer.TrainConfig(steps=15, warmup_steps=0, grad_clip=0.0, log_every=1, eval_every=0,
-                                 progress=False, device="cpu", out_dir=str(tmp_path))
+    config = trainer.TrainConfig(
+        steps=15,
+        warmup_steps=0,
+        grad_clip=0.0,
+        log_every=1,
+        eval_every=0,
+        progress=False,
+        device="cpu",
+        out_dir=str(tmp_path),
+    )
     result = trainer.train(model, Batcher(), None, config, loss_fn=loss_fn, callbacks=[guard])
     assert result.step == 15
     assert all(torch.isfinite(p).all() for p in model.parameters())

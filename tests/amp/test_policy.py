@@ -28,7 +28,12 @@ LOW = [("bf16", torch.bfloat16), ("fp16", torch.float16)]
 # aten ops that must see fp32 floating inputs under the policy (softmax inside the SDPA math backend,
 # cross-entropy's pieces, layer norm, embedding lookup)
 FP32_ATEN = (
-    "_softmax", "_safe_softmax", "_log_softmax", "nll_loss_forward", "native_layer_norm", "embedding"
+    "_softmax",
+    "_safe_softmax",
+    "_log_softmax",
+    "nll_loss_forward",
+    "native_layer_norm",
+    "embedding",
 )
 MATMUL_ATEN = ("mm", "addmm")
 
@@ -279,8 +284,9 @@ def train_steps(precision, steps, *, device="cpu", init_scale=2.0**16, guard=Non
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
         vote = None
         if guard is not None:
-            vote = guard.before_optimizer_step(step=step, model=model, optimizer=opt, loss=loss.item(),
-                                               grad_norm=grad_norm)
+            vote = guard.before_optimizer_step(
+                step=step, model=model, optimizer=opt, loss=loss.item(), grad_norm=grad_norm
+            )
         if vote is not False:
             scaler.step(opt)
         scaler.update()

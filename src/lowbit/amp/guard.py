@@ -190,8 +190,15 @@ class SpikeGuard:
         self._finite_in_a_row = 0
         self.lr_scale = 1.0
         self._counts = dict.fromkeys(
-            ("spikes", "skipped_steps", "nonfinite", "grad_overflows", "lr_reductions", "rollbacks",
-             "window_resets"),
+            (
+                "spikes",
+                "skipped_steps",
+                "nonfinite",
+                "grad_overflows",
+                "lr_reductions",
+                "rollbacks",
+                "window_resets",
+            ),
             0,
         )
         self._model: torch.nn.Module | None = None
@@ -203,6 +210,7 @@ class SpikeGuard:
     def thresholds(self) -> tuple[float | None, float | None]:
         """(loss threshold, grad-norm threshold) in force now; None while fewer than ``min_history`` values
         (or when that quantity is not checked)."""
+
         def thr(values: deque[float], on: bool) -> float | None:
             if not on or len(values) < self.min_history:
                 return None
@@ -268,8 +276,17 @@ class SpikeGuard:
             self._grad_norms.clear()
             self._finite_in_a_row = 0
             self._counts["window_resets"] += 1
-            self._record(SpikeEvent(step, "window_reset", loss, grad_norm, loss_thr, grad_thr,
-                                    f"{self.reset_after} finite spikes in a row: statistics restart"))
+            self._record(
+                SpikeEvent(
+                    step,
+                    "window_reset",
+                    loss,
+                    grad_norm,
+                    loss_thr,
+                    grad_thr,
+                    f"{self.reset_after} finite spikes in a row: statistics restart",
+                )
+            )
         return False
 
     def _act(self, step: int, loss: float, grad_norm: float, model, optimizer) -> None:
@@ -290,7 +307,12 @@ class SpikeGuard:
         self.events.append(event)
         _LOG.warning(
             "step %d: %s (loss %.6g, grad norm %.6g, thresholds %s / %s)%s",
-            event.step, event.kind, event.loss, event.grad_norm, event.loss_threshold, event.grad_threshold,
+            event.step,
+            event.kind,
+            event.loss,
+            event.grad_norm,
+            event.loss_threshold,
+            event.grad_threshold,
             f": {event.detail}" if event.detail else "",
         )
         if self.log_path is not None:
