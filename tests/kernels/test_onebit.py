@@ -118,7 +118,8 @@ def _core(mod, *a, **kw):
 
 
 def _tc_gemv(mod, *a, **kw):
-    cfg = mod.MMConfig(block_m=16, block_n=16, block_k=64, group_m=1, split_k=kw.pop("split_k", 2))
+    cfg = mod.MMConfig(block_m=16, block_n=16, block_k=64, group_m=1, split_k=kw.pop("split_k", 2),
+                       num_warps=4)
     return mod.onebit_mm(*a, config=cfg, **kw)
 
 
@@ -129,7 +130,8 @@ def _tc_swap(mod, *a, **kw):
 
 
 def _tc_gemm(mod, *a, **kw):
-    cfg = mod.MMConfig(block_m=16, block_n=32, block_k=32, group_m=2, split_k=kw.pop("split_k", 1))
+    cfg = mod.MMConfig(block_m=16, block_n=32, block_k=32, group_m=2, split_k=kw.pop("split_k", 1),
+                       num_warps=4)
     return mod.onebit_mm(*a, config=cfg, **kw)
 
 
@@ -310,22 +312,29 @@ def test_select_config_regimes():
 # ------------------------------------------------------------------------------------------------ GPU
 
 
+# (x dtype, M, output dtype): every regime of the dispatcher, each dtype path (fp32 x: the split path).
+GPU_DISPATCH = [(torch.bfloat16, 1, torch.bfloat16), (torch.bfloat16, 16, torch.bfloat16),
+                (torch.bfloat16, 600, torch.bfloat16), (torch.bfloat16, 5, torch.float32),
+                (torch.float16, 1, torch.float16), (torch.float16, 100, torch.float16),
+                (torch.float32, 1, torch.float32), (torch.float32, 16, torch.float32),
+                (torch.float32, 100, torch.float32)]
+
+
 @CUDA
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("m", [1, 5, 16, 100, 600])
-def test_gpu_dispatch_within_bound(dtype, m):
+@pytest.mark.parametrize("dtype,m,out_dtype", GPU_DISPATCH)
+def test_gpu_dispatch_within_bound(dtype, m, out_dtype):
     k, n_out = 1000, 300  # ragged K (not a multiple of 32) and N
     x, s, g, h = _problem(m, k, n_out, dtype, seed=m, device="cuda")
     y_exact, terms = _exact(x.cpu(), s.cpu(), g.cpu(), h.cpu())
     for layout in ("int32", "uint8"):
-        for out_dtype in (dtype, torch.float32):
-            y = onebit_mod.onebit_matmul(x, _pack(s, layout), g, h, k, out_dtype=out_dtype)
-            _assert_within(y, y_exact, _bound(k, terms, y_exact, out_dtype))
+        y = onebit_mod.onebit_matmul(x, _pack(s, layout), g, h, k, out_dtype=out_dtype)
+        _assert_within(y, y_exact, _bound(k, terms, y_exact, out_dtype))
 
 
 @CUDA
-@pytest.mark.parametrize("path", ["core", "tc_gemv", "tc_swap", "tc_gemm"])
-@pytest.mark.parametrize("m,k,n_out", [(1, 4096, 512), (7, 2048 + 32, 200), (33, 4096, 384)])
+@pytest.mark.parametrize("path,m,k,n_out", [("core", 1, 4096, 512), ("core", 2, 2080, 200),
+                                            ("tc_gemv", 7, 2080, 200), ("tc_swap", 16, 4096, 384),
+                                            ("tc_gemm", 33, 4096, 384), ("tc_gemm", 70, 2080, 200)])
 def test_gpu_paths_integer_exact(path, m, k, n_out):
     x, s, g, h = _problem(m, k, n_out, torch.bfloat16, seed=k + m, integer=True, device="cuda")
     y = PATHS[path](onebit_mod, x, pack_bits_int32(s), g, h, k, out_dtype=torch.float32)
@@ -350,7 +359,7 @@ def test_gpu_bf16_within_2x_torch_same_precision():
 
 @CUDA
 @pytest.mark.parametrize("m,n_out", [(1, 1536), (1, 11008), (4, 576), (64, 300)])
-def test_gpu_post_layernorm(m, n_out):
+def test_gpu_post_layernorm(m, n_out):  # fused (the first three) and unfused (M·N above the limit)
     k, eps = 576, 1e-5
     x, s, g, h = _problem(m, k, n_out, torch.bfloat16, seed=m, device="cuda")
     y_exact, terms = _exact(x.cpu(), s.cpu(), g.cpu(), h.cpu())
