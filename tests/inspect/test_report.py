@@ -81,8 +81,9 @@ def test_table_json_and_figures(outlier_run):
     lines = table.splitlines()
     assert lines[1].split()[:3] == ["#", "layer", "K->M"]
     assert lines[3].split()[:2] == ["1*", "transformer.h.1.attn.c_attn"]
-    assert "recommendations:" in table and "1. transformer.h.1.attn.c_attn: Hadamard-rotate" in table
-    assert len(report.table(top=3).split("recommendations:")[0].strip().splitlines()) == 3 + 3
+    assert "recommendations (1 problem layers):" in table
+    assert "1. transformer.h.1.attn.c_attn: Hadamard-rotate" in table
+    assert len(report.table(top=3).split("recommendations")[0].strip().splitlines()) == 3 + 3
     data = json.loads((out / "inspect.json").read_text())
     assert data == json.loads(report.to_json())
     assert data["layers"][0]["name"] == "transformer.h.1.attn.c_attn"
@@ -124,4 +125,6 @@ def test_recommendation_branches():
     assert recs["bf16"].startswith("keep in bf16")
     assert recs["lm_head"].startswith("output head")
     assert all(recs[f"ok{i}"] is None for i in range(9))
+    top2 = report.table(top=2)
+    assert "recommendations (5 problem layers):" in top2 and "... 3 more below row 2" in top2
     assert math.isclose(report.layers[-1].sqnr["int4"], 15.0)

@@ -123,7 +123,7 @@ class InspectReport:
 
     def table(self, top: int | None = None) -> str:
         """The ranked table (``top`` rows, default all) followed by one recommendation line per problem
-        layer and per flagged activation."""
+        layer among those rows and per flagged activation."""
         return format_table(self, top)
 
 
@@ -323,14 +323,18 @@ def format_table(report: InspectReport, top: int | None = None) -> str:
     ]
     out += [fmt(row) for row in lines]
     problems = report.problem_layers
+    shown = [r for r in layers if r.problems]
     flagged = [a for a in report.activations if a.recommendation]
+    out.append("")
     if problems or flagged:
-        out.append("")
-        out.append("recommendations:")
-        out += [f"  {r.rank}. {r.name}: {r.recommendation}" for r in problems]
+        out.append(f"recommendations ({len(problems)} problem layers):")
+        out += [f"  {r.rank}. {r.name}: {r.recommendation}" for r in shown]
+        if len(shown) < len(problems):
+            out.append(
+                f"  ... {len(problems) - len(shown)} more below row {len(layers)} (see the JSON report)"
+            )
         out += [f"  {a.name} ({a.kind}): {a.recommendation}" for a in flagged]
     else:
-        out.append("")
         out.append("no problem layers found")
     return "\n".join(out)
 
@@ -373,7 +377,9 @@ def plot_histograms(
         ax_hist.set_xlabel("value")
         ax_hist.set_ylabel("count (log)")
         ch = t.abs().amax(dim=0).numpy()
-        ax_ch.bar(range(len(ch)), ch, width=1.0, color="C0" if col == 0 else "C1")
+        # vlines, not bars: a bar 1/600 of the axis wide can vanish when rasterized, the outlier with it
+        ax_ch.vlines(range(len(ch)), 0, ch, color="C0" if col == 0 else "C1", linewidth=0.8)
+        ax_ch.set_ylim(bottom=0)
         ax_ch.set_xlabel("input channel")
         ax_ch.set_ylabel("channel absmax")
     fig.suptitle(title)
