@@ -173,14 +173,16 @@ if HAS_TRITON:
         order k = 0..split_k-1 (deterministic) and runs the epilogue."""
         mask = m_mask[:, None] & n_mask[None, :]
         tile_off = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-        plane = M.to(tl.int64) * N
-        tl.store(part_ptr + pid_k * plane + tile_off, acc, mask=mask)
+        plane = M * N  # M may arrive as the constant 1 (Triton specializes it): no .to() on it
+        tl.store(part_ptr + pid_k.to(tl.int64) * plane + tile_off, acc, mask=mask)
         done = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel")
         if done == split_k - 1:
             tl.atomic_xchg(cnt_ptr + tile_id, 0)
             y = acc * 0.0
-            for s in range(0, split_k):
-                y += tl.load(part_ptr + s * plane + tile_off, mask=mask, other=0.0, cache_modifier=".cg")
+            ptrs = part_ptr + tile_off
+            for _ in range(0, split_k):
+                y += tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+                ptrs += plane
             _finish_tile(y, offs_m, offs_n, m_mask, n_mask, h_ptr, out_ptr, stride_om, stride_on, ypre_ptr,
                          cnt_ptr, n_units, M, N, ln_eps, LN, LN_BLOCK)
 
