@@ -7,25 +7,33 @@ Contract (per element, fp32 arithmetic in exactly this order; s.* are fp32 scala
     m'  = m * s.beta1 + g * s.one_minus_beta1
     v'  = v * s.beta2 + (g * g) * s.one_minus_beta2
     p   = p * s.decay_factor                            (AdamW, decoupled decay, when weight_decay != 0)
-    p'  = p - s.step_size * (m' / (sqrt(v') * s.inv_bias_correction2_sqrt + s.eps))
+    p'  = p - s.step_size * (m' / (sqrt(v') * s.inv_bc2_sqrt + s.eps))
     (m_code', m_absmax') = quantize_blockwise(m', code_s, BLOCK);  same for v' with code_u
 
-It must equal ``lowbit.optim.functional.adam8bit_reference_step`` (and, for tensors kept in fp32 state,
-``adam_reference_step``), which uses ``lowbit.quant.codebook.quantize_blockwise`` for the last line. Every
-operation is an IEEE fp32 operation in both (division and square root correctly rounded: ``div_rn``,
-``sqrt_rn``; no FMA contraction: the launch passes ``enable_fp_fusion=False``), so parameters, codes and
-absmax are bit-identical to the reference. Exceptions: non-finite values, and subnormal fp32 intermediates
-where the GPU may flush to zero (not reached by realistic optimizer states).
+code_s / code_u are the 8-bit dynamic maps ``dynamic_map(True)`` / ``dynamic_map(False)``. The kernel must
+equal ``lowbit.optim.functional.adam8bit_reference_step`` (and, for tensors kept in fp32 state,
+``adam_reference_step``), whose last line is ``lowbit.quant.codebook.quantize_blockwise``. Every operation is
+an IEEE fp32 operation in both (division and square root correctly rounded: ``div_rn``, ``sqrt_rn``; no FMA
+contraction: the launch passes ``enable_fp_fusion=False``), so parameters, codes and absmaxes are
+bit-identical to the reference. Exceptions: non-finite values, and subnormal fp32 intermediates, which a
+GPU may flush to zero (realistic optimizer states do not reach them).
 
-One program handles ``BLOCKS_PER_PROG`` quantization blocks of ``BLOCK`` elements of one tensor; it reads
-param, grad, the two code bytes and the two block absmaxes once and writes param, codes and absmaxes once
-(16 bytes per fp32 parameter, 10 per bf16 one). Tensors are addressed through a table of raw addresses so
-that all parameters of one dtype and hyper-parameter set go in one launch.
+Memory traffic is what the step costs: one program handles ``BLOCKS_PER_PROG`` quantization blocks of
+``BLOCK`` elements of one tensor and reads param, grad, the two code bytes and the two block absmaxes once,
+writes param, codes and absmaxes once (16 bytes per fp32 parameter, 10 per bf16 one, against 28 / 16 for
+fp32-state AdamW). Tensors are addressed by element offsets from one base pointer per operand (the table is
+built by the launcher), so that all parameters of one dtype and hyper-parameter set go in one launch; programs
+whose blocks lie entirely inside their tensor run without masks (vector loads), the tails in a second launch.
 
-The nearest-code search uses the structure of the 8-bit dynamic map (``dynamic_map(signed, 8)``): the
-decimal exponent band and the linear bin inside it give an index that is off by at most one, which two
-comparisons against the exact decision boundaries (``decision_boundaries``) correct. The result is the
-exact ``torch.bucketize`` answer of the reference; the launcher refuses any other code table.
+Table lookups are what would make it slow: a gather from a 256-entry table costs about as much as the whole
+memory traffic of an element. So the code values are recomputed from the code byte (``_dequant_dynamic``:
+the map is defined by a float32 recipe, see ``lowbit.quant.codebook``, which this evaluates bit for bit), and
+the nearest code is computed from the map's structure (``_nearest_dynamic``): the band is found by comparing
+with the 8 exact decision boundaries that separate the map's decades, the bin inside the band by one linear
+formula. That formula can only be wrong where its value is within its rounding error (1e-4 bins) of an
+integer; such lanes (0.2% of them) are flagged and settled by two comparisons with the exact boundary table
+(masked loads, so unflagged lanes issue no memory traffic). The result is the exact ``torch.bucketize``
+answer of the reference.
 """
 
 from __future__ import annotations
@@ -53,14 +61,15 @@ __all__ = [
 
 HAS_TRITON = triton is not None
 
-# Columns of the per-tensor address table (int64).
-_COL_P, _COL_G, _COL_M, _COL_MABS, _COL_V, _COL_VABS, _COL_NUMEL = range(7)
+# Columns of the per-tensor offset table (int64): element offsets of p, g, m, m_absmax, v, v_absmax from
+# their base tensors, then numel.
 _TABLE_COLS = 8
+_COL_NUMEL = 6
 
 _P_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def triton_usable(device: torch.device) -> bool:
+def triton_usable(device: torch.device | str) -> bool:
     """True when the Triton kernels can run on ``device``: CUDA with Triton, or any device with
     ``TRITON_INTERPRET=1`` (the CPU interpreter, slow: for tests)."""
     if not HAS_TRITON:
@@ -73,47 +82,46 @@ def triton_usable(device: torch.device) -> bool:
 if HAS_TRITON:
 
     @triton.jit
-    def _nearest_code(xn, bound_ptr, SIGNED: tl.constexpr):
-        """Index of the nearest value of the 8-bit dynamic map to fp32 ``xn``, ties to the lower index.
+    def _nearest_dynamic(xn, thr_ptr, coef_ptr, bound_ptr, SIGNED: tl.constexpr):
+        """Index of the 8-bit dynamic-map value nearest to fp32 ``xn``, ties to the lower index: the exact
+        ``bucketize(xn, bound)``, for tables from ``_search_tables``.
 
-        A guess from the map's structure (band e: magnitudes in [10^-(e+1), 10^-e], 2^f equal bins with the
-        code values at the bin centres, f = 6 - e signed / 7 - e unsigned), then one step of correction
-        against the exact boundaries: index = #{k : bound[k] < xn}.
+        The magnitude a = |xn| lies in binade 2^(E-127) (E its exponent bits); each binade holds at most one
+        of the boundaries between the map's decades, thr[E]; on each side of it the rank of the nearest
+        magnitude is floor(a * A + C) capped at RMAX (the codes of a decade are the centres of equal bins),
+        with (A, C, RMAX) = coef[2E + side]. The rank is exact unless a * A + C is within its rounding error
+        (about 1e-4) of an integer, or a equals the decade boundary (a tie on the negative side); those
+        lanes (0.2%) are settled by comparing with the exact boundaries, masked loads for the rest.
         """
         a = tl.abs(xn)
-        # Band by comparisons (in registers); y = a * 10^e lies in about [0.1, 1]. Thresholds and y carry a
-        # few fp32 roundings: that only moves the guess by one near a bin edge, which the correction fixes.
-        y = a
+        e = tl.minimum(tl.maximum((a.to(tl.int32, bitcast=True) >> 23) - 103, 0), 24)  # binades 2^-24 .. 2^0
+        t = tl.load(thr_ptr + e)
+        k = 2 * e + (a > t).to(tl.int32)
+        z = a * tl.load(coef_ptr + k) + tl.load(coef_ptr + 50 + k)
+        # floor(z) by rounding z - 1/2 to an integer with the 1.5 * 2^23 trick (no conversion instruction,
+        # those run at 1/8 rate); it differs from floor only when z is an integer, which is flagged below.
+        zf = ((z - 0.5) + 12582912.0) - 12582912.0
+        near = (z - zf < 1e-3) | (z - zf > 0.999) | (a == t)
+        rank = tl.minimum(zf, tl.load(coef_ptr + 100 + k))
+        rank = (rank + 8388608.0).to(tl.int32, bitcast=True) - 0x4B000000  # int(rank): 0 <= rank < 2^23
         if SIGNED:
-            n_bins = tl.full(xn.shape, 64.0, tl.float32)
+            guess = tl.maximum(tl.where(xn < 0, 127 - rank, 127 + rank), 0)  # no -1.0: its nearest is index 0
         else:
-            n_bins = tl.full(xn.shape, 128.0, tl.float32)
-        threshold = 1.0
-        for _ in tl.static_range(6):
-            threshold = threshold * 0.1
-            below = a < threshold
-            y = tl.where(below, y * 10.0, y)
-            n_bins = tl.where(below, n_bins * 0.5, n_bins)
-        j = tl.floor((y - 0.1) * (n_bins / 0.9))
-        j = tl.minimum(tl.maximum(j, 0.0), n_bins - 1.0)
-        # q: rank among the positive values (signed: n_bins - 1 below this band; unsigned: n_bins - 2).
-        if SIGNED:
-            q = (n_bins - 1.0 + j).to(tl.int32)
-        else:
-            q = (n_bins - 2.0 + j).to(tl.int32)
-        q = tl.where(a < 1e-7, -1, q)  # below every band: the code 0.0
-        if not SIGNED:
-            q = tl.where(xn < 0, -1, q)  # the unsigned map's nearest value to a negative number is 0.0
-        if SIGNED:
-            guess = tl.where(xn < 0, 127 - (q + 1), 127 + (q + 1))
-        else:
-            guess = q + 1
-        guess = tl.minimum(tl.maximum(guess, 0), 255)
-        lo = tl.load(bound_ptr + tl.maximum(guess - 1, 0))
-        hi = tl.load(bound_ptr + tl.minimum(guess, 254))
-        up = (xn > hi) & (guess < 255)
-        down = (xn <= lo) & (guess > 0)
+            guess = tl.where(xn < 0, 0, rank)
+        lo = tl.load(bound_ptr + tl.maximum(guess - 1, 0), mask=near, other=0.0)
+        hi = tl.load(bound_ptr + tl.minimum(guess, 254), mask=near, other=0.0)
+        up = near & (xn > hi) & (guess < 255)
+        down = near & (xn <= lo) & (guess > 0)
         return guess + up.to(tl.int32) - down.to(tl.int32)
+
+    @triton.jit
+    def _quantize_blocks(x, mask, thr_ptr, coef_ptr, bound_ptr, SIGNED: tl.constexpr):
+        """(BPP, BLOCK) fp32 tile -> (uint8 codes, (BPP,) fp32 absmax); lanes outside ``mask`` ignored."""
+        x = tl.where(mask, x, 0.0)
+        absmax = tl.max(tl.abs(x), axis=1)
+        scale = tl.math.div_rn(1.0, tl.maximum(absmax, 1.1754943508222875e-38))  # 1 / max(absmax, 2^-126)
+        idx = _nearest_dynamic(x * scale[:, None], thr_ptr, coef_ptr, bound_ptr, SIGNED)
+        return idx.to(tl.uint8), absmax
 
     @triton.jit
     def _to_param_dtype(x, P_DTYPE: tl.constexpr):
@@ -127,23 +135,12 @@ if HAS_TRITON:
             return x.to(P_DTYPE)
 
     @triton.jit
-    def _quantize_blocks(x, mask, bound_ptr, SIGNED: tl.constexpr):
-        """(BPP, BLOCK) fp32 tile -> (uint8 codes, (BPP,) fp32 absmax); masked lanes ignored."""
-        x = tl.where(mask, x, 0.0)
-        absmax = tl.max(tl.abs(x), axis=1)
-        safe = tl.where(absmax > 0, absmax, 1.0)
-        xn = tl.math.div_rn(x, safe[:, None])
-        idx = _nearest_code(xn, bound_ptr, SIGNED)
-        return idx.to(tl.uint8), absmax
-
-    @triton.jit
-    def _ptr(tab, col, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-        """Column ``col`` of an address-table row as a typed pointer (16-byte aligned when ALIGNED, which
-        lets the compiler use vector loads)."""
-        addr = tl.load(tab + col)
-        if ALIGNED:
-            addr = tl.multiple_of(addr, 16)
-        return addr.to(tl.pointer_type(DTYPE))
+    def _offset(tab, col, ALIGN: tl.constexpr):
+        """Element offset in column ``col``; a multiple of ALIGN (16 bytes' worth) if the launcher says so."""
+        off = tl.load(tab + col)
+        if ALIGN > 1:
+            off = tl.multiple_of(off, ALIGN)
+        return off
 
     @triton.jit
     def _load(ptrs, mask, other, MASKED: tl.constexpr):
@@ -161,12 +158,22 @@ if HAS_TRITON:
 
     @triton.jit
     def _adam_kernel(
-        table_ptr,  # int64 (n_tensors, 8): addresses of p, g, m, m_absmax, v, v_absmax; numel
+        table_ptr,  # int64 (n_tensors, 8): offsets of p, g, m, m_absmax, v, v_absmax from the bases; numel
         prog_ptr,  # int32 (n_programs, 2): tensor row, first block of this program
-        code_s_ptr,  # fp32 (256,) signed dynamic map
-        code_u_ptr,  # fp32 (256,) unsigned dynamic map
-        bound_s_ptr,  # fp32 (255,) decision boundaries of code_s
-        bound_u_ptr,  # fp32 (255,) decision boundaries of code_u
+        p_base,
+        g_base,
+        m_base,  # uint8 codes (8-bit state) or fp32 moments
+        ma_base,  # fp32 block absmaxes (8-bit state; unused otherwise)
+        v_base,
+        va_base,
+        code_s_ptr,  # fp32 (256,) the signed map
+        code_u_ptr,
+        thr_s_ptr,  # fp32 search tables of the signed map (``_search_tables``)
+        coef_s_ptr,
+        thr_u_ptr,
+        coef_u_ptr,
+        bound_s_ptr,  # fp32 (255,) decision boundaries of the signed map
+        bound_u_ptr,
         beta1,
         beta2,
         one_minus_beta1,
@@ -182,15 +189,19 @@ if HAS_TRITON:
         HAS_WD: tl.constexpr,
         BLOCK: tl.constexpr,
         BLOCKS_PER_PROG: tl.constexpr,
-        MASKED: tl.constexpr,  # False: every element of this launch's programs is inside its tensor
-        ALIGNED: tl.constexpr,  # every address is a multiple of 16 bytes
+        MASKED: tl.constexpr,  # False: every element of this launch's programs lies inside its tensor
+        ALIGN_P: tl.constexpr,  # offsets are multiples of these (16 bytes' worth of elements), or 1
+        ALIGN_S: tl.constexpr,
+        ALIGN_A: tl.constexpr,
     ):
         pid = tl.program_id(0)
         row = tl.load(prog_ptr + 2 * pid).to(tl.int64)
         first_block = tl.load(prog_ptr + 2 * pid + 1).to(tl.int64)
         tab = table_ptr + row * 8
-        p_ptr = _ptr(tab, 0, P_DTYPE, ALIGNED)
-        g_ptr = _ptr(tab, 1, P_DTYPE, ALIGNED)
+        p_ptr = p_base + _offset(tab, 0, ALIGN_P)
+        g_ptr = g_base + _offset(tab, 1, ALIGN_P)
+        m_ptr = m_base + _offset(tab, 2, ALIGN_S)
+        v_ptr = v_base + _offset(tab, 4, ALIGN_S)
         numel = tl.load(tab + 6)
 
         blk = first_block + tl.arange(0, BLOCKS_PER_PROG)  # (BPP,)
@@ -201,20 +212,18 @@ if HAS_TRITON:
         p = _load(p_ptr + offs, mask, 0.0, MASKED).to(tl.float32)
         g = _load(g_ptr + offs, mask, 0.0, MASKED).to(tl.float32)
         if STATE_8BIT:
-            mc_ptr = _ptr(tab, 2, tl.uint8, ALIGNED)
-            ma_ptr = _ptr(tab, 3, tl.float32, ALIGNED)
-            vc_ptr = _ptr(tab, 4, tl.uint8, ALIGNED)
-            va_ptr = _ptr(tab, 5, tl.float32, ALIGNED)
-            m_code = _load(mc_ptr + offs, mask, 0, MASKED).to(tl.int32)
-            v_code = _load(vc_ptr + offs, mask, 0, MASKED).to(tl.int32)
+            ma_ptr = ma_base + _offset(tab, 3, ALIGN_A)
+            va_ptr = va_base + _offset(tab, 5, ALIGN_A)
+            m_code = _load(m_ptr + offs, mask, 0, MASKED).to(tl.int32)
+            v_code = _load(v_ptr + offs, mask, 0, MASKED).to(tl.int32)
             m_absmax = _load(ma_ptr + blk, blk_mask, 0.0, MASKED)
             v_absmax = _load(va_ptr + blk, blk_mask, 0.0, MASKED)
-            # Lanes past the end read code 0, whose value is not 0.0 in the signed map: zero them.
-            m = tl.where(mask, tl.load(code_s_ptr + m_code) * m_absmax[:, None], 0.0)
-            v = tl.where(mask, tl.load(code_u_ptr + v_code) * v_absmax[:, None], 0.0)
+            m = tl.load(code_s_ptr + m_code) * m_absmax[:, None]
+            v = tl.load(code_u_ptr + v_code) * v_absmax[:, None]
+            if MASKED:  # lanes past the end read code 0, which is not 0.0 in the signed map
+                m = tl.where(mask, m, 0.0)
+                v = tl.where(mask, v, 0.0)
         else:
-            m_ptr = _ptr(tab, 2, tl.float32, ALIGNED)
-            v_ptr = _ptr(tab, 4, tl.float32, ALIGNED)
             m = _load(m_ptr + offs, mask, 0.0, MASKED)
             v = _load(v_ptr + offs, mask, 0.0, MASKED)
 
@@ -231,10 +240,10 @@ if HAS_TRITON:
         _store(p_ptr + offs, _to_param_dtype(p, P_DTYPE), mask, MASKED)
 
         if STATE_8BIT:
-            m_code, m_absmax = _quantize_blocks(m, mask, bound_s_ptr, True)
-            v_code, v_absmax = _quantize_blocks(v, mask, bound_u_ptr, False)
-            _store(mc_ptr + offs, m_code, mask, MASKED)
-            _store(vc_ptr + offs, v_code, mask, MASKED)
+            m_code, m_absmax = _quantize_blocks(m, mask, thr_s_ptr, coef_s_ptr, bound_s_ptr, True)
+            v_code, v_absmax = _quantize_blocks(v, mask, thr_u_ptr, coef_u_ptr, bound_u_ptr, False)
+            _store(m_ptr + offs, m_code, mask, MASKED)
+            _store(v_ptr + offs, v_code, mask, MASKED)
             _store(ma_ptr + blk, m_absmax, blk_mask, MASKED)
             _store(va_ptr + blk, v_absmax, blk_mask, MASKED)
         else:
@@ -243,23 +252,67 @@ if HAS_TRITON:
 
     @triton.jit
     def _quantize_kernel(
-        x_ptr, codes_ptr, absmax_ptr, bound_ptr, numel,
+        x_ptr, codes_ptr, absmax_ptr, thr_ptr, coef_ptr, bound_ptr, numel,
         SIGNED: tl.constexpr, BLOCK: tl.constexpr, BLOCKS_PER_PROG: tl.constexpr,
     ):
         blk = tl.program_id(0).to(tl.int64) * BLOCKS_PER_PROG + tl.arange(0, BLOCKS_PER_PROG)
         offs = blk[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
         mask = offs < numel
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        codes, absmax = _quantize_blocks(x, mask, bound_ptr, SIGNED)
+        codes, absmax = _quantize_blocks(x, mask, thr_ptr, coef_ptr, bound_ptr, SIGNED)
         tl.store(codes_ptr + offs, codes, mask=mask)
         tl.store(absmax_ptr + blk, absmax, mask=blk * BLOCK < numel)
 
 
+def _search_tables(signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tables of ``_nearest_dynamic`` for the 8-bit dynamic map: thr (25,) float32 and coef (150,) float32 =
+    [A (50), C (50), RMAX (50)], indexed by 2 * binade + (a > thr[binade]) for the binades 2^-24 .. 2^0.
+
+    Magnitude pieces, low to high: the code 0 (rank 0), the decades 10^-6 .. 10^0 (n codes each, ranks r0 ..
+    r0 + n - 1 at the centres of n equal bins of [0.1, 1] * 10^-e, so rank = floor(a * 10^e * n / 0.9 + r0 -
+    n / 9) capped at r0 + n - 1), the code 1.0. The edges between pieces are exact decision boundaries; the
+    function checks that no binade holds two of them.
+    """
+    code = dynamic_map(signed, 8)
+    bound = decision_boundaries(code).double()
+    zero = 127 if signed else 0
+    pieces = [(0.0, 0.5, 0.0)]  # (A, C, RMAX); C = rank + 0.5 keeps a constant piece away from "near"
+    tops = [0]  # rank of the top code of each piece
+    r0 = 1
+    for e in range(6, -1, -1):
+        n = 2 ** ((6 if signed else 7) - e)
+        pieces.append((10.0**e * n / 0.9, r0 - n / 9.0, float(r0 + n - 1)))
+        tops.append(r0 + n - 1)
+        r0 += n
+    pieces.append((0.0, r0 + 0.5, float(r0)))  # 1.0: rank 128 (signed) / 255 (unsigned)
+    edges = [bound[zero + top].item() for top in tops]  # edges[i] separates pieces i and i + 1
+    n_binades = 25
+    thr = torch.full((n_binades,), 4.0, dtype=torch.float64)  # 4.0: no edge in this binade
+    coef = torch.zeros(3, 2 * n_binades, dtype=torch.float64)
+    for b in range(n_binades):
+        lo, hi = 2.0 ** (b - 24), 2.0 ** (b - 23)
+        inside = [i for i, t in enumerate(edges) if lo <= t < hi]
+        if len(inside) > 1:  # pragma: no cover - a property of the map, checked here once
+            raise AssertionError(f"binade {b} holds {len(inside)} decade boundaries")
+        piece = 0 if b == 0 else sum(1 for t in edges if t < lo)
+        sides = (piece, piece)
+        if inside:
+            thr[b] = edges[inside[0]]
+            sides = (piece, piece + 1)
+        for side, i in enumerate(sides):
+            coef[:, 2 * b + side] = torch.tensor(pieces[i], dtype=torch.float64)
+    return thr.float(), coef.reshape(-1).float()
+
+
 @functools.cache
-def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(code_s, code_u, bound_s, bound_u) on ``device``: the 8-bit dynamic maps and their boundaries."""
-    code_s, code_u = dynamic_map(True, 8), dynamic_map(False, 8)
-    return tuple(t.to(device) for t in (code_s, code_u, decision_boundaries(code_s), decision_boundaries(code_u)))
+def _tables(device: torch.device) -> dict[bool, tuple[torch.Tensor, ...]]:
+    """{signed: (code (256,), thr (25,), coef (150,), bound (255,))} on ``device``, float32."""
+    out = {}
+    for signed in (True, False):
+        code = dynamic_map(signed, 8)
+        thr, coef = _search_tables(signed)
+        out[signed] = tuple(t.to(device) for t in (code, thr, coef, decision_boundaries(code)))
+    return out
 
 
 def _check_block(block_size: int, blocks_per_prog: int) -> None:
@@ -275,6 +328,11 @@ def _launch_options(device: torch.device) -> dict:
     return {} if device.type != "cuda" else {"enable_fp_fusion": False}
 
 
+def _require_triton(name: str) -> None:
+    if not HAS_TRITON:
+        raise RuntimeError(f"{name} needs Triton: pip install 'lowbit[triton]'")
+
+
 def quantize_dynamic_blockwise(
     x: torch.Tensor, signed: bool = True, block_size: int = 256, blocks_per_prog: int = 4
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,8 +346,7 @@ def quantize_dynamic_blockwise(
     Returns:
         codes_u8 (x.numel(),) uint8 and absmax (ceil(numel / block_size),) float32.
     """
-    if not HAS_TRITON:
-        raise RuntimeError("quantize_dynamic_blockwise needs Triton: pip install 'lowbit[triton]'")
+    _require_triton("quantize_dynamic_blockwise")
     if x.dtype not in _P_DTYPES:
         raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
     if not x.is_contiguous():
@@ -301,37 +358,36 @@ def quantize_dynamic_blockwise(
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
     if n == 0:
         return codes, absmax
-    _, _, bound_s, bound_u = _tables(x.device)
+    _, thr, coef, bound = _tables(x.device)[bool(signed)]
     grid = (triton.cdiv(n_blocks, blocks_per_prog),)
     _quantize_kernel[grid](
-        x, codes, absmax, bound_s if signed else bound_u, n,
-        SIGNED=bool(signed), BLOCK=block_size, BLOCKS_PER_PROG=blocks_per_prog,
-        **_launch_options(x.device),
+        x, codes, absmax, thr, coef, bound, n,
+        SIGNED=bool(signed), BLOCK=block_size, BLOCKS_PER_PROG=blocks_per_prog, **_launch_options(x.device),
     )
     return codes, absmax
 
 
-class _ProgramTableCache:
-    """Device tables keyed by what they depend on; the programs table only on numels (fixed over training),
-    the address table on the addresses (grads set to None and re-allocated often land at the same place)."""
+class _TableCache:
+    """Device tables keyed by what they depend on: the programs table only on the numels (fixed during
+    training), the offset table on the addresses (gradients set to None and re-allocated usually land at the
+    same addresses, so it is rarely rebuilt)."""
 
     def __init__(self, maxsize: int = 64):
         self._progs: dict = {}
-        self._addrs: dict = {}
+        self._offsets: dict = {}
         self._maxsize = maxsize
 
-    @staticmethod
-    def _put(cache: dict, key, value, maxsize: int):
-        if len(cache) >= maxsize:
+    def _put(self, cache: dict, key, value):
+        if len(cache) >= self._maxsize:
             cache.pop(next(iter(cache)))
         cache[key] = value
 
     def programs(
         self, numels: tuple[int, ...], block: int, bpp: int, device: torch.device
     ) -> tuple[torch.Tensor, int]:
-        """int32 (n_programs, 2) rows (tensor index, first block): first every program whose
-        ``block * bpp`` elements all lie inside its tensor, then one tail program per tensor that needs
-        one; and the number of full programs."""
+        """int32 (n_programs, 2) rows (tensor index, first block): first every program whose ``block * bpp``
+        elements all lie inside its tensor, then one tail program per tensor that needs one; and the number
+        of full programs."""
         key = (numels, block, bpp, device)
         entry = self._progs.get(key)
         if entry is None:
@@ -344,19 +400,19 @@ class _ProgramTableCache:
                     tail.append(torch.tensor([[i, n_full * bpp]], dtype=torch.int32))
             table = torch.cat(full + tail).contiguous().to(device)
             entry = (table, sum(len(f) for f in full))
-            self._put(self._progs, key, entry, self._maxsize)
+            self._put(self._progs, key, entry)
         return entry
 
-    def addresses(self, rows: tuple[tuple[int, ...], ...], device: torch.device) -> torch.Tensor:
+    def offsets(self, rows: tuple[tuple[int, ...], ...], device: torch.device) -> torch.Tensor:
         key = (rows, device)
-        table = self._addrs.get(key)
+        table = self._offsets.get(key)
         if table is None:
             table = torch.tensor(rows, dtype=torch.int64).reshape(-1, _TABLE_COLS).to(device)
-            self._put(self._addrs, key, table, self._maxsize)
+            self._put(self._offsets, key, table)
         return table
 
 
-_CACHE = _ProgramTableCache()
+_CACHE = _TableCache()
 
 
 def adam8bit_multi_tensor_step(
@@ -378,8 +434,8 @@ def adam8bit_multi_tensor_step(
     decay_factor: float,
     decoupled: bool,
     block_size: int = 256,
-    blocks_per_prog: int = 4,
-    num_warps: int = 4,
+    blocks_per_prog: int = 1,
+    num_warps: int = 1,
 ) -> None:
     """One fused Adam(W) step, in place, for tensors that share dtype, device and scalars (module docstring).
 
@@ -392,9 +448,9 @@ def adam8bit_multi_tensor_step(
         params: contiguous fp32 / bf16 / fp16 tensors, all of one dtype, on one device (CUDA, or CPU under
             TRITON_INTERPRET=1); updated in place.
         grads: contiguous, same dtype and numel as their param.
+        block_size: elements per absmax block (power of two >= 16); blocks_per_prog, num_warps: tiling.
     """
-    if not HAS_TRITON:
-        raise RuntimeError("adam8bit_multi_tensor_step needs Triton: pip install 'lowbit[triton]'")
+    _require_triton("adam8bit_multi_tensor_step")
     if not params:
         return
     _check_block(block_size, blocks_per_prog)
@@ -408,35 +464,46 @@ def adam8bit_multi_tensor_step(
     if dtype not in _P_DTYPES:
         raise TypeError(f"params must be float32, bfloat16 or float16, got {dtype}")
     state_dtype = torch.uint8 if state_8bit else torch.float32
-    rows = []
-    for i, p in enumerate(params):
-        g, m, v = grads[i], exp_avgs[i], exp_avg_sqs[i]
-        n = p.numel()
-        for name, t, dt in (("param", p, dtype), ("grad", g, dtype), ("exp_avg", m, state_dtype),
-                            ("exp_avg_sq", v, state_dtype)):
-            if t.dtype != dt or t.device != device or not t.is_contiguous() or t.numel() != n:
+    n_blocks = [-(-p.numel() // block_size) for p in params]
+    operands = [  # (name, tensors, dtype, numel of tensor i)
+        ("param", params, dtype, None),
+        ("grad", grads, dtype, None),
+        ("exp_avg", exp_avgs, state_dtype, None),
+        ("exp_avg_absmax", exp_avg_absmaxes if state_8bit else exp_avgs,
+         torch.float32 if state_8bit else None, n_blocks if state_8bit else None),
+        ("exp_avg_sq", exp_avg_sqs, state_dtype, None),
+        ("exp_avg_sq_absmax", exp_avg_sq_absmaxes if state_8bit else exp_avg_sqs,
+         torch.float32 if state_8bit else None, n_blocks if state_8bit else None),
+    ]
+    columns, aligned = [], []
+    for name, tensors, dt, counts in operands:
+        base = tensors[0]
+        size = base.element_size()
+        col = []
+        for i, t in enumerate(tensors):
+            n = params[i].numel() if counts is None else counts[i]
+            wrong_dtype = dt is not None and t.dtype != dt
+            if wrong_dtype or t.device != device or not t.is_contiguous() or t.numel() != n:
                 raise ValueError(
                     f"tensor {i}: {name} must be a contiguous {dt} tensor of {n} elements on {device}, got "
                     f"{t.dtype}, {t.numel()} elements on {t.device}, contiguous={t.is_contiguous()}"
                 )
-        if state_8bit:
-            ma, va = exp_avg_absmaxes[i], exp_avg_sq_absmaxes[i]
-            n_blocks = -(-n // block_size)
-            for name, t in (("exp_avg_absmax", ma), ("exp_avg_sq_absmax", va)):
-                if t.dtype != torch.float32 or t.device != device or not t.is_contiguous() or t.numel() != n_blocks:
-                    raise ValueError(f"tensor {i}: {name} must be contiguous float32 of {n_blocks} elements on "
-                                     f"{device}")
-            rows.append((p.data_ptr(), g.data_ptr(), m.data_ptr(), ma.data_ptr(), v.data_ptr(), va.data_ptr(), n, 0))
-        else:
-            rows.append((p.data_ptr(), g.data_ptr(), m.data_ptr(), 0, v.data_ptr(), 0, n, 0))
-    numels = tuple(r[_COL_NUMEL] for r in rows)
+            col.append((t.data_ptr() - base.data_ptr()) // size)
+        columns.append(col)
+        aligned.append(all(t.data_ptr() % 16 == 0 for t in tensors))
+    numels = tuple(p.numel() for p in params)
     if sum(numels) == 0:
         return
-    table = _CACHE.addresses(tuple(rows), device)
+    rows = tuple(tuple(c[i] for c in columns) + (numels[i], 0) for i in range(len(params)))
+    table = _CACHE.offsets(rows, device)
     progs, n_full = _CACHE.programs(numels, block_size, blocks_per_prog, device)
-    code_s, code_u, bound_s, bound_u = _tables(device)
+    tables = _tables(device)
+    (code_s, thr_s, coef_s, bound_s), (code_u, thr_u, coef_u, bound_u) = tables[True], tables[False]
     p_dtype = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
-    aligned = all(addr % 16 == 0 for row in rows for addr in row[:_COL_NUMEL])
+
+    def align(k: int) -> int:  # offsets of operand k are multiples of 16 bytes' worth of elements
+        return 16 // operands[k][1][0].element_size() if aligned[k] else 1
+
     scalars = (beta1, beta2, one_minus_beta1, one_minus_beta2, eps, step_size, inv_bc2_sqrt, weight_decay,
                decay_factor)
     # Full programs without masks (vector loads), then the tails with masks; the table lists them in order.
@@ -444,7 +511,9 @@ def adam8bit_multi_tensor_step(
         if count == 0:
             continue
         _adam_kernel[(count,)](
-            table, progs[start:], code_s, code_u, bound_s, bound_u, *scalars,
+            table, progs[start:],
+            params[0], grads[0], exp_avgs[0], operands[3][1][0], exp_avg_sqs[0], operands[5][1][0],
+            code_s, code_u, thr_s, coef_s, thr_u, coef_u, bound_s, bound_u, *scalars,
             P_DTYPE=p_dtype,
             STATE_8BIT=state_8bit,
             DECOUPLED=bool(decoupled),
@@ -452,8 +521,9 @@ def adam8bit_multi_tensor_step(
             BLOCK=block_size,
             BLOCKS_PER_PROG=blocks_per_prog,
             MASKED=masked,
-            ALIGNED=aligned,
+            ALIGN_P=min(align(0), align(1)),
+            ALIGN_S=min(align(2), align(4)),
+            ALIGN_A=min(align(3), align(5)),
             num_warps=num_warps,
             **_launch_options(device),
         )
-

@@ -46,7 +46,7 @@ def _kernels():
 
 
 def state_nbytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held by the tensors of ``optimizer.state`` (any torch optimizer; shared storages counted once)."""
+    """Bytes held by the tensors of ``optimizer.state`` (any torch optimizer; shared storage counts once)."""
     seen, total = set(), 0
     for state in optimizer.state.values():
         for value in state.values():
@@ -59,7 +59,7 @@ def state_nbytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 class _Adam8bitBase(torch.optim.Optimizer):
-    """Adam with 8-bit block-wise state; subclasses set ``_decoupled`` (the one hook: how weight decay acts)."""
+    """Adam with 8-bit block-wise state; subclasses set ``_decoupled`` (the one hook: how decay acts)."""
 
     _decoupled: bool = True
 
@@ -133,7 +133,9 @@ class _Adam8bitBase(torch.optim.Optimizer):
         self._check_hyperparameters(self.param_groups[-1])
         for p in self.param_groups[-1]["params"]:
             if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-                raise TypeError(f"{type(self).__name__} supports float32, bfloat16 and float16 params, got {p.dtype}")
+                raise TypeError(
+                    f"{type(self).__name__} supports float32, bfloat16 and float16 params, got {p.dtype}"
+                )
 
     # -- state -------------------------------------------------------------------------------------------
 
@@ -162,7 +164,7 @@ class _Adam8bitBase(torch.optim.Optimizer):
         if self.backend == "triton":
             if not kernels.triton_usable(p.device):
                 raise RuntimeError(
-                    f"backend='triton' cannot run on {p.device}: it needs CUDA (or TRITON_INTERPRET=1 for tests)"
+                    f"backend='triton' cannot run on {p.device}: it needs CUDA (or TRITON_INTERPRET=1)"
                 )
             return True
         return kernels is not None and p.device.type == "cuda" and kernels.triton_usable(p.device)
@@ -270,16 +272,18 @@ class _Adam8bitBase(torch.optim.Optimizer):
         if "exp_avg_codes" in state:
             n_blocks = -(-n // group["block_size"])
             expected = {"exp_avg_codes": (torch.uint8, n), "exp_avg_sq_codes": (torch.uint8, n),
-                        "exp_avg_absmax": (torch.float32, n_blocks), "exp_avg_sq_absmax": (torch.float32, n_blocks)}
+                        "exp_avg_absmax": (torch.float32, n_blocks),
+                        "exp_avg_sq_absmax": (torch.float32, n_blocks)}
         else:
             expected = {"exp_avg": (torch.float32, n), "exp_avg_sq": (torch.float32, n)}
         for key, (dtype, numel) in expected.items():
             t = state.get(key)
             if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.numel() != numel:
                 raise ValueError(
-                    f"{type(self).__name__}.load_state_dict: state {key!r} of a param with {n} elements must be "
-                    f"a {dtype} tensor of {numel} elements (block_size={group['block_size']}), got "
-                    f"{getattr(t, 'dtype', type(t).__name__)} with {getattr(t, 'numel', lambda: '?')()} elements"
+                    f"{type(self).__name__}.load_state_dict: state {key!r} of a param with {n} elements "
+                    f"must be a {dtype} tensor of {numel} elements (block_size={group['block_size']}), got "
+                    f"{getattr(t, 'dtype', type(t).__name__)} with {getattr(t, 'numel', lambda: '?')()} "
+                    "elements"
                 )
         if not isinstance(state.get("step"), int):
             raise ValueError(f"{type(self).__name__}.load_state_dict: state 'step' must be an int")

@@ -88,7 +88,7 @@ def adam_scalars(
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _maps_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return dynamic_map(True, 8).to(device), dynamic_map(False, 8).to(device)
 
@@ -153,7 +153,9 @@ def adam_reference_step(
     _check_param_grad(param, grad)
     for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         if t.dtype != torch.float32 or t.shape != param.shape:
-            raise ValueError(f"{name} must be float32 of shape {tuple(param.shape)}, got {t.dtype} {tuple(t.shape)}")
+            raise ValueError(
+                f"{name} must be float32 of shape {tuple(param.shape)}, got {t.dtype} {tuple(t.shape)}"
+            )
     p, m, v = _adam_math(param.float(), grad.float(), exp_avg, exp_avg_sq, scalars, decoupled)
     return p.to(param.dtype), m, v
 

@@ -5,18 +5,25 @@ Block-wise quantization (Dettmers et al. 2021, "8-bit Optimizers via Block-wise 
 cuts the flattened tensor into blocks of ``block_size`` elements, normalizes each block by its absolute
 maximum and stores, for every element, the index of the code value nearest to the normalized value:
 
-    absmax_b = max_{i in b} |x_i|                     (fp32, exact)
-    xn_i     = x_i / absmax_b                         (fp32 division, correctly rounded; 0 if absmax_b = 0)
-    codes_i  = argmin_k |xn_i - code[k]|              (exact nearest; a tie goes to the LOWER index k)
-    x_i     ~= code[codes_i] * absmax_b               (one fp32 multiplication)
+    absmax_b = max_{i in b} |x_i|                          (fp32, exact)
+    s_b      = 1 / max(absmax_b, 2^-126)                   (fp32 division, correctly rounded)
+    xn_i     = x_i * s_b                                   (fp32 multiplication)
+    codes_i  = argmin_k |xn_i - code[k]|                   (exact nearest; a tie goes to the LOWER index k)
+    x_i     ~= code[codes_i] * absmax_b                    (one fp32 multiplication)
+
+One division per block and a multiplication per element (as bitsandbytes does) keeps the fused kernels cheap;
+``xn`` is within one ulp of x / absmax and may exceed 1 in magnitude by that ulp (the nearest code is then
+still the end of the table). The floor 2^-126 (smallest normal float32) keeps s finite: an all-zero block
+gets xn = 0 (the code nearest 0, no NaN), and a block whose absmax is subnormal (< 1.2e-38) is scaled by
+2^126 instead of 1/absmax (its codes are then smaller than they could be; its values are below 1.2e-38).
 
 "Nearest" is exact: the index is the number of decision boundaries strictly below ``xn_i``, where boundary k
 is the largest float32 that is <= the exact midpoint (code[k] + code[k+1]) / 2 (``decision_boundaries``).
 For a float32 ``xn`` this gives the same answer as comparing with the exact real midpoint, so the result
 equals a brute-force argmin of |xn - code[k]| in exact arithmetic, ties to the lower index. A tie happens
 only when ``xn`` is exactly a midpoint that float32 can represent; the lower index is the code value closer
-to -inf (for negative ``xn`` the one of larger magnitude). The Triton kernels of lowbit.kernels search the
-same boundary table, so they produce the same bytes.
+to -inf (for negative ``xn`` the one of larger magnitude). The Triton kernels (lowbit.kernels.adam8bit)
+reproduce these bytes exactly.
 
 The dynamic map (``dynamic_map``) follows the dynamic tree quantization of Dettmers (2016, arXiv 1511.04561)
 as used in Dettmers et al. 2021: a byte is [sign bit] [e zero bits] [indicator 1] [f fraction bits]; the run
@@ -29,12 +36,18 @@ signed, ``bits`` = b:   e = 0 .. b-2, f = b-2-e   ->  2^(b-1) - 1 positive value
 unsigned:               the sign bit becomes a fraction bit, e = 0 .. b-2, f = b-1-e  ->  2^b - 2 values,
                         plus 0 and 1.0
 
+Each value is evaluated in float32, in this order (so a kernel can recompute any entry from its index bit
+for bit, without a table lookup):
+
+    t = (j + 1/2) / 2^f            exact
+    value = D_e * (0.1f + 0.9f * t)   with D_e = fl32(10^-e), 0.1f = fl32(0.1), 0.9f = fl32(0.9), each *, +
+                                      rounded to float32
+
 For b = 8 this is bitsandbytes' ``create_dynamic_map(signed, max_exponent_bits=7, total_bits=8)`` (the table
-bitsandbytes' 8-bit optimizers use): the same 256 values in the same sorted order, so code bytes mean the
-same thing. bitsandbytes evaluates the formula in float32 steps (``torch.linspace``, means, products); this
-module evaluates it in float64 and rounds once, so single values may differ by about one float32 ulp
-(relative 6e-8), which moves no byte that is not already within that distance of a decision boundary. The
-signed map has +1 but not -1 (its most negative value is -0.99297 for b = 8): a block's most negative
+bitsandbytes' 8-bit optimizers use): the same 256 values, in the same sorted order, up to float32 rounding —
+bitsandbytes evaluates the formula in different float32 steps (``torch.linspace``, means, products). The two
+tables differ by at most 2 ulp (relative 1.2e-7) in any entry; about half the entries are identical. The
+signed map has +1 but not -1 (its most negative value is -0.99296875 for b = 8): a block's most negative
 element, when it sets the absmax, is stored as -0.99297 * absmax, as in bitsandbytes.
 
 Dtypes: inputs fp32, bf16, fp16 (fp64 is accepted and computed in fp32); all arithmetic is fp32; codes are
@@ -61,6 +74,11 @@ _CHUNK_ELEMENTS = 1 << 24
 
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
+# fl32(10^-e) of the dynamic map, written as literals (correctly rounded, as a kernel's constants are).
+_DECADES = (1.0, 0.1, 0.01, 1e-3, 1e-4, 1e-5, 1e-6)
+# Smallest normal float32: the floor of the absmax before taking its reciprocal.
+_MIN_NORMAL = 2.0**-126
+
 
 def dynamic_map(signed: bool = True, bits: int = 8) -> torch.Tensor:
     """The dynamic (tree) quantization map: ``2**bits`` sorted float32 values (see the module docstring).
@@ -77,14 +95,17 @@ def dynamic_map(signed: bool = True, bits: int = 8) -> torch.Tensor:
         raise ValueError(f"bits must be an int in [2, 8], got {bits!r}")
     if not isinstance(signed, bool):
         raise TypeError(f"signed must be a bool, got {type(signed).__name__}")
-    magnitudes = []
+    f32 = torch.float32
+    mags = []
     for e in range(bits - 1):  # e = number of zero bits before the indicator bit
         f = (bits - 2 - e) if signed else (bits - 1 - e)  # fraction bits left
-        n = 2**f
-        magnitudes += [10.0 ** (-e) * (0.1 + 0.9 * (j + 0.5) / n) for j in range(n)]
+        t = (torch.arange(2**f, dtype=torch.float64) + 0.5) / 2**f  # exact in float32 (f <= 7)
+        decade = torch.tensor(_DECADES[e], dtype=f32)
+        mags.append(decade * (torch.tensor(0.1, dtype=f32) + torch.tensor(0.9, dtype=f32) * t.to(f32)))
+    magnitudes = torch.cat(mags).tolist()
     values = magnitudes + ([-m for m in magnitudes] if signed else []) + [0.0, 1.0]
-    code = torch.tensor(sorted(values), dtype=torch.float64).to(torch.float32)
-    if code.numel() != 2**bits or not bool((code[1:] > code[:-1]).all()):  # pragma: no cover - by construction
+    code = torch.tensor(sorted(values), dtype=torch.float32)
+    if code.numel() != 2**bits or not bool((code[1:] > code[:-1]).all()):  # pragma: no cover - by design
         raise AssertionError("dynamic map construction is inconsistent")
     return code
 
@@ -105,7 +126,7 @@ def _check_block_size(block_size: int) -> None:
 
 
 def decision_boundaries(code: torch.Tensor) -> torch.Tensor:
-    """Float32 decision boundaries of ``code``: boundary k is the largest float32 <= (code[k] + code[k+1]) / 2.
+    """Float32 decision boundaries of ``code``: boundary k is the largest float32 <= (code[k] + code[k+1])/2.
 
     ``torch.bucketize(xn, decision_boundaries(code))`` (right=False) is then the exact nearest-code index of
     a float32 ``xn`` with ties to the lower index. The midpoint is formed in float64, which is exact when
@@ -172,7 +193,8 @@ def quantize_blockwise(
             x_chunk = torch.nn.functional.pad(x_chunk, (0, pad))
         x_blocks = x_chunk.view(b1 - b0, block_size)  # (nb, block_size)
         am = x_blocks.abs().amax(dim=1)  # (nb,)
-        xn = x_blocks / torch.where(am > 0, am, torch.ones_like(am))[:, None]
+        scale = torch.div(torch.ones_like(am), am.clamp_min(_MIN_NORMAL))  # tensor / tensor: IEEE everywhere
+        xn = x_blocks * scale[:, None]
         idx = torch.bucketize(xn, boundaries, out_int32=True).view(-1)
         codes_u8[e0:e1] = idx[: e1 - e0].to(torch.uint8)
         absmax[b0:b1] = am
@@ -225,7 +247,12 @@ def dequantize_blockwise(
     for b0 in range(0, n_blocks, chunk_blocks):
         b1 = min(n_blocks, b0 + chunk_blocks)
         e0, e1 = b0 * block_size, min(n, b1 * block_size)
-        values = code[codes_flat[e0:e1].int()]
-        scale = absmax_flat[b0:b1].repeat_interleave(block_size)[: e1 - e0]
-        out[e0:e1] = values * scale
+        values = code.index_select(0, codes_flat[e0:e1].int())
+        full = (e1 - e0) // block_size  # whole blocks of this chunk, then at most one partial block
+        out_chunk = out[e0:e1]
+        out_chunk[: full * block_size].view(full, block_size).copy_(
+            values[: full * block_size].view(full, block_size) * absmax_flat[b0 : b0 + full, None]
+        )
+        if full * block_size < e1 - e0:
+            out_chunk[full * block_size :] = values[full * block_size :] * absmax_flat[b0 + full]
     return out.view(shape)
