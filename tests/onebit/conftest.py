@@ -5,6 +5,16 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tests run tiny tensors: one intra-op thread avoids thread spin on a loaded 2-core CI runner (it
+    made 20 tiny steps take 15 s instead of 1). Restored afterwards, so other test folders are unaffected."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_llama(vocab_size=96, hidden=32, layers=2, seed=0):
     transformers = pytest.importorskip("transformers", reason="the HF tests need transformers (lowbit[hf])")
     config = transformers.LlamaConfig(
@@ -22,6 +32,12 @@ def tiny_llama(vocab_size=96, hidden=32, layers=2, seed=0):
     )
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def make_tiny_llama():
+    """Factory fixture: ``make_tiny_llama(vocab_size=96, hidden=32, layers=2, seed=0)``."""
+    return tiny_llama
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,8 @@ A checkpoint is a folder:
 - ``onebit_config.json``: ``format`` ("lowbit.onebit"), ``version``, ``architecture`` ("gpt" for
   ``lowbit.models.GPT``, "hf" for a Hugging Face ``PreTrainedModel``), ``model_config`` (to rebuild the
   skeleton), ``buffer_dtypes`` (floating buffers, persistent or not), ``onebit_layers`` (per layer: sizes,
-  bias, LayerNorm settings), ``tied`` (alias -> stored name), optional ``tokenizer`` (a lowbit tokenizer ``state_dict``) and ``extra``.
+  bias, LayerNorm settings), ``tied`` (alias -> stored name), optional ``tokenizer`` (a lowbit tokenizer
+  ``state_dict``) and ``extra``.
 
 :func:`save_onebit` stores exactly what the model holds (training-form layers are packed on the way out,
 which does not change their output; cast or ``pack_onebit(model, torch.float16)`` first to store fp16

@@ -156,7 +156,7 @@ def svid_error(w: torch.Tensor, signs: torch.Tensor, g: torch.Tensor, h: torch.T
         )
     dt = torch.float32 if w.device.type == "mps" else torch.float64
     wd = w.detach().to(dt)
-    approx = signs.to(dt) * h.to(dt)[:, None] * g.to(dt)[None, :]
+    approx = signs.detach().to(dt) * h.detach().to(dt)[:, None] * g.detach().to(dt)[None, :]
     num = float(torch.linalg.norm(wd - approx))
     den = float(torch.linalg.norm(wd))
     if den == 0.0:
