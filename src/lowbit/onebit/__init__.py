@@ -23,6 +23,7 @@ from .checkpoint import (
 from .convert import (
     ConvertedLayer,
     apply_rtn_binarization,
+    cast_parameters,
     convert_to_onebit,
     onebit_layers,
     pack_onebit,
@@ -57,6 +58,7 @@ __all__ = [
     "SyntheticCorpus",
     "TimeBudget",
     "apply_rtn_binarization",
+    "cast_parameters",
     "convert_to_onebit",
     "distill",
     "find_blocks",

@@ -174,20 +174,6 @@ def _encode_prefix(tokenizer: Any, text: str, n_tokens: int) -> torch.Tensor:
         chars *= 2
 
 
-def cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Cast every floating parameter to ``dtype`` in place, leaving buffers (e.g. rotary tables) alone. A
-    parameter shared by several modules (a tied head) stays shared."""
-    done: dict[int, nn.Parameter] = {}
-    for module in model.modules():
-        for name, p in list(module.named_parameters(recurse=False)):
-            if not p.dtype.is_floating_point or p.dtype == dtype:
-                continue
-            if id(p) not in done:
-                done[id(p)] = nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
-            setattr(module, name, done[id(p)])
-    return model
-
-
 def _n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # shared (tied) parameters once
 
@@ -305,7 +291,13 @@ def run_compress(config: CompressConfig) -> dict[str, Any]:
     from ..models import load_causal_lm
     from ..trainer import TrainConfig, resolve_device
     from .checkpoint import load_onebit, onebit_bits_per_weight, save_onebit, size_report
-    from .convert import apply_rtn_binarization, convert_to_onebit, pack_onebit, select_linears
+    from .convert import (
+        apply_rtn_binarization,
+        cast_parameters,
+        convert_to_onebit,
+        pack_onebit,
+        select_linears,
+    )
     from .distill import DistillConfig, DistillLoss, distill, set_trainable
     from .evaluate import WindowBatches, text_perplexity
     from .synthetic import MixedBatcher, generate_synthetic_corpus

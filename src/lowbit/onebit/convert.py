@@ -23,6 +23,7 @@ __all__ = [
     "ConvertedLayer",
     "FilterFn",
     "apply_rtn_binarization",
+    "cast_parameters",
     "convert_to_onebit",
     "onebit_layers",
     "pack_onebit",
@@ -150,6 +151,20 @@ def apply_rtn_binarization(model: nn.Module, module_filter_fn: FilterFn | None =
         errors[name] = float((weight.double() - w1.double()).norm()) / denom if denom else 0.0
         weight.copy_(w1)
     return errors
+
+
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast every floating parameter to ``dtype`` in place, leaving buffers (e.g. rotary tables) alone. A
+    parameter shared by several modules (a tied head) stays shared."""
+    done: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if not p.dtype.is_floating_point or p.dtype == dtype:
+                continue
+            if id(p) not in done:
+                done[id(p)] = nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
+            setattr(module, name, done[id(p)])
+    return model
 
 
 def onebit_layers(model: nn.Module) -> dict[str, OneBitLinear]:
