@@ -1,0 +1,203 @@
+"""``Int4Linear``: an ``nn.Linear`` whose forward and backward products run on INT4 codes (``int4_linear``).
+
+The full-precision master weight (and bias) stay the optimizer's parameters; the codes are made fresh
+every step. Per-layer state beyond the parameters:
+
+- ``input_scale``, ``weight_scale``: learned LSQ step sizes (0-dim fp32 parameters) when
+  ``config.scale_mode == "lsq"``, initialized at the first forward from that batch (2·mean|v|/sqrt(7)).
+- the Hadamard block size (``config.block_size``, or chosen at the first forward for "auto").
+- a ``torch.Generator`` per device for the backward pass, seeded with ``seed`` (``convert_to_int4_training``
+  derives one seed per layer from ``config.seed`` and the layer's name).
+
+All of it is in ``state_dict`` (the block size, initialization flag and generator states as extra
+state), so a checkpoint round trip continues the same trajectory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .config import Int4TrainingConfig
+from .function import (
+    Int4Spec,
+    block_size_candidates,
+    hadamard_rotate,
+    int4_linear,
+    lsq_init_scale,
+    resolve_backend,
+    select_block_size,
+)
+
+__all__ = ["Int4Linear"]
+
+_EXTRA_STATE_VERSION = 1
+
+
+class Int4Linear(nn.Linear):
+    """INT4 fully quantized training replacement of ``nn.Linear`` (Xi et al. 2023).
+
+    Args:
+        in_features, out_features, bias, device, dtype: as ``nn.Linear``.
+        config: :class:`Int4TrainingConfig` (default: recipe "hq-lss").
+        seed: seed of this layer's backward generator (default ``config.seed``).
+
+    Input (..., in_features) of any leading shape, fp32 / bf16 / fp16 (also under ``torch.autocast``);
+    output (..., out_features) in the input's dtype (the autocast dtype under autocast). A non-float input
+    raises TypeError; an ``in_features`` with no valid Hadamard block raises ValueError at construction.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        config: Int4TrainingConfig | None = None,
+        *,
+        seed: int | None = None,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._setup(config, seed)
+
+    def _setup(self, config: Int4TrainingConfig | None, seed: int | None) -> None:
+        config = Int4TrainingConfig() if config is None else config
+        if not isinstance(config, Int4TrainingConfig):
+            raise TypeError(f"config must be an Int4TrainingConfig, got {type(config).__name__}")
+        self.backend = resolve_backend(config.backend)
+        self.config = config
+        self.seed = config.seed if seed is None else int(seed)
+        reason = invalid_block_reason(self.in_features, config)
+        if reason is not None:
+            raise ValueError(reason)
+        self.block_size: int | None = config.block_size if isinstance(config.block_size, int) else None
+        self.scales_initialized = not config.uses_lsq
+        if config.uses_lsq:
+            device = self.weight.device
+            self.input_scale = nn.Parameter(torch.ones((), dtype=torch.float32, device=device))
+            self.weight_scale = nn.Parameter(torch.ones((), dtype=torch.float32, device=device))
+        else:
+            self.register_parameter("input_scale", None)
+            self.register_parameter("weight_scale", None)
+        self._generators: dict[str, torch.Generator] = {}
+        self._pending_rng: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, config: Int4TrainingConfig | None = None, *, seed: int | None = None
+    ) -> Int4Linear:
+        """An Int4Linear sharing ``linear``'s weight and bias Parameters (the same objects: an optimizer that
+        holds them keeps working, and the fp master weight is kept)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new._setup(config, seed)
+        new.train(linear.training)
+        return new
+
+    # ------------------------------------------------------------------------------------------ state
+
+    @property
+    def spec(self) -> Int4Spec:
+        """The :class:`Int4Spec` of the next call (block size resolved once "auto" has chosen)."""
+        return Int4Spec.from_config(self.config, self.block_size)
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """This layer's backward generator on ``device`` (created on first use, seeded with ``self.seed``)."""
+        key = str(device)
+        gen = self._generators.get(key)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.seed)
+            pending = self._pending_rng.pop(key, None)
+            if pending is not None:
+                gen.set_state(pending)
+            self._generators[key] = gen
+        return gen
+
+    def get_extra_state(self) -> dict[str, Any]:
+        rng = {key: gen.get_state() for key, gen in self._generators.items()}
+        rng.update({k: v for k, v in self._pending_rng.items() if k not in rng})
+        return {
+            "version": _EXTRA_STATE_VERSION,
+            "block_size": self.block_size,
+            "scales_initialized": self.scales_initialized,
+            "seed": self.seed,
+            "rng": rng,
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or state.get("version") != _EXTRA_STATE_VERSION:
+            raise ValueError(
+                f"Int4Linear: unsupported extra state {type(state).__name__} (expected version 1)"
+            )
+        block = state["block_size"]
+        if block is not None and self.in_features % block != 0:
+            raise ValueError(
+                f"Int4Linear: saved block_size {block} does not divide in_features={self.in_features}"
+            )
+        self.block_size = block
+        self.scales_initialized = bool(state["scales_initialized"])
+        self.seed = int(state["seed"])
+        self._generators = {}
+        self._pending_rng = {k: v.cpu() for k, v in state.get("rng", {}).items()}
+
+    # ------------------------------------------------------------------------------------------ forward
+
+    @torch.no_grad()
+    def _first_step(self, x2d: torch.Tensor) -> None:
+        """Choose the "auto" block and initialize the LSQ scales from the first batch."""
+        cfg = self.config
+        if cfg.hadamard and self.block_size is None:
+            self.block_size = select_block_size(
+                x2d, self.weight, scale_mode=cfg.scale_mode, granularity=cfg.granularity
+            )
+        if not self.scales_initialized:
+            self.input_scale.copy_(lsq_init_scale(hadamard_rotate(x2d, self.block_size)))
+            self.weight_scale.copy_(lsq_init_scale(hadamard_rotate(self.weight, self.block_size)))
+            self.scales_initialized = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(
+                "Int4Linear: input must be a floating-point tensor, got "
+                f"{getattr(x, 'dtype', type(x).__name__)}"
+            )
+        if (self.config.hadamard and self.block_size is None) or not self.scales_initialized:
+            self._first_step(x.reshape(-1, self.in_features))
+        return int4_linear(
+            x,
+            self.weight,
+            self.bias,
+            spec=self.spec,
+            input_scale=self.input_scale,
+            weight_scale=self.weight_scale,
+            generator=self.generator(x.device),
+        )
+
+    def extra_repr(self) -> str:
+        block = self.block_size if self.block_size is not None else self.config.block_size
+        return (
+            f"{super().extra_repr()}, recipe={self.config.recipe}, block_size={block}, "
+            f"scale_mode={self.config.scale_mode}"
+        )
+
+
+def invalid_block_reason(d_in: int, config: Int4TrainingConfig) -> str | None:
+    """Why ``d_in`` cannot use ``config``'s Hadamard block (None when it can)."""
+    if not config.hadamard:
+        return None
+    if config.block_size == "auto":
+        if not block_size_candidates(d_in):
+            return f"D_in={d_in} has no power-of-two Hadamard block >= 2 (block_size='auto')"
+        return None
+    if d_in % config.block_size != 0:
+        return f"D_in={d_in} is not a multiple of the Hadamard block_size={config.block_size}"
+    return None
