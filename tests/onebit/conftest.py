@@ -47,7 +47,7 @@ def tiny_hf_dir(tmp_path_factory):
     tokenizers = pytest.importorskip("tokenizers", reason="the HF tests need tokenizers (lowbit[hf])")
     from lowbit.data import load_corpus
 
-    text = load_corpus("shakespeare").train_text[:200_000]
+    text = load_corpus("shakespeare").train_text[:50_000]
     tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tokenizers.decoders.ByteLevel()

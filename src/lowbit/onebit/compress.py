@@ -53,6 +53,7 @@ class CompressConfig:
         synthetic: number of teacher-generated sequences (0: none; then ``real_fraction`` must be 1).
         synthetic_len: tokens per synthetic sequence at most. synthetic_batch: sequences generated together.
         real_fraction: share of each distillation batch taken from the train split of ``data`` (0..1).
+        real_tokens: how many tokens of the train split to encode for that (its first ones).
         steps: distillation steps; with ``time_budget_min`` it is an upper bound (None: budget only).
         time_budget_min: wall-clock minutes for the distillation loop (None: run ``steps``).
         batch_size, seq_len: distillation batch (B, T).
@@ -77,6 +78,7 @@ class CompressConfig:
     synthetic_len: int = 256
     synthetic_batch: int = 512
     real_fraction: float = 0.25
+    real_tokens: int = 2_000_000
     steps: int | None = None
     time_budget_min: float | None = 5.0
     batch_size: int = 32
@@ -120,6 +122,7 @@ class CompressConfig:
             pos_int(name)
         pos_int("synthetic", 0)
         pos_int("eval_tokens", 2)
+        pos_int("real_tokens", 2)
         if self.steps is not None:
             pos_int("steps")
         if self.steps is None and self.time_budget_min is None:
@@ -401,7 +404,7 @@ def run_compress(config: CompressConfig) -> dict[str, Any]:
         batchers.append(TokenBatcher(corpus_syn.stream(), n_syn, config.seq_len, generator=config.seed))
     real_tokens = 0
     if n_real > 0:
-        real = _encode_prefix(tokenizer, corpus.train_text, 2_000_000)
+        real = _encode_prefix(tokenizer, corpus.train_text, config.real_tokens)
         real_tokens = real.numel()
         batchers.append(TokenBatcher(real, n_real, config.seq_len, generator=config.seed + 1))
     data = batchers[0] if len(batchers) == 1 else MixedBatcher(batchers)
@@ -622,6 +625,7 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--real-fraction", type=float, default=d.real_fraction, help="share of real-text rows per batch"
     )
+    p.add_argument("--real-tokens", type=int, default=d.real_tokens, help="train-split tokens to encode")
     p.add_argument(
         "--steps", type=int, default=d.steps, help="distillation steps (upper bound with a budget)"
     )
@@ -666,6 +670,7 @@ def config_from_args(args) -> CompressConfig:
         synthetic_len=args.synthetic_len,
         synthetic_batch=args.synthetic_batch,
         real_fraction=args.real_fraction,
+        real_tokens=args.real_tokens,
         steps=args.steps,
         time_budget_min=budget,
         batch_size=args.batch_size,
