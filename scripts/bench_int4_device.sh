@@ -5,7 +5,7 @@
 #
 #   main: GPU tests of tests/kernels/{test_hadamard_quant,test_int4_matmul,test_int4_linear}.py, then the
 #         benchmark at 16384x4096x4096 with every variant of ours, the per-kernel table and the tile sweeps
-#   full: the benchmark at the four shapes of the issue (bf16 eager / compiled, torchao float8, ours)
+#   full: the benchmark at the other three shapes of the issue (bf16 eager / compiled, torchao float8, ours)
 #   all:  main, then full
 #
 # torchao comes from a wheel the call carries (.whl, ignored by git); install it first, e.g.
@@ -37,7 +37,7 @@ if [[ $PHASE == main || $PHASE == all ]]; then
 
     echo "== benchmark, main shape ($(($(date +%s) - T0)) s)"
     python3 -m lowbit.bench.int4_linear --shapes 16384,4096,4096 \
-        --methods bf16-eager,ours,torchao-float8-compiled,bf16-compiled,ours-nolss,ours-cublas-dx \
+        --methods bf16-eager,ours,ours-fp8dw,torchao-float8-compiled,bf16-compiled,ours-nolss,ours-cublas-dx \
         --kernels first --sweep --time-budget "${MAIN_BUDGET:-140}" --json "$OUT/bench_main.json" \
         >"$OUT/bench_main.log" 2>&1
     echo "bench exit $?"
@@ -45,8 +45,8 @@ fi
 
 if [[ $PHASE == full || $PHASE == all ]]; then
     echo "== benchmark, all shapes ($(($(date +%s) - T0)) s)"
-    python3 -m lowbit.bench.int4_linear \
-        --methods bf16-eager,bf16-compiled,torchao-float8-compiled,ours \
+    python3 -m lowbit.bench.int4_linear --shapes "16384,4096,11008;8192,8192,8192;16384,2048,2048" \
+        --methods bf16-eager,ours,ours-fp8dw,torchao-float8-compiled,bf16-compiled \
         --kernels none --time-budget "${FULL_BUDGET:-150}" --json "$OUT/bench_full.json" \
         >"$OUT/bench_full.log" 2>&1
     echo "bench exit $?"

@@ -19,6 +19,7 @@ import lowbit.kernels.hadamard_quant as hq  # noqa: E402
 from lowbit.quant import (  # noqa: E402
     bit_split,
     hadamard_transform,
+    leverage_score_probabilities,
     quantize,
     quantize_with_scale,
 )
@@ -78,7 +79,9 @@ def _reference(x, block, granularity, round_rotated=False):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("block", [None, 2, 32, 128])
 @pytest.mark.parametrize("granularity", ["row", "tensor"])
-def test_hadamard_quantize_matches_reference(device, dtype, block, granularity):
+def test_hadamard_quantize_matches_reference(device, dtype, block, granularity, monkeypatch):
+    if device == "cpu":  # split each row over two programs (atomic absmax / Σ codes²), as on the GPU
+        monkeypatch.setitem(hq._HQ_CONFIG, "chunk", 128)
     shape = (24, 256) if device == "cpu" else (4096, 4096)
     x = _rows(*shape, dtype, device, seed=block or 1, spread=1.5 if dtype == torch.float16 else 3.0)
     out = hq.hadamard_quantize(x, block, granularity=granularity, transposed_dtype=torch.int8)
@@ -259,13 +262,92 @@ def test_gather_scaled_rows_matches_index_and_multiply(device, out_dtype):
     assert a0.shape == (0, 96) and b0.shape == (0, 80)
 
 
+# ---------------------------------------------------------------------------------------------- sampling
+
+
+def _lss_inputs(n, device, seed=0, per_token=True):
+    g = torch.Generator().manual_seed(seed)
+    ssq_hi = torch.randint(0, 400, (n,), generator=g).float()
+    ssq_lo = torch.randint(0, 400, (n,), generator=g).float()
+    ssq_hi[:3] = 0  # all-zero gradient rows: p = 0, never kept
+    ssq_lo[:3] = 0
+    s_hi = torch.logspace(-4, 1, n if per_token else 1)[torch.randperm(n if per_token else 1, generator=g)]
+    s_hi = s_hi.reshape(-1, 1)
+    s_lo = s_hi / 14
+    x_ssq = torch.randint(1, 300, (n,), generator=g).float()
+    x_scale = torch.tensor([[0.02]])
+    return [t.to(device) for t in (ssq_hi, ssq_lo, s_hi, s_lo, x_ssq, x_scale)]
+
+
+@pytest.mark.parametrize("device", [CPU, GPU])
+@pytest.mark.parametrize("keep_ratio", [0.3, 0.5, 1.0])
+def test_leverage_sample_compact(device, keep_ratio):
+    n = 40 if device == "cpu" else 16384
+    ssq_hi, ssq_lo, s_hi, s_lo, x_ssq, sx = _lss_inputs(n, device)
+    out = hq.leverage_sample_compact(ssq_hi, ssq_lo, s_hi, s_lo, x_ssq, sx, keep_ratio, seed=3)
+    norm_g = torch.cat((s_hi.double().reshape(-1) * ssq_hi.double().sqrt(), s_lo.double().reshape(-1) *
+                        ssq_lo.double().sqrt()))
+    scores = norm_g * torch.cat([sx.double() * x_ssq.double().sqrt()] * 2).reshape(-1)
+    p_ref = leverage_score_probabilities(scores, keep_ratio * 2 * n).double()
+    # fp32 scores (5 roundings) and fp32 sums over the 2N rows in the closed form: relative (2N + 10)·u.
+    tol = (2 * n + 10) * U32 * p_ref + 1e-7
+    assert bool(((out.p.double() - p_ref).abs() <= tol).all())
+    assert bool((out.p[scores == 0] == 0).all())
+    # compaction: increasing stacked index, factor = s_h · s_x / p of the row, count = number kept
+    j = out.src.long() + n * out.half.long()
+    assert out.count == out.src.numel() and bool((j[1:] > j[:-1]).all())
+    assert bool((out.p[j] > 0).all()) and bool((out.p[(out.p == 1)] == 1).all())
+    assert bool(torch.isin(torch.nonzero(out.p == 1).squeeze(1), j).all())  # p = 1 rows are always kept
+    s_h = torch.where(out.half == 0, s_hi.reshape(-1)[out.src.long()], s_lo.reshape(-1)[out.src.long()])
+    torch.testing.assert_close(out.factor, (s_h * sx.reshape(())) / out.p[j], rtol=0, atol=0)
+    torch.testing.assert_close(out.factor_max, out.factor.amax().reshape(1), rtol=0, atol=0)
+    # the number kept is a sum of Bernoulli(p): within 5 standard deviations of Σ p
+    mean, var = float(out.p.double().sum()), float((out.p.double() * (1 - out.p.double())).sum())
+    assert abs(out.count - mean) <= 5 * math.sqrt(var) + 1e-9
+
+
+@pytest.mark.parametrize("device", [CPU, GPU])
+def test_gather_pow2_round_is_exact_in_fp8_and_unbiased(device):
+    # 4 factors x 64 repeats of one source row: the power-of-two roundings of the repeats are independent,
+    # each with relative std <= 1/sqrt(8), so their mean is within 5 · 0.354 / 8 of the factor.
+    reps = 64
+    g = _rows(4, 128, torch.float32, device, seed=8)
+    bs = hq.bit_split_quantize(g, seed=2, write_packed=True)
+    x_codes = torch.randint(1, 8, (4, 96), device=device).to(F8)  # nonzero: every entry shows its factor
+    base = torch.tensor([3.0e-3, 7.7e-2, 1.1, 2.3e-7], device=device)  # the last one under the window
+    factor = base.repeat_interleave(reps)
+    src = torch.arange(4, device=device).repeat_interleave(reps)
+    half = torch.zeros_like(src)
+    a_t, b_t, t = hq.gather_scaled_rows(bs.hl, x_codes, src, factor, half=half, out_dtype=F8, transposed=True,
+                                        pad_to=16, pow2_round=(factor.amax().reshape(1), 5))
+    assert a_t.shape == (128, 4 * reps) and b_t.shape == (96, 4 * reps)
+    hi, _ = hq.unpack_hi_lo(bs.hl)
+    torch.testing.assert_close(a_t.float().t(), hi[src].float(), rtol=0, atol=0)
+    t = float(t)
+    assert math.log2(t).is_integer() and 32 < float(base.max()) / t <= 64
+    fhat = b_t.float().t() / x_codes[src].float()  # per row one power of two in [2^-9, 2^6], or 0
+    row = fhat[:, 0]
+    assert bool((fhat == row[:, None]).all())
+    pos = row[row > 0]
+    assert bool((torch.log2(pos) == torch.round(torch.log2(pos))).all())
+    assert bool((pos >= 2.0**-9).all()) and bool((pos <= 64).all())
+    mean = (row * t).reshape(4, reps).double().mean(1)
+    rel = (mean - base.double()).abs() / base.double()
+    assert bool((rel[:3] <= 5 * math.sqrt(1 / 8) / math.sqrt(reps)).all())
+    # under the window: 2^-9·t with probability v / 2^-9 (v = 2.3e-7 / t), else 0: mean within 5 sigma
+    q = float(base[3]) / t / 2.0**-9
+    assert abs(float(mean[3]) / (2.0**-9 * t) - q) <= 5 * math.sqrt(q * (1 - q) / reps)
+
+
 # ---------------------------------------------------------------------------------------------- rotation
 
 
 @pytest.mark.parametrize("device", [CPU, GPU])
 @pytest.mark.parametrize("in_dtype", [torch.int32, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("block", [None, 16, 128])
-def test_hadamard_rows_matches_fp64_transform(device, in_dtype, block):
+def test_hadamard_rows_matches_fp64_transform(device, in_dtype, block, monkeypatch):
+    if device == "cpu":
+        monkeypatch.setitem(hq._HQ_CONFIG, "chunk", 128)
     r, c = (24, 256) if device == "cpu" else (4096, 4096)
     gen = torch.Generator().manual_seed(4)
     if in_dtype == torch.int32:

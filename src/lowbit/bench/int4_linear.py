@@ -25,7 +25,8 @@ import torch.nn.functional as F
 __all__ = ["DEFAULT_SHAPES", "add_arguments", "run"]
 
 DEFAULT_SHAPES = ((16384, 4096, 4096), (16384, 4096, 11008), (8192, 8192, 8192), (16384, 2048, 2048))
-METHODS = ("bf16-eager", "bf16-compiled", "torchao-float8-compiled", "ours", "ours-nolss", "ours-cublas-dx")
+METHODS = ("bf16-eager", "bf16-compiled", "torchao-float8-compiled", "ours", "ours-nolss", "ours-cublas-dx",
+           "ours-fp8dw")
 
 
 def _parse_shapes(text: str) -> list[tuple[int, int, int]]:
@@ -122,6 +123,7 @@ def _step_fn(method: str, x, w, gy, args):
         from lowbit.kernels import int4_linear as lin4
 
         keep = None if method == "ours-nolss" else args.keep_ratio
+        fp8dw = method == "ours-fp8dw"
         gen = torch.Generator(device=x.device).manual_seed(0)
         if method == "ours-cublas-dx":
             def fn(a, b):
@@ -135,7 +137,8 @@ def _step_fn(method: str, x, w, gy, args):
             return step
 
         def step():
-            y = lin4.int4_linear_triton(x, w, block_size=args.block_size, lss_keep_ratio=keep, generator=gen)
+            y = lin4.int4_linear_triton(x, w, block_size=args.block_size, lss_keep_ratio=keep, generator=gen,
+                                        grad_weight_fp8=fp8dw)
             return torch.autograd.grad(y, (x, w), gy)
         return step
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
@@ -198,25 +201,28 @@ def _kernel_rows(m, k, n, x, w, gy, args, budget, on_row=None) -> list[dict]:
     add("bwd: bit split (v + packed halves)", lambda: hq.bit_split_quantize(gy, seed=1, write_packed=True),
         bytes_=4 * m * n)
     bs = hq.bit_split_quantize(gy, seed=1, write_packed=True, write_fp8=True)
-    x_norm = qx.scale.reshape(-1).expand(m) * qx.code_sumsq.sqrt()
-    gen = torch.Generator(device=x.device).manual_seed(0)
 
     def sample():
-        wts = lin4._lss_weights(bs.scale_hi, bs.scale_lo, bs.sumsq_hi, bs.sumsq_lo, x_norm, args.keep_ratio,
-                                gen)
-        return torch.nonzero(wts > 0).squeeze(1), wts
-    add("bwd: LSS probabilities + Bernoulli + compaction index (sync)", sample)
-    kept, wts = sample()
-    r = int(kept.numel())
-    src, half = kept % m, torch.div(kept, m, rounding_mode="floor")
-    s_half = torch.stack((bs.scale_hi.reshape(-1).expand(m), bs.scale_lo.reshape(-1).expand(m)))
-    factor = s_half[half, src] * wts[kept] * qx.scale.reshape(-1).expand(m)[src]
+        return hq.leverage_sample_compact(bs.sumsq_hi, bs.sumsq_lo, bs.scale_hi, bs.scale_lo, qx.code_sumsq,
+                                          qx.scale, args.keep_ratio, seed=7)
+    add("bwd: LSS kernel: probabilities, Bernoulli, compaction (+ sync)", sample)
+    lss = sample()
+    r, src, half, factor = lss.count, lss.src, lss.half, lss.factor
+    norm = lin4._pow2_normalizer(factor)
     add(f"bwd: gather kept rows → fp16 operands (R = {r})", lambda: hq.gather_scaled_rows(
-        bs.hl, qx.codes, src, factor, half=half, out_dtype=torch.float16), bytes_=r * (n + k) * 3)
-    a16, b16 = hq.gather_scaled_rows(bs.hl, qx.codes, src, factor, half=half, out_dtype=torch.float16)
+        bs.hl, qx.codes, src, factor / norm, half=half, out_dtype=torch.float16), bytes_=r * (n + k) * 3)
+    a16, b16 = hq.gather_scaled_rows(bs.hl, qx.codes, src, factor / norm, half=half, out_dtype=torch.float16)
     add(f"bwd: ∇W fp16 GEMM N×R×K (R = {r})", lambda: lin4._mm_fp32(a16.t(), b16), flops=2 * n * r * k)
     gvw = lin4._mm_fp32(a16.t(), b16)
     add("bwd: ∇W rotation back (fp32 in, bf16 out)", lambda: hq.hadamard_rows(gvw, b), bytes_=6 * n * k)
+    pow2 = (lss.factor_max, 9)
+    add(f"alt ∇W: gather → FP8 K-major, pow2 factors (R = {r})", lambda: hq.gather_scaled_rows(
+        bs.hl, qx.codes, src, factor, half=half, out_dtype=f8, transposed=True, pad_to=16, pow2_round=pow2),
+        bytes_=r * (n + k) * 2)
+    a8, b8, t8 = hq.gather_scaled_rows(bs.hl, qx.codes, src, factor, half=half, out_dtype=f8, transposed=True,
+                                       pad_to=16, pow2_round=pow2)
+    add(f"alt ∇W: FP8 _scaled_mm N×R×K (R = {r}), fp32 out", lambda: mm.int4_mm(
+        a8, b8, torch.ones(1, device=x.device), t8, out_dtype=torch.float32), flops=2 * n * r * k)
     one = torch.ones(1, device=x.device)
     add("bwd: ∇X int8 GEMM + scales + rotation (Triton)", lambda: mm.int8_scaled_mm(
         bs.v, qw.codes_t, bs.scale_lo, qw.scale, hadamard_block=b), flops=2 * m * n * k)
@@ -236,17 +242,15 @@ def _kernel_rows(m, k, n, x, w, gy, args, budget, on_row=None) -> list[dict]:
 
     if args.sweep:
         for cfg in ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
-                    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
-                    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 5},
-                    {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
-                    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}):
+                    {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4}):
             tag = "x".join(str(v) for v in cfg.values())
             add(f"sweep ∇X int8 GEMM + rotation {tag}", lambda cfg=cfg: mm.int8_scaled_mm(
                 bs.v, qw.codes_t, bs.scale_lo, qw.scale, hadamard_block=b, config=cfg), flops=2 * m * n * k)
-        for rows_, warps in ((16, 4), (32, 4), (64, 4), (128, 8), (64, 8)):
-            add(f"sweep HQ(X) quantize pass rows={rows_} warps={warps}", lambda r_=rows_, w_=warps:
-                hq.hadamard_quantize(x, b, scale=ascale, block_rows=r_, num_warps=w_), bytes_=3 * m * k)
-        for rows_, cols, warps in ((8, 512, 4), (16, 512, 8), (32, 256, 4), (4, 1024, 4)):
+        for rows_, chunk, warps in ((32, 512, 4), (64, 1024, 4), (128, 512, 8), (64, 256, 4)):
+            add(f"sweep HQ(X) quantize pass rows={rows_} chunk={chunk} warps={warps}",
+                lambda r_=rows_, c_=chunk, w_=warps: hq.hadamard_quantize(
+                    x, b, scale=ascale, block_rows=r_, chunk=c_, num_warps=w_), bytes_=3 * m * k)
+        for rows_, cols, warps in ((4, 512, 4), (16, 512, 4), (8, 1024, 8), (8, 256, 4)):
             add(f"sweep bit split rows={rows_} cols={cols} warps={warps}",
                 lambda r_=rows_, c_=cols, w_=warps: hq.bit_split_quantize(
                     gy, seed=1, write_packed=True, block_rows=r_, block_cols=c_, num_warps=w_),

@@ -48,9 +48,11 @@ from lowbit.quant import hadamard_matrix, is_power_of_two, true_div
 try:
     import triton
     import triton.language as tl
+    import triton.language.random as tlr
 except ImportError:  # pragma: no cover - exercised where Triton is absent
     triton = None
     tl = None
+    tlr = None
 
 __all__ = [
     "HAS_TRITON",
@@ -58,11 +60,13 @@ __all__ = [
     "QMAX",
     "BitSplitCodes",
     "HadamardQuantized",
+    "LssSample",
     "bit_split_quantize",
     "gather_scaled_rows",
     "hadamard_quantize",
     "hadamard_rows",
     "interpreting",
+    "leverage_sample_compact",
     "row_absmax",
     "sign_matrix",
     "unpack_hi_lo",
@@ -182,13 +186,14 @@ if HAS_TRITON:
             return y
 
     @triton.jit
-    def _rint(v):
-        """Round half to even (torch.round), exact for |v| < 2^22; larger values are clamped after."""
-        f = tl.floor(v)
-        d = v - f
-        odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
-        up = (d > 0.5) | ((d == 0.5) & odd)
-        return tl.where(up, f + 1.0, f)
+    def _rint7(v):
+        """clamp(round(v), -7, 7) with round half to even (torch.round), for any finite v.
+
+        Clamping to ±8 first changes nothing after the final clamp; then adding and subtracting 1.5·2^23
+        rounds to an integer in IEEE fp32 (round to nearest even), exact for |v| < 2^22.
+        """
+        r = (tl.minimum(tl.maximum(v, -8.0), 8.0) + 12582912.0) - 12582912.0
+        return tl.minimum(tl.maximum(r, -7.0), 7.0)
 
     @triton.jit
     def _rotate(xr, s, NSPLIT: tl.constexpr, DOT_F32: tl.constexpr):
@@ -228,19 +233,23 @@ if HAS_TRITON:
     def _hq_kernel(
         x_ptr, s_ptr, scale_in_ptr, rs_ptr,
         out_ptr, out_t_ptr, scale_out_ptr, absmax_ptr, sumsq_ptr,
-        R, C, stride_xr, stride_or, stride_tc,
+        R, C, CHUNK, stride_xr, stride_or, stride_tc,
         inv_sqrt_b,
         BR: tl.constexpr, BC: tl.constexpr,
         ROTATE: tl.constexpr, NSPLIT: tl.constexpr, DOT_F32: tl.constexpr, ROUND: tl.constexpr,
         MODE: tl.constexpr, WRITE_OUT: tl.constexpr, WRITE_T: tl.constexpr, HAS_RS: tl.constexpr,
-        QMAX_C: tl.constexpr,
+        SPLIT: tl.constexpr, QMAX_C: tl.constexpr,
     ):
-        """One program: BR rows, all C columns in tiles of BC.
+        """Program (i, j): rows [i·BR, (i+1)·BR), columns [j·CHUNK, (j+1)·CHUNK) in tiles of BC.
 
-        MODE 0 (stats): absmax of each row of x̂.  MODE 1 (row): per-row scale, then codes.
-        MODE 2 (given): codes with the scale at scale_in_ptr.  MODE 3 (transform): out = x̂ · rs[row] · scale.
+        MODE 0 (stats): absmax of each row of x̂ (atomic max over column chunks when SPLIT).
+        MODE 1 (row): per-row scale, then codes; one chunk holds the whole row.
+        MODE 2 (given): codes with the scale at scale_in_ptr (Σ codes² atomically added when SPLIT).
+        MODE 3 (transform): out = x̂ · rs[row] · scale.
         """
         pid = tl.program_id(0)
+        c_begin = tl.program_id(1) * CHUNK
+        c_end = tl.minimum(c_begin + CHUNK, C)
         rows = pid * BR + tl.arange(0, BR)
         row_ok = rows < R
         rows64 = rows.to(tl.int64)
@@ -253,13 +262,16 @@ if HAS_TRITON:
 
         if MODE == 0 or MODE == 1:
             amax = tl.zeros([BR], dtype=tl.float32)
-            for c0 in range(0, C, BC):
+            for c0 in range(c_begin, c_end, BC):
                 cols = c0 + cols0
                 mask = row_ok[:, None] & (cols[None, :] < C)
                 xr = tl.load(x_rows + cols[None, :], mask=mask, other=0.0)
                 y = _transform(xr, s, inv_sqrt_b, ROTATE, NSPLIT, DOT_F32, ROUND)
                 amax = tl.maximum(amax, tl.max(tl.abs(y), axis=1))
-            tl.store(absmax_ptr + rows, amax, mask=row_ok)
+            if SPLIT:
+                tl.atomic_max(absmax_ptr + rows, amax, mask=row_ok)
+            else:
+                tl.store(absmax_ptr + rows, amax, mask=row_ok)
             scale = tl.math.div_rn(amax, tl.full([BR], QMAX_C, tl.float32))
             scale = tl.where(scale > 0, scale, 1.0)
             if MODE == 1:
@@ -269,13 +281,12 @@ if HAS_TRITON:
 
         if MODE == 1 or MODE == 2:
             ssq = tl.zeros([BR], dtype=tl.float32)
-            for c0 in range(0, C, BC):
+            for c0 in range(c_begin, c_end, BC):
                 cols = c0 + cols0
                 mask = row_ok[:, None] & (cols[None, :] < C)
                 xr = tl.load(x_rows + cols[None, :], mask=mask, other=0.0)
                 y = _transform(xr, s, inv_sqrt_b, ROTATE, NSPLIT, DOT_F32, ROUND)
-                q = _rint(tl.math.div_rn(y, scale[:, None]))
-                q = tl.minimum(tl.maximum(q, -QMAX_C), QMAX_C)
+                q = _rint7(tl.math.div_rn(y, scale[:, None]))
                 ssq += tl.sum(q * q, axis=1)
                 if WRITE_OUT:
                     out_ptrs = out_ptr + rows64[:, None] * stride_or + cols[None, :]
@@ -283,19 +294,50 @@ if HAS_TRITON:
                 if WRITE_T:
                     t_ptrs = out_t_ptr + cols.to(tl.int64)[None, :] * stride_tc + rows64[:, None]
                     tl.store(t_ptrs, q.to(out_t_ptr.dtype.element_ty), mask=mask)
-            tl.store(sumsq_ptr + rows, ssq, mask=row_ok)
+            if SPLIT:
+                tl.atomic_add(sumsq_ptr + rows, ssq, mask=row_ok)
+            else:
+                tl.store(sumsq_ptr + rows, ssq, mask=row_ok)
 
         if MODE == 3:
             if HAS_RS:
                 rscale = tl.load(rs_ptr + rows, mask=row_ok, other=0.0) * scale
             else:
                 rscale = scale
-            for c0 in range(0, C, BC):
+            for c0 in range(c_begin, c_end, BC):
                 cols = c0 + cols0
                 mask = row_ok[:, None] & (cols[None, :] < C)
                 xr = tl.load(x_rows + cols[None, :], mask=mask, other=0)
                 y = _transform(xr, s, inv_sqrt_b, ROTATE, NSPLIT, DOT_F32, 0)
                 _store_cast(out_ptr + rows64[:, None] * stride_or + cols[None, :], y * rscale[:, None], mask)
+
+    @triton.jit
+    def _bit_split_tile(g_rows, noise_rows, rows64, row_ok, cols, C, s_hi, s_lo, rnd,
+                        v_ptr, hl_ptr, hi8_ptr, lo8_ptr, stride_or,
+                        HAS_NOISE: tl.constexpr, WRITE_V: tl.constexpr, WRITE_HL: tl.constexpr,
+                        WRITE_F8: tl.constexpr):
+        """Split one (rows × cols) tile; returns the row sums of hi² and lo²."""
+        mask = row_ok[:, None] & (cols[None, :] < C)
+        g = tl.load(g_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        hi = _rint7(tl.math.div_rn(g, s_hi[:, None]))
+        resid = g - hi * s_hi[:, None]
+        if HAS_NOISE:
+            u = tl.load(noise_rows + cols[None, :], mask=mask, other=0.0)
+        else:
+            u = tlr.uint_to_uniform_float(rnd)
+        lo = tl.floor(tl.math.div_rn(resid, s_lo[:, None]) + u)
+        lo = tl.minimum(tl.maximum(lo, -7.0), 7.0)
+        lo = tl.where(mask, lo, 0.0)
+        offs = rows64[:, None] * stride_or + cols[None, :]
+        if WRITE_V:
+            tl.store(v_ptr + offs, (hi * 14.0 + lo).to(tl.int8), mask=mask)
+        if WRITE_HL:
+            hl = hi.to(tl.int32) * 16 + (lo.to(tl.int32) & 15)
+            tl.store(hl_ptr + offs, hl.to(tl.int8), mask=mask)
+        if WRITE_F8:
+            tl.store(hi8_ptr + offs, hi.to(hi8_ptr.dtype.element_ty), mask=mask)
+            tl.store(lo8_ptr + offs, lo.to(lo8_ptr.dtype.element_ty), mask=mask)
+        return tl.sum(hi * hi, axis=1), tl.sum(lo * lo, axis=1)
 
     @triton.jit
     def _bit_split_kernel(
@@ -305,16 +347,21 @@ if HAS_TRITON:
         BR: tl.constexpr, BC: tl.constexpr, GIVEN: tl.constexpr, HAS_NOISE: tl.constexpr,
         WRITE_V: tl.constexpr, WRITE_HL: tl.constexpr, WRITE_F8: tl.constexpr,
     ):
+        """BR whole rows per program. The noise of the lo rounding: one Philox call (tl.randint4x) per four
+        elements, element (r, c0 + t·BC/4 + j) of a BC-column tile taking output t of counter
+        r·ceil(C/4) + c0/4 + j."""
+        Q: tl.constexpr = BC // 4
         pid = tl.program_id(0)
         rows = pid * BR + tl.arange(0, BR)
         row_ok = rows < R
         rows64 = rows.to(tl.int64)
-        cols0 = tl.arange(0, BC)
         g_rows = g_ptr + rows64[:, None] * stride_gr
+        noise_rows = noise_ptr + rows64[:, None] * stride_nr
         if GIVEN:
             s_hi = tl.zeros([BR], dtype=tl.float32) + tl.load(scale_in_ptr)
         else:
             amax = tl.zeros([BR], dtype=tl.float32)
+            cols0 = tl.arange(0, BC)
             for c0 in range(0, C, BC):
                 cols = c0 + cols0
                 mask = row_ok[:, None] & (cols[None, :] < C)
@@ -328,47 +375,164 @@ if HAS_TRITON:
             seed = tl.load(seed_ptr)
         ssq_hi = tl.zeros([BR], dtype=tl.float32)
         ssq_lo = tl.zeros([BR], dtype=tl.float32)
+        cq = tl.arange(0, Q)
         for c0 in range(0, C, BC):
-            cols = c0 + cols0
-            mask = row_ok[:, None] & (cols[None, :] < C)
-            g = tl.load(g_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            hi = _rint(tl.math.div_rn(g, s_hi[:, None]))
-            hi = tl.minimum(tl.maximum(hi, -7.0), 7.0)
-            resid = g - hi * s_hi[:, None]
             if HAS_NOISE:
-                u = tl.load(noise_ptr + rows64[:, None] * stride_nr + cols[None, :], mask=mask, other=0.0)
+                r0, r1, r2, r3 = 0, 0, 0, 0
             else:
-                u = tl.rand(seed, (rows64[:, None] * C + cols[None, :]).to(tl.uint32))
-            lo = tl.floor(tl.math.div_rn(resid, s_lo[:, None]) + u)
-            lo = tl.minimum(tl.maximum(lo, -7.0), 7.0)
-            lo = tl.where(mask, lo, 0.0)
-            ssq_hi += tl.sum(hi * hi, axis=1)
-            ssq_lo += tl.sum(lo * lo, axis=1)
-            offs = rows64[:, None] * stride_or + cols[None, :]
-            if WRITE_V:
-                tl.store(v_ptr + offs, (hi * 14.0 + lo).to(tl.int8), mask=mask)
-            if WRITE_HL:
-                hl = hi.to(tl.int32) * 16 + (lo.to(tl.int32) & 15)
-                tl.store(hl_ptr + offs, hl.to(tl.int8), mask=mask)
-            if WRITE_F8:
-                tl.store(hi8_ptr + offs, hi.to(hi8_ptr.dtype.element_ty), mask=mask)
-                tl.store(lo8_ptr + offs, lo.to(lo8_ptr.dtype.element_ty), mask=mask)
+                ctr = rows64[:, None] * ((C + 3) // 4) + (c0 // 4 + cq)[None, :]
+                r0, r1, r2, r3 = tl.randint4x(seed, ctr.to(tl.uint32))
+            for t in tl.static_range(4):
+                if t == 0:
+                    rnd = r0
+                elif t == 1:
+                    rnd = r1
+                elif t == 2:
+                    rnd = r2
+                else:
+                    rnd = r3
+                h, lw = _bit_split_tile(g_rows, noise_rows, rows64, row_ok, c0 + t * Q + cq, C, s_hi, s_lo,
+                                        rnd, v_ptr, hl_ptr, hi8_ptr, lo8_ptr, stride_or, HAS_NOISE, WRITE_V,
+                                        WRITE_HL, WRITE_F8)
+                ssq_hi += h
+                ssq_lo += lw
         tl.store(ssq_hi_ptr + rows, ssq_hi, mask=row_ok)
         tl.store(ssq_lo_ptr + rows, ssq_lo, mask=row_ok)
 
     @triton.jit
+    def _lss_score(j, mask, N, ssq_hi_ptr, ssq_lo_ptr, s_hi_ptr, s_lo_ptr, stride_s, xssq_ptr, sx_ptr,
+                   stride_sx):
+        """Stacked row j of [hi; lo]: (score ‖s_h·G_h row‖·‖s_x·q_x row‖, token m, half h, s_h·s_x)."""
+        is_lo = j >= N
+        m = tl.where(is_lo, j - N, j)
+        ssq = tl.where(is_lo, tl.load(ssq_lo_ptr + m, mask=mask, other=0.0),
+                       tl.load(ssq_hi_ptr + m, mask=mask, other=0.0))
+        s_h = tl.where(is_lo, tl.load(s_lo_ptr + m * stride_s, mask=mask, other=0.0),
+                       tl.load(s_hi_ptr + m * stride_s, mask=mask, other=0.0))
+        sx = tl.load(sx_ptr + m * stride_sx, mask=mask, other=0.0)
+        xssq = tl.load(xssq_ptr + m, mask=mask, other=0.0)
+        score = (s_h * tl.sqrt_rn(ssq)) * (sx * tl.sqrt_rn(xssq))
+        return tl.where(mask, score, 0.0), m, is_lo.to(tl.int32), s_h * sx
+
+    @triton.jit
+    def _lss_kernel(
+        ssq_hi_ptr, ssq_lo_ptr, s_hi_ptr, s_lo_ptr, xssq_ptr, sx_ptr, seed_ptr,
+        p_ptr, src_ptr, half_ptr, factor_ptr, count_ptr, fmax_ptr,
+        N, k_keep, stride_s, stride_sx,
+        BLOCK: tl.constexpr, ITERS: tl.constexpr,
+    ):
+        """One program: scores of the 2N stacked rows, p = min(1, c·score) with Σ p = k_keep, Bernoulli keep
+        with u = tl.rand(seed, j), kept rows compacted in increasing j (token, half, s_h·s_x / p).
+
+        c: bisection on log2(c) finds the clamped set {c·score >= 1}; then c = (k - #clamped) / Σ others, the
+        closed form of ``lowbit.quant.leverage_score_probabilities`` (which sorts instead), in fp32.
+        """
+        n2 = 2 * N
+        offs = tl.arange(0, BLOCK)
+        total = tl.full([], 0.0, tl.float32)
+        npos = tl.full([], 0.0, tl.float32)
+        smin = tl.full([], float("inf"), tl.float32)
+        for j0 in range(0, n2, BLOCK):
+            j = j0 + offs
+            mask = j < n2
+            sc, m, h, f = _lss_score(j, mask, N, ssq_hi_ptr, ssq_lo_ptr, s_hi_ptr, s_lo_ptr, stride_s,
+                                     xssq_ptr, sx_ptr, stride_sx)
+            tl.store(p_ptr + j, sc, mask=mask)
+            total += tl.sum(sc, axis=0)
+            npos += tl.sum((sc > 0).to(tl.float32), axis=0)
+            smin = tl.minimum(smin, tl.min(tl.where(sc > 0, sc, float("inf")), axis=0))
+        all_kept = npos <= k_keep
+        lo = tl.log2(k_keep / tl.maximum(total, 1e-38))  # f(2^lo) <= k
+        hi = -tl.log2(tl.minimum(smin, 3e38))  # f(2^hi) = npos >= k
+        for _ in range(ITERS):
+            mid = 0.5 * (lo + hi)
+            c = tl.exp2(mid)
+            f_mid = tl.full([], 0.0, tl.float32)
+            for j0 in range(0, n2, BLOCK):
+                j = j0 + offs
+                sc = tl.load(p_ptr + j, mask=j < n2, other=0.0)
+                f_mid += tl.sum(tl.minimum(c * sc, 1.0), axis=0)
+            up = f_mid < k_keep
+            lo = tl.where(up, mid, lo)
+            hi = tl.where(up, hi, mid)
+        c_hi = tl.exp2(hi)
+        n_clamped = tl.full([], 0.0, tl.float32)
+        rest = tl.full([], 0.0, tl.float32)
+        for j0 in range(0, n2, BLOCK):
+            j = j0 + offs
+            sc = tl.load(p_ptr + j, mask=j < n2, other=0.0)
+            clamped = (c_hi * sc >= 1.0) & (sc > 0)
+            n_clamped += tl.sum(clamped.to(tl.float32), axis=0)
+            rest += tl.sum(tl.where(clamped, 0.0, sc), axis=0)
+        c = tl.where(rest > 0, tl.math.div_rn(k_keep - n_clamped, tl.where(rest > 0, rest, 1.0)), 0.0)
+        seed = tl.load(seed_ptr)
+        count = tl.full([], 0, tl.int32)
+        fmax = tl.full([], 0.0, tl.float32)
+        for j0 in range(0, n2, BLOCK):
+            j = j0 + offs
+            mask = j < n2
+            sc, m, h, f = _lss_score(j, mask, N, ssq_hi_ptr, ssq_lo_ptr, s_hi_ptr, s_lo_ptr, stride_s,
+                                     xssq_ptr, sx_ptr, stride_sx)
+            p = tl.where(all_kept, 1.0, tl.minimum(c * sc, 1.0))
+            p = tl.where(sc > 0, p, 0.0)
+            u = tl.rand(seed, j.to(tl.uint32))
+            keep = (u < p) & mask
+            keep_i = keep.to(tl.int32)
+            pos = count + tl.cumsum(keep_i, axis=0) - 1
+            tl.store(src_ptr + pos, m, mask=keep)
+            tl.store(half_ptr + pos, h, mask=keep)
+            fac = tl.math.div_rn(f, tl.where(keep, p, 1.0))
+            tl.store(factor_ptr + pos, fac, mask=keep)
+            tl.store(p_ptr + j, p, mask=mask)
+            count += tl.sum(keep_i, axis=0)
+            fmax = tl.maximum(fmax, tl.max(tl.where(keep, fac, 0.0), axis=0))
+        tl.store(count_ptr, count)
+        tl.store(fmax_ptr, fmax)
+
+    @triton.jit
+    def _exp2_int(e):
+        """2^e as fp32 for an int32 e in [-126, 127], by its bits (exact)."""
+        return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _pow2_factor(f, rows, R_OUT, fmax_ptr, seed_ptr, t_ptr, pid):
+        """Unbiased power-of-two rounding of the row factors, relative to t = 2^(ceil(log2 max f) - 6):
+
+        v = f / t in (0, 64]; v = 2^e (1 + m) becomes 2^(e+1) with probability m, else 2^e (E = v); values
+        under 2^-9 become 2^-9 with probability v / 2^-9, else 0 (E = v). Any INT4 code times the result is
+        exact in E4M3 (at most 7 · 64 = 448; at least 2^-9). Returns the rounded v; program 0 writes t.
+        """
+        fb = tl.load(fmax_ptr).to(tl.uint32, bitcast=True)
+        e_max = ((fb >> 23) & 0xFF).to(tl.int32) - 127 + ((fb & 0x7FFFFF) != 0).to(tl.int32)
+        e_t = tl.minimum(tl.maximum(e_max - 6, -120), 120)
+        tl.store(t_ptr, _exp2_int(e_t), mask=pid == 0)
+        v = f * _exp2_int(-e_t)
+        p2 = (v.to(tl.uint32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+        m = tl.math.div_rn(v, tl.where(p2 > 0, p2, 1.0)) - 1.0
+        seed = tl.load(seed_ptr)
+        up = tl.rand(seed, rows.to(tl.uint32)) < m
+        v = tl.where(up, 2.0 * p2, p2)
+        tiny = 0.001953125  # 2^-9, the smallest E4M3 subnormal
+        keep_tiny = tl.rand(seed, (rows + R_OUT).to(tl.uint32)) * tiny < v
+        return tl.where(v < tiny, tl.where(keep_tiny, tiny, 0.0), v)
+
+    @triton.jit
     def _gather_kernel(
-        src_idx_ptr, half_ptr, factor_ptr, g_ptr, x_ptr, a_out_ptr, b_out_ptr,
+        src_idx_ptr, half_ptr, factor_ptr, g_ptr, x_ptr, a_out_ptr, b_out_ptr, fmax_ptr, seed_ptr, t_ptr,
         R_OUT, N, K, stride_gr, stride_xr, stride_ar, stride_br,
-        BR: tl.constexpr, BC: tl.constexpr, G_PACKED: tl.constexpr,
+        BR: tl.constexpr, BC: tl.constexpr, G_PACKED: tl.constexpr, TRANS: tl.constexpr, POW2: tl.constexpr,
     ):
         """Row j of the outputs: a_out[j] = codes of g row src_idx[j] (the hi or lo half when packed),
-        b_out[j] = factor[j] · x[src_idx[j]]; both rounded to the outputs' dtype (bf16: RNE)."""
+        b_out[j] = factor[j] · x[src_idx[j]]; both rounded to the outputs' dtype (bf16: RNE). TRANS: the
+        outputs are stored transposed, a_out[:, j] and b_out[:, j] (stride_ar, stride_br: row strides)."""
         pid = tl.program_id(0)
         rows = pid * BR + tl.arange(0, BR)
         row_ok = rows < R_OUT
+        rows64 = rows.to(tl.int64)
         src = tl.load(src_idx_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         f = tl.load(factor_ptr + rows, mask=row_ok, other=0.0)
+        if POW2:
+            f = _pow2_factor(f, rows, R_OUT, fmax_ptr, seed_ptr, t_ptr, pid)
         cols0 = tl.arange(0, BC)
         if G_PACKED:
             half = tl.load(half_ptr + rows, mask=row_ok, other=0)  # 0: hi, 1: lo
@@ -380,13 +544,19 @@ if HAS_TRITON:
                 hi = c >> 4
                 lo = ((c & 15) ^ 8) - 8
                 c = tl.where(half[:, None] == 0, hi, lo)
-            a_ptrs = a_out_ptr + rows.to(tl.int64)[:, None] * stride_ar + cols[None, :]
+            if TRANS:
+                a_ptrs = a_out_ptr + cols.to(tl.int64)[None, :] * stride_ar + rows64[:, None]
+            else:
+                a_ptrs = a_out_ptr + rows64[:, None] * stride_ar + cols[None, :]
             _store_cast(a_ptrs, c.to(tl.float32), mask)
         for c0 in range(0, K, BC):
             cols = c0 + cols0
             mask = row_ok[:, None] & (cols[None, :] < K)
             xq = tl.load(x_ptr + src[:, None] * stride_xr + cols[None, :], mask=mask).to(tl.float32)
-            b_ptrs = b_out_ptr + rows.to(tl.int64)[:, None] * stride_br + cols[None, :]
+            if TRANS:
+                b_ptrs = b_out_ptr + cols.to(tl.int64)[None, :] * stride_br + rows64[:, None]
+            else:
+                b_ptrs = b_out_ptr + rows64[:, None] * stride_br + cols[None, :]
             _store_cast(b_ptrs, xq * f[:, None], mask)
 
 
@@ -453,33 +623,55 @@ def _row_granularity(granularity: str) -> bool:
                      f"{granularity!r}")
 
 
-_HQ_CONFIG = {"rows_rotate": 64, "rows_plain": 16, "cols_plain": 256, "num_warps": 4}
+#: Launch defaults of _hq_kernel: rows per program (rotating, whole-row mode, plain), columns per
+#: program when a row is split over programs, columns per tile without rotation, warps.
+_HQ_CONFIG = {"rows_rotate": 64, "rows_whole": 32, "rows_plain": 16, "chunk": 512, "cols_plain": 256,
+              "num_warps": 4}
+
+
+def _tile_width(b: int, n_cols: int) -> int:
+    """Columns per tile: 128 (the block-diagonal sign matrix holds 128 / b blocks) when they divide the
+    row, else the rotation block itself (at least 16 for tl.dot); 256 without rotation (masked tail)."""
+    if b == 1:
+        return _HQ_CONFIG["cols_plain"]
+    if n_cols % 128 == 0:
+        return 128
+    return _rotation_width(b, n_cols)
 
 
 def _launch_hq(x, b, mode, *, scale_in=None, row_scale=None, out=None, out_t=None, scale_out=None,
-               absmax=None, sumsq=None, round_rotated=False, block_rows=None, num_warps=None) -> None:
-    """Launch _hq_kernel over the rows of x (checked by the caller); absent outputs are not written."""
+               absmax=None, sumsq=None, round_rotated=False, block_rows=None, num_warps=None,
+               chunk=None) -> None:
+    """Launch _hq_kernel over x (checked by the caller); absent outputs are not written. Outside the
+    whole-row mode the columns are split over programs: absmax and sumsq must then start at zero."""
     n_rows, n_cols = x.shape
     dev = x.device
     rotate = b > 1
-    width = _rotation_width(b, n_cols) if rotate else _HQ_CONFIG["cols_plain"]
+    width = _tile_width(b, n_cols)
     dummy = next(t for t in (absmax, sumsq, out, scale_in) if t is not None)
     s = sign_matrix(b, width, _dot_dtype(x.dtype), dev) if rotate else dummy
-    br = block_rows or (_HQ_CONFIG["rows_rotate"] if rotate else _HQ_CONFIG["rows_plain"])
+    if mode == _ROW:
+        br = block_rows or (_HQ_CONFIG["rows_whole"] if rotate else _HQ_CONFIG["rows_plain"])
+        cols_per_prog = n_cols
+    else:
+        br = block_rows or (_HQ_CONFIG["rows_rotate"] if rotate else _HQ_CONFIG["rows_plain"])
+        cols_per_prog = max(width, (chunk or _HQ_CONFIG["chunk"]) // width * width)
     br = max(16 if rotate else 1, min(br, max(16, triton.next_power_of_2(n_rows))))
+    n_chunks = triton.cdiv(n_cols, cols_per_prog)
     round_mode = _round_mode(x.dtype) if round_rotated and mode != _TRANSFORM else _ROUND_NONE
-    _hq_kernel[(triton.cdiv(n_rows, br),)](
+    _hq_kernel[(triton.cdiv(n_rows, br), n_chunks)](
         x, s, scale_in if scale_in is not None else dummy, row_scale if row_scale is not None else dummy,
         out if out is not None else dummy, out_t if out_t is not None else dummy,
         scale_out if scale_out is not None else dummy, absmax if absmax is not None else dummy,
         sumsq if sumsq is not None else dummy,
-        R=n_rows, C=n_cols, stride_xr=x.stride(0),
+        R=n_rows, C=n_cols, CHUNK=cols_per_prog, stride_xr=x.stride(0),
         stride_or=out.stride(0) if out is not None else 0,
         stride_tc=out_t.stride(0) if out_t is not None else 0,
         inv_sqrt_b=1.0 / math.sqrt(b),
         BR=br, BC=width, ROTATE=rotate, NSPLIT=_n_split(x.dtype), DOT_F32=interpreting(), ROUND=round_mode,
         MODE=mode, WRITE_OUT=out is not None, WRITE_T=out_t is not None, HAS_RS=row_scale is not None,
-        QMAX_C=float(QMAX), num_warps=num_warps or _HQ_CONFIG["num_warps"], **_launch_options(dev),
+        SPLIT=n_chunks > 1, QMAX_C=float(QMAX), num_warps=num_warps or _HQ_CONFIG["num_warps"],
+        **_launch_options(dev),
     )
 
 
@@ -494,6 +686,7 @@ def hadamard_quantize(
     round_rotated: bool = False,
     block_rows: int | None = None,
     num_warps: int | None = None,
+    chunk: int | None = None,
 ) -> HadamardQuantized:
     """INT4 codes of x̂ = x · BlockDiag(H_b), fused in one pass (two for a per-tensor absmax).
 
@@ -513,7 +706,8 @@ def hadamard_quantize(
         codes_dtype: dtype of ``codes`` (float8_e4m3fn or int8), or None to skip writing them.
         transposed_dtype: when given (float8_e4m3fn or int8), also write ``codes_t`` = codes.T, (C, R).
         round_rotated: round x̂ to x's dtype before the scale (see above); default: x̂ in fp32.
-        block_rows, num_warps: launch configuration (defaults in ``_HQ_CONFIG``).
+        block_rows, num_warps, chunk: launch configuration (rows per program, warps, columns per program
+            outside the per-row mode; defaults in ``_HQ_CONFIG``).
 
     Returns:
         :class:`HadamardQuantized`. Empty x gives empty codes and scale 1.
@@ -536,8 +730,8 @@ def hadamard_quantize(
     codes_t = None
     if transposed_dtype is not None:
         codes_t = torch.empty(n_cols, n_rows, dtype=transposed_dtype, device=dev)
-    sumsq = torch.empty(n_rows, dtype=torch.float32, device=dev)
-    absmax = None if scale is not None else torch.empty(n_rows, dtype=torch.float32, device=dev)
+    sumsq = torch.zeros(n_rows, dtype=torch.float32, device=dev)
+    absmax = None if scale is not None else torch.zeros(n_rows, dtype=torch.float32, device=dev)
     if n_rows == 0 or n_cols == 0:
         if absmax is not None:
             absmax.zero_()
@@ -548,7 +742,7 @@ def hadamard_quantize(
     if scale is None and not row_wise:
         # Pass 1: absmax of x̂ per row; the tensor scale as lowbit.quant computes it; pass 2: codes.
         _launch_hq(x, b, _STATS, absmax=absmax, round_rotated=round_rotated, block_rows=block_rows,
-                   num_warps=num_warps)
+                   num_warps=num_warps, chunk=chunk)
         scale = true_div(absmax.amax().reshape(1, 1), float(QMAX))
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     if scale is None:
@@ -558,7 +752,7 @@ def hadamard_quantize(
     else:
         out_scale = scale
         _launch_hq(x, b, _GIVEN, scale_in=scale, out=codes, out_t=codes_t, sumsq=sumsq,
-                   round_rotated=round_rotated, block_rows=block_rows, num_warps=num_warps)
+                   round_rotated=round_rotated, block_rows=block_rows, num_warps=num_warps, chunk=chunk)
     return HadamardQuantized(codes, codes_t, out_scale, absmax, sumsq)
 
 
@@ -630,7 +824,7 @@ def hadamard_rows(
     return out
 
 
-_BS_CONFIG = {"rows": 16, "cols": 256, "num_warps": 4}
+_BS_CONFIG = {"rows": 8, "cols": 512, "num_warps": 4}
 
 
 def bit_split_quantize(
@@ -651,7 +845,8 @@ def bit_split_quantize(
     Equals ``lowbit.quant.bit_split(g, granularity=...)`` given the same uniform noise u: pass
     ``noise`` = the tensor ``torch.rand(g.shape, generator=gen)`` that bit_split draws from the same
     generator state, and hi, lo, scales are bit for bit the same. Without ``noise`` the kernel draws
-    u ~ U[0, 1) with Triton's Philox (``tl.rand(seed, row * C + col)``): another stream, same law.
+    u ~ U[0, 1) with Triton's Philox (one ``tl.randint4x`` per four elements, seeded by ``seed``): another
+    stream, same law, the same for any tile configuration.
 
     Args:
         g: (R, C) bf16 / fp16 / fp32, rows contiguous, on CUDA (or the CPU under TRITON_INTERPRET=1).
@@ -694,6 +889,8 @@ def bit_split_quantize(
         s_hi = torch.where(s_hi > 0, s_hi, torch.ones_like(s_hi))
     br = block_rows or _BS_CONFIG["rows"]
     bc = block_cols or _BS_CONFIG["cols"]
+    if bc < 64 or bc & (bc - 1):
+        raise ValueError(f"block_cols must be a power of two >= 64, got {bc}")
     some = next(t for t in (v, hl, hi8) if t is not None) if (write_v or write_packed or write_fp8) else None
     dummy = ssq_hi
     if isinstance(seed, torch.Tensor):
@@ -722,6 +919,9 @@ def gather_scaled_rows(
     *,
     half: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.bfloat16,
+    transposed: bool = False,
+    pad_to: int = 1,
+    pow2_round: tuple[torch.Tensor, int | torch.Tensor] | None = None,
     block_rows: int = 16,
     block_cols: int = 256,
     num_warps: int = 4,
@@ -739,9 +939,18 @@ def gather_scaled_rows(
         src_idx: (R,) int32 / int64 source rows in [0, M) (not checked: that would sync).
         factor: (R,) fp32 per-row factor (e.g. s_j / p_j · s_x).
         half: optional (R,) int8 / int32, 0 = hi, 1 = lo; means g_codes is packed.
+        out_dtype: bf16, fp16, fp32 or float8_e4m3fn (exact only where factor · code is: e.g. codes times
+            powers of two inside the E4M3 range).
+        transposed: write aᵀ (N, R') and bᵀ (K, R') instead, the K-major operands of a product over R.
+        pad_to: R' = R rounded up to a multiple of pad_to; the padding rows (columns when transposed) are 0.
+        pow2_round: (factor_max, seed): replace factor[j] by an unbiased power-of-two rounding of
+            factor[j] / t, t = 2^(ceil(log2 factor_max) - 6) (``factor_max`` >= every factor, a one-element
+            tensor). Then every b entry, an INT4 code times a power of two in [2^-9, 2^6], is exact in
+            E4M3, and E[t · b[j]] = factor[j] · x_codes[src_idx[j]]. Returns t as a third output.
 
     Returns:
-        (a, b): (R, N) and (R, K) of ``out_dtype``.
+        (a, b): (R', N) and (R', K) of ``out_dtype``, or (N, R') and (K, R') when transposed; plus the
+        one-element fp32 tensor t with ``pow2_round``.
     """
     _check_matrix("g_codes", g_codes, (torch.int8,))
     _check_matrix("x_codes", x_codes, _CODE_DTYPES)
@@ -754,18 +963,127 @@ def gather_scaled_rows(
                          f"{x_codes.shape[0]}")
     dev = g_codes.device
     n, k = g_codes.shape[1], x_codes.shape[1]
-    a = torch.empty(n_out, n, dtype=out_dtype, device=dev)
-    b = torch.empty(n_out, k, dtype=out_dtype, device=dev)
+    padded = -(-n_out // pad_to) * pad_to
+    if transposed:
+        a = torch.empty(n, padded, dtype=out_dtype, device=dev)
+        b = torch.empty(k, padded, dtype=out_dtype, device=dev)
+        if padded > n_out:
+            a[:, n_out:].zero_()
+            b[:, n_out:].zero_()
+    else:
+        a = torch.empty(padded, n, dtype=out_dtype, device=dev)
+        b = torch.empty(padded, k, dtype=out_dtype, device=dev)
+        if padded > n_out:
+            a[n_out:].zero_()
+            b[n_out:].zero_()
     if n_out == 0:
         return a, b
     src_idx = src_idx.reshape(-1).contiguous()
     factor = factor.reshape(-1).float().contiguous()
     half_t = half.reshape(-1).to(torch.int32).contiguous() if half is not None else src_idx
+    pow2 = pow2_round is not None
+    if pow2:
+        factor_max, seed = pow2_round
+        t_out = torch.empty(1, dtype=torch.float32, device=dev)
+        seed_t = seed.reshape(1).to(device=dev, dtype=torch.int64) if isinstance(seed, torch.Tensor) else \
+            torch.tensor([int(seed)], dtype=torch.int64, device=dev)
+        extra = (factor_max.reshape(1).float(), seed_t, t_out)
+    else:
+        extra = (factor, factor, factor)
     _gather_kernel[(triton.cdiv(n_out, block_rows),)](
-        src_idx, half_t, factor, g_codes, x_codes, a, b,
+        src_idx, half_t, factor, g_codes, x_codes, a, b, *extra,
         R_OUT=n_out, N=n, K=k, stride_gr=g_codes.stride(0), stride_xr=x_codes.stride(0),
         stride_ar=a.stride(0), stride_br=b.stride(0),
-        BR=block_rows, BC=block_cols, G_PACKED=half is not None, num_warps=num_warps,
+        BR=block_rows, BC=block_cols, G_PACKED=half is not None, TRANS=transposed, POW2=pow2,
+        num_warps=num_warps, **_launch_options(dev),
+    )
+    if pow2:
+        return a, b, t_out
+    return a, b
+
+
+class LssSample(NamedTuple):
+    """Result of :func:`leverage_sample_compact` for N tokens (2N stacked rows [hi; lo]).
+
+    count: the number R of kept rows (a Python int: reading it is the one device sync).
+    src: (R,) int32 token of each kept row, in increasing stacked order; half: (R,) int32, 0 = hi, 1 = lo.
+    factor: (R,) fp32 s_h · s_x / p of each kept row. p: (2N,) fp32 keep probabilities.
+    factor_max: one-element fp32 tensor, the largest factor (0 when none kept), for ``pow2_round``.
+    """
+
+    count: int
+    src: torch.Tensor
+    half: torch.Tensor
+    factor: torch.Tensor
+    p: torch.Tensor
+    factor_max: torch.Tensor
+
+
+def leverage_sample_compact(
+    sumsq_hi: torch.Tensor,
+    sumsq_lo: torch.Tensor,
+    scale_hi: torch.Tensor,
+    scale_lo: torch.Tensor,
+    x_code_sumsq: torch.Tensor,
+    x_scale: torch.Tensor,
+    keep_ratio: float,
+    seed: int | torch.Tensor = 0,
+    *,
+    block: int = 2048,
+    iters: int = 40,
+    num_warps: int = 8,
+) -> LssSample:
+    """Leverage-score sampling of the 2N stacked bit-split rows in one single-program kernel.
+
+    Scores c_j = ‖s_h·G_h row‖ · ‖s_x·q_x row‖ (from Σ codes², as ``lowbit.quant.leverage_scores`` of the
+    dequantized rows), p = ``leverage_score_probabilities(c, keep_ratio·2N)`` (fp32 here: equal up to
+    rounding), keep row j when u_j < p_j with u_j = tl.rand(seed, j), and the kept rows compacted in order.
+
+    Args:
+        sumsq_hi, sumsq_lo: (N,) Σ hi², Σ lo² per token (:class:`BitSplitCodes`).
+        scale_hi, scale_lo: (N, 1) or one-element scales of the halves.
+        x_code_sumsq: (N,) Σ q_x² per token; x_scale: (N, 1) or one-element scale of q_x.
+        keep_ratio: in (0, 1]: Σ p = keep_ratio · 2N (or every row with a nonzero score, if fewer).
+        seed: int or one-element int64 tensor on the device.
+
+    Returns:
+        :class:`LssSample`.
+    """
+    n = sumsq_hi.numel()
+    dev = sumsq_hi.device
+    _check_triton("leverage_sample_compact", sumsq_hi)
+    if not 0 < keep_ratio <= 1:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
+    for name, t, sizes in (("sumsq_lo", sumsq_lo, (n,)), ("x_code_sumsq", x_code_sumsq, (n,)),
+                           ("scale_hi", scale_hi, (1, n)), ("scale_lo", scale_lo, (1, n)),
+                           ("x_scale", x_scale, (1, n))):
+        if t.numel() not in sizes or t.device != dev:
+            raise ValueError(f"{name} must have {' or '.join(map(str, sizes))} elements on {dev}, got "
+                             f"{tuple(t.shape)} on {t.device}")
+    if scale_hi.numel() != scale_lo.numel():
+        raise ValueError("scale_hi and scale_lo must have the same number of elements")
+    if isinstance(seed, torch.Tensor):
+        seed_t = seed.reshape(1).to(device=dev, dtype=torch.int64)
+    else:
+        seed_t = torch.tensor([int(seed)], dtype=torch.int64, device=dev)
+    p = torch.empty(2 * n, dtype=torch.float32, device=dev)
+    src = torch.empty(2 * n, dtype=torch.int32, device=dev)
+    half = torch.empty(2 * n, dtype=torch.int32, device=dev)
+    factor = torch.empty(2 * n, dtype=torch.float32, device=dev)
+    count = torch.zeros(1, dtype=torch.int32, device=dev)
+    fmax = torch.zeros(1, dtype=torch.float32, device=dev)
+    if n == 0:
+        return LssSample(0, src, half, factor, p, fmax)
+    s_hi = scale_hi.detach().reshape(-1).float().contiguous()
+    s_lo = scale_lo.detach().reshape(-1).float().contiguous()
+    sx = x_scale.detach().reshape(-1).float().contiguous()
+    _lss_kernel[(1,)](
+        sumsq_hi.float().contiguous(), sumsq_lo.float().contiguous(), s_hi, s_lo,
+        x_code_sumsq.float().contiguous(), sx, seed_t, p, src, half, factor, count, fmax,
+        N=n, k_keep=float(keep_ratio) * 2 * n, stride_s=0 if s_hi.numel() == 1 else 1,
+        stride_sx=0 if sx.numel() == 1 else 1, BLOCK=min(block, max(16, triton.next_power_of_2(2 * n))),
+        ITERS=iters, num_warps=num_warps,
         **_launch_options(dev),
     )
-    return a, b
+    r = int(count.item())  # the one sync: the size of the compacted operands
+    return LssSample(r, src[:r], half[:r], factor[:r], p, fmax)

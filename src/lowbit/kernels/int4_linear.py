@@ -23,13 +23,17 @@ Backward (bit splitting; "rtn" uses one INT4 code matrix G with its scale instea
 
 With leverage-score sampling the rows j are the kept rows of the 2N stacked halves [hi; lo] (scores
 ‖s_h·G_h row‖·‖q_x·s_x row‖, p = leverage_score_probabilities(scores, keep_ratio·2N), Bernoulli keep,
-w_j = 1/p_j), compacted by ``gather_scaled_rows`` so the ∇W product's inner dimension is the number kept
-(one device sync for that number). Without sampling the rows are the N tokens with a_j = v_j, f_j = s_lo·s_x.
+w_j = 1/p_j), sampled and compacted on the GPU by ``leverage_sample_compact`` (one program) and
+``gather_scaled_rows``, so the ∇W product's inner dimension is the number kept (one device sync for that
+number). Without sampling the rows are the N tokens with a_j = v_j, f_j = s_lo·s_x. ``grad_weight_fp8``
+puts the sampled ∇W product on FP8 tensor cores instead (unbiased power-of-two rounding of each f_j).
 
 Where the results differ from the emulation: the products here are exact integers times scales rounded
 once (the emulation rounds twice in fp32), the ∇W operand f_j·b_j is rounded to fp16 (relative 2^-11), the
-in-kernel stochastic rounding draws its noise from Triton's Philox instead of ``generator`` (pass ``noise``
-to use a given draw). tests/kernels/test_int4_linear.py holds both to the emulated math.
+in-kernel random numbers (the lo rounding, the Bernoulli draws) come from Triton's Philox seeded from
+``generator`` instead of ``generator`` itself, and the keep probabilities are computed in fp32 (pass
+``noise`` and ``row_weights`` to use given draws). tests/kernels/test_int4_linear.py holds both to the
+emulated math.
 """
 
 from __future__ import annotations
@@ -38,13 +42,12 @@ from typing import NamedTuple
 
 import torch
 
-from lowbit.quant import leverage_score_probabilities
-
 from .hadamard_quant import (
     bit_split_quantize,
     gather_scaled_rows,
     hadamard_quantize,
     hadamard_rows,
+    leverage_sample_compact,
 )
 from .int4_matmul import int4_mm, int8_scaled_mm
 
@@ -144,21 +147,6 @@ def _pow2_normalizer(values: torch.Tensor) -> torch.Tensor:
     return torch.where(vmax > 0, torch.exp2(e), torch.ones_like(vmax))
 
 
-def _lss_weights(
-    scale_hi: torch.Tensor, scale_lo: torch.Tensor, sumsq_hi: torch.Tensor, sumsq_lo: torch.Tensor,
-    x_norm: torch.Tensor, keep_ratio: float, generator: torch.Generator | None,
-) -> torch.Tensor:
-    """(2N,) fp32 weights of the stacked [hi; lo] rows: 1/p where kept, 0 where dropped."""
-    n = x_norm.shape[0]
-    norm_hi = scale_hi.reshape(-1).expand(n) * sumsq_hi.sqrt()
-    norm_lo = scale_lo.reshape(-1).expand(n) * sumsq_lo.sqrt()
-    scores = torch.cat((norm_hi * x_norm, norm_lo * x_norm))
-    p = leverage_score_probabilities(scores, keep_ratio * 2 * n, validate=False)
-    u = torch.rand(p.shape, generator=generator, dtype=torch.float32, device=p.device)
-    keep = u < p
-    return torch.where(keep, 1.0 / torch.where(keep, p, torch.ones_like(p)), torch.zeros_like(p))
-
-
 def int4_linear_bwd(
     grad_y: torch.Tensor,
     saved: Int4LinearSaved,
@@ -175,6 +163,7 @@ def int4_linear_bwd(
     noise: torch.Tensor | None = None,
     row_weights: torch.Tensor | None = None,
     grad_x_backend: str = "triton",
+    grad_weight_fp8: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(∇X, ∇W) of ``int4_linear_fwd`` for the output gradient ``grad_y`` (module docstring).
 
@@ -193,6 +182,10 @@ def int4_linear_bwd(
         row_weights: optional (2, N) / (2, N, 1) given sampling weights (1/p kept, 0 dropped), as
             ``lowbit.int4.function.lss_row_weights`` returns; replaces the draw. For tests.
         grad_x_backend: "triton" (fused int8 GEMM) or "cublas" (torch._int_mm + rotation pass).
+        grad_weight_fp8: with sampling, run the ∇W product on FP8 tensor cores: each kept row's factor
+            s_h · s_x / p is rounded to a power of two, stochastically and unbiased (``gather_scaled_rows``'s
+            ``pow2_round``), so that the product is exact; E[∇W] is unchanged, each row's factor gets a
+            relative standard deviation of at most 1/sqrt(8) (0.35). Default off: fp16 operands.
 
     Returns:
         (∇X (N, K) or None, ∇W (M, K) or None).
@@ -241,27 +234,43 @@ def int4_linear_bwd(
 
     if need_grad_w:
         x_scale_rows = x_scale.reshape(-1).expand(n)
-        if sample:
-            if row_weights is None:
-                x_norm = x_scale_rows * x_sumsq.sqrt()
-                row_weights = _lss_weights(bs.scale_hi, bs.scale_lo, bs.sumsq_hi, bs.sumsq_lo, x_norm,
-                                           lss_keep_ratio, generator)
+        if grad_weight_fp8 and not sample:
+            raise ValueError("grad_weight_fp8 needs leverage-score sampling (INT4 halves as the operand)")
+        t_scale = None
+        if sample and row_weights is None:
+            seeds = torch.randint(0, 2**31 - 1, (2,), generator=generator, device=dev, dtype=torch.int64)
+            lss = leverage_sample_compact(bs.sumsq_hi, bs.sumsq_lo, bs.scale_hi, bs.scale_lo, x_sumsq,
+                                          x_scale, lss_keep_ratio, seeds[0])
+            src, half, factor, fmax = lss.src, lss.half, lss.factor, lss.factor_max
+            g_src, half_arg = bs.hl, half
+        elif sample:
             wts = row_weights.reshape(2 * n).float()
             kept = torch.nonzero(wts > 0).squeeze(1)  # one device sync: the number kept
             src, half = kept % n, torch.div(kept, n, rounding_mode="floor")
             s_half = torch.stack((bs.scale_hi.reshape(-1).expand(n), bs.scale_lo.reshape(-1).expand(n)))
             factor = s_half[half, src] * wts[kept] * x_scale_rows[src]
+            fmax = factor.amax().reshape(1) if factor.numel() else torch.zeros(1, device=dev)
+            seeds = torch.randint(0, 2**31 - 1, (2,), generator=generator, device=dev, dtype=torch.int64)
             g_src, half_arg = bs.hl, half
         else:
             src = torch.arange(n, device=dev)
             factor = g_scale.reshape(-1).expand(n) * x_scale_rows
             g_src, half_arg = g_codes, None
-        norm = _pow2_normalizer(factor)
-        a, b = gather_scaled_rows(g_src, x_codes, src, factor / norm, half=half_arg, out_dtype=torch.float16)
-        if a.shape[0] == 0:
-            prod = torch.zeros(m, k, dtype=torch.float32, device=dev)
+        if grad_weight_fp8:
+            # INT4 codes against codes times powers of two: exact on FP8 tensor cores (K-major operands).
+            a_t, b_t, t_scale = gather_scaled_rows(g_src, x_codes, src, factor, half=half_arg, out_dtype=_F8,
+                                                   transposed=True, pad_to=16, pow2_round=(fmax, seeds[1]))
+            one = torch.ones(1, device=dev)
+            prod = int4_mm(a_t, b_t, one, t_scale, out_dtype=torch.float32)
+            norm = one
         else:
-            prod = _mm_fp32(a.t(), b)
+            norm = _pow2_normalizer(factor)
+            a, b = gather_scaled_rows(g_src, x_codes, src, factor / norm, half=half_arg,
+                                      out_dtype=torch.float16)
+            if a.shape[0] == 0:
+                prod = torch.zeros(m, k, dtype=torch.float32, device=dev)
+            else:
+                prod = _mm_fp32(a.t(), b)
         grad_w = hadamard_rows(prod, block if rotate_back else None, scale=norm,
                                out_dtype=w_dtype if rotate_back else torch.float32)
     return grad_x, grad_w
@@ -272,16 +281,16 @@ class Int4LinearTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2d, weight, bias, block_size, granularity, grad_quantizer, grad_granularity,
-                lss_keep_ratio, generator):
+                lss_keep_ratio, generator, grad_weight_fp8):
         y, saved = int4_linear_fwd(x2d, weight, bias, block_size=block_size, granularity=granularity)
         ctx.save_for_backward(*saved[:5])
-        ctx.args = (block_size, grad_quantizer, grad_granularity, lss_keep_ratio, generator)
+        ctx.args = (block_size, grad_quantizer, grad_granularity, lss_keep_ratio, generator, grad_weight_fp8)
         ctx.dtypes = (x2d.dtype, weight.dtype, None if bias is None else bias.dtype)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        block_size, grad_quantizer, grad_granularity, lss_keep_ratio, generator = ctx.args
+        block_size, grad_quantizer, grad_granularity, lss_keep_ratio, generator, grad_weight_fp8 = ctx.args
         saved = Int4LinearSaved(*ctx.saved_tensors, block_size)
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -289,10 +298,10 @@ class Int4LinearTriton(torch.autograd.Function):
         grad_x, grad_w = int4_linear_bwd(
             grad_y, saved, grad_quantizer=grad_quantizer, grad_granularity=grad_granularity,
             lss_keep_ratio=lss_keep_ratio, generator=generator, need_grad_x=need_x, need_grad_w=need_w,
-            x_dtype=x_dtype, w_dtype=w_dtype,
+            x_dtype=x_dtype, w_dtype=w_dtype, grad_weight_fp8=grad_weight_fp8,
         )
         grad_b = grad_y.float().sum(0).to(b_dtype) if need_b else None
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 def int4_linear_triton(
@@ -306,11 +315,13 @@ def int4_linear_triton(
     grad_granularity: str = "token",
     lss_keep_ratio: float | None = 0.5,
     generator: torch.Generator | None = None,
+    grad_weight_fp8: bool = False,
 ) -> torch.Tensor:
     """INT4 fully quantized ``x · weightᵀ + bias`` on the Triton / FP8 path (differentiable: x, weight, bias).
 
     x: (..., K) bf16 / fp16 / fp32 on CUDA; weight (M, K); bias (M,) or None. Defaults: the "hq-lss" recipe
-    of ``lowbit.int4`` (block 32, per-tensor absmax scales, bit splitting per token, keep ratio 0.5).
+    of ``lowbit.int4`` (block 32, per-tensor absmax scales, bit splitting per token, keep ratio 0.5);
+    ``grad_weight_fp8`` as in :func:`int4_linear_bwd`.
     Returns (..., M) in x's dtype.
     """
     k = weight.shape[1]
@@ -320,5 +331,5 @@ def int4_linear_triton(
     if x2d.stride(1) != 1:
         x2d = x2d.contiguous()
     y = Int4LinearTriton.apply(x2d, weight, bias, block_size, granularity, grad_quantizer, grad_granularity,
-                               lss_keep_ratio, generator)
+                               lss_keep_ratio, generator, grad_weight_fp8)
     return y.reshape(*x.shape[:-1], weight.shape[0])
