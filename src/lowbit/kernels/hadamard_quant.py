@@ -441,6 +441,7 @@ if HAS_TRITON:
             total += tl.sum(sc, axis=0)
             npos += tl.sum((sc > 0).to(tl.float32), axis=0)
             smin = tl.minimum(smin, tl.min(tl.where(sc > 0, sc, float("inf")), axis=0))
+        tl.debug_barrier()  # the scores written above are read back by other threads of this program
         all_kept = npos <= k_keep
         lo = tl.log2(k_keep / tl.maximum(total, 1e-38))  # f(2^lo) <= k
         hi = -tl.log2(tl.minimum(smin, 3e38))  # f(2^hi) = npos >= k
