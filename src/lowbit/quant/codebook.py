@@ -36,8 +36,8 @@ signed, ``bits`` = b:   e = 0 .. b-2, f = b-2-e   ->  2^(b-1) - 1 positive value
 unsigned:               the sign bit becomes a fraction bit, e = 0 .. b-2, f = b-1-e  ->  2^b - 2 values,
                         plus 0 and 1.0
 
-Each value is evaluated in float32, in this order (so a kernel can recompute any entry from its index bit
-for bit, without a table lookup):
+Each value is evaluated in float32, in this order (a fixed recipe, so that any implementation can recompute
+an entry from its index bit for bit):
 
     t = (j + 1/2) / 2^f            exact
     value = D_e * (0.1f + 0.9f * t)   with D_e = fl32(10^-e), 0.1f = fl32(0.1), 0.9f = fl32(0.9), each *, +
