@@ -1,4 +1,4 @@
-"""The ``lowbit`` command line: ``lowbit demo | train | eval ppl | bench``.
+"""The ``lowbit`` command line: ``lowbit demo | train | eval ppl | compress onebit | bench``.
 
 The CLI only parses into configurations (``TrainConfig``) and calls the library. Heavy imports (torch, the
 models) happen inside the command handlers, so ``--help`` and ``--version`` answer at once. A bad argument
@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
         "windows, batch size and precision of the training run's own evaluation are used, so the number "
         "matches its final validation perplexity.",
     )
-    ppl.add_argument("--checkpoint", required=True, help="path to checkpoint.pt")
+    ppl.add_argument("--checkpoint", default=None, help="path to checkpoint.pt (required unless --model)")
+    ppl.add_argument("--model", default=None, help="OneBit folder from `lowbit compress onebit` (OUT/model)")
     ppl.add_argument(
         "--data", default=None, help="'shakespeare' or a .txt file/folder (default: training data)"
     )
@@ -142,7 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--precision", choices=("fp32", "bf16"), default=None, help="default: as training")
     ppl.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
+    ppl.add_argument("--stride", type=int, default=None, help="--model: new tokens per window (block / 2)")
+    ppl.add_argument("--max-tokens", type=int, default=50_000, help="--model: tokens scored, 0 = all (50000)")
     ppl.set_defaults(handler=_cmd_eval_ppl)
+
+    compress = commands.add_parser(
+        "compress",
+        help="compress a pretrained model (onebit)",
+        description="Compress a pretrained model; 'lowbit compress onebit --help' shows the options.",
+    )
+    compress.add_argument("method", nargs="?", help="onebit")
+    compress.add_argument("method_args", nargs=argparse.REMAINDER, help="options of the method")
+    compress.set_defaults(handler=_cmd_compress)
 
     from .bench import SUITES
 
@@ -235,6 +247,12 @@ def _cmd_eval_missing(args: argparse.Namespace) -> int:
 def _cmd_eval_ppl(args: argparse.Namespace) -> int:
     from .trainer import evaluate_checkpoint
 
+    if args.model is not None:
+        if args.checkpoint is not None:
+            raise UsageError("give --checkpoint or --model, not both")
+        return _cmd_eval_ppl_onebit(args)
+    if args.checkpoint is None:
+        raise UsageError("the following arguments are required: --checkpoint (or --model, a OneBit folder)")
     if args.max_batches is not None and args.max_batches < -1:
         raise UsageError(f"--max-batches must be >= 0 (0 = all windows), got {args.max_batches}")
     result = evaluate_checkpoint(
@@ -252,6 +270,52 @@ def _cmd_eval_ppl(args: argparse.Namespace) -> int:
         print(json.dumps(record))
     else:
         print(f"{args.split} loss {result.loss:.4f}  ppl {result.ppl:.3f}  ({result.tokens:,} tokens)")
+    return 0
+
+
+def _cmd_eval_ppl_onebit(args: argparse.Namespace) -> int:
+    from .onebit.compress import evaluate_model_dir
+
+    if args.max_tokens < 0:
+        raise UsageError(f"--max-tokens must be >= 0 (0 = all), got {args.max_tokens}")
+    result = evaluate_model_dir(
+        args.model,
+        args.data or "shakespeare",
+        split=args.split,
+        seq_len=args.block_size or 512,
+        stride=args.stride,
+        max_tokens=args.max_tokens or None,
+        batch_size=args.batch_size or 8,
+        device=args.device,
+        precision=args.precision,
+        progress=not args.json,
+    )
+    record = {"split": args.split, "loss": result.loss, "ppl": result.ppl, "tokens": result.tokens}
+    if args.json:
+        print(json.dumps(record))
+    else:
+        print(f"{args.split} loss {result.loss:.4f}  ppl {result.ppl:.3f}  ({result.tokens:,} tokens)")
+    return 0
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+    if args.method is None:
+        raise UsageError("choose a method: onebit (see 'lowbit compress onebit --help')")
+    if args.method != "onebit":
+        raise UsageError(f"unknown compression method {args.method!r}; choose: onebit")
+    from .onebit.compress import add_arguments, config_from_args, run_compress
+
+    parser = _Parser(
+        prog="lowbit compress onebit",
+        description="Compress a pretrained LLM to about one bit per weight (OneBit: SVID + distillation) and "
+        "print a table: teacher, 1-bit round-to-nearest, SVID without training, distilled student.",
+    )
+    add_arguments(parser)
+    try:
+        options = parser.parse_args(args.method_args)
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else 0
+    run_compress(config_from_args(options))
     return 0
 
 
@@ -310,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as exc:  # --help / --version
             return exc.code if isinstance(exc.code, int) else 0
         if args.command is None:
-            raise UsageError("choose a command: demo, train, eval, bench (see 'lowbit --help')")
+            raise UsageError("choose a command: demo, train, eval, compress, bench (see 'lowbit --help')")
         with warnings.catch_warnings():  # restores the caller's warning display afterwards
             warnings.showwarning = _show_warning
             return args.handler(args)

@@ -38,9 +38,33 @@ def _tiny_config(model_dir, out, **kw):
     return CompressConfig(**base)
 
 
+def _argv(cfg):
+    """The `lowbit compress onebit` command line of a config (every field that differs from the default)."""
+    default = CompressConfig()
+    flags = {"time_budget_min": "--time-budget-min"}
+    argv = ["compress", "onebit"]
+    for field, value in vars(cfg).items():
+        if value == getattr(default, field):
+            continue
+        flag = flags.get(field, "--" + field.replace("_", "-"))
+        if field == "progress":
+            argv.append("--no-progress")
+        elif field == "layer_norm":
+            argv.append("--layer-norm")
+        else:
+            argv += [flag, "0" if value is None else str(value)]
+    return argv
+
+
 def test_pipeline_end_to_end_on_a_tiny_model(tmp_path, tiny_hf_dir, capsys):
-    results = run_compress(_tiny_config(tiny_hf_dir, tmp_path / "run"))
+    from lowbit.cli import main
+
+    cfg = _tiny_config(tiny_hf_dir, tmp_path / "run")
+    argv = _argv(cfg)
+    assert config_from_args(_parse(argv[2:])) == cfg
+    assert main(argv) == 0  # lowbit compress onebit ...
     out = tmp_path / "run"
+    results = json.loads((out / "results.json").read_text())
     for name in ("results.json", "table.md", "ppl_vs_tokens.png", "synthetic.safetensors"):
         assert (out / name).is_file(), name
     assert read_onebit_config(out / "model")["architecture"] == "hf"
@@ -62,6 +86,12 @@ def test_pipeline_end_to_end_on_a_tiny_model(tmp_path, tiny_hf_dir, capsys):
     assert table.count("\n") == 6 and "OneBit, distilled" in table
     assert "OneBit, distilled" in capsys.readouterr().out
     # lowbit eval ppl --model DIR: the same number as the pipeline's last row on the same tokens
+    capsys.readouterr()
+    argv = ["eval", "ppl", "--model", str(out / "model"), "--block-size", "64", "--stride", "32",
+            "--max-tokens", "400", "--device", "cpu", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["ppl"] == pytest.approx(saved["rows"][3]["ppl"], rel=1e-9) and record["tokens"] == 399
     r = evaluate_model_dir(
         out / "model", "shakespeare", seq_len=64, stride=32, max_tokens=400, device="cpu", progress=False
     )
@@ -108,39 +138,42 @@ def test_config_checks(kw, match):
         CompressConfig(**kw)
 
 
-def test_cli_arguments_parse_into_the_config():
+def _parse(argv):
     import argparse
 
     p = argparse.ArgumentParser()
     add_arguments(p)
-    cfg = config_from_args(
-        p.parse_args(
-            [
-                "--model",
-                "m",
-                "--out",
-                "o",
-                "--steps",
-                "7",
-                "--time-budget-min",
-                "0",
-                "--layer-norm",
-                "--no-progress",
-                "--eval-tokens",
-                "1000",
-            ]
-        )
-    )
-    assert (
-        cfg.model,
-        cfg.out,
-        cfg.steps,
-        cfg.time_budget_min,
-        cfg.layer_norm,
-        cfg.progress,
-        cfg.eval_tokens,
-    ) == ("m", "o", 7, None, True, False, 1000)
-    assert config_from_args(p.parse_args([])) == CompressConfig()
+    return p.parse_args(argv)
+
+
+def test_cli_arguments_parse_into_the_config():
+    argv = ["--model", "m", "--out", "o", "--steps", "7", "--time-budget-min", "0", "--layer-norm",
+            "--no-progress", "--eval-tokens", "1000"]  # fmt: skip
+    cfg = config_from_args(_parse(argv))
+    got = (cfg.model, cfg.out, cfg.steps, cfg.time_budget_min, cfg.layer_norm, cfg.progress, cfg.eval_tokens)
+    assert got == ("m", "o", 7, None, True, False, 1000)
+    assert config_from_args(_parse([])) == CompressConfig()
+
+
+def test_cli_commands_and_errors(tmp_path, capsys):
+    from lowbit.cli import main
+
+    assert main(["compress", "onebit", "--help"]) == 0
+    assert "--time-budget-min" in capsys.readouterr().out
+    for argv, message in [
+        (["compress"], "choose a method: onebit"),
+        (["compress", "zip"], "unknown compression method 'zip'"),
+        (["compress", "onebit", "--steps", "x"], "invalid int value"),
+        (["compress", "onebit", "--steps", "0", "--out", str(tmp_path / "o")], "steps must be an int >= 1"),
+        (["eval", "ppl", "--model", str(tmp_path / "missing"), "--device", "cpu"], "not found"),
+        (["eval", "ppl", "--model", str(tmp_path), "--checkpoint", "x"], "not both"),
+        (["eval", "ppl", "--model", str(tmp_path), "--device", "cpu"], "not a lowbit OneBit checkpoint"),
+        (["eval", "ppl"], "required: --checkpoint"),
+    ]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("lowbit: error: ") and message in err and err.count("\n") == 1, (argv, err)
+    assert not (tmp_path / "o").exists()
 
 
 def test_evaluate_model_dir_errors(tmp_path):

@@ -568,11 +568,15 @@ def evaluate_model_dir(
     seq_len: int = 512,
     stride: int | None = None,
     max_tokens: int | None = 50_000,
+    batch_size: int = 8,
     device: str = "auto",
     precision: str | None = None,
     progress: bool = True,
 ):
-    """Perplexity of a saved OneBit model on ``split`` of ``data`` (``lowbit eval ppl --model DIR``)."""
+    """Perplexity of a saved OneBit model on ``split`` of ``data`` (``lowbit eval ppl --model DIR``): sliding
+    windows of ``seq_len`` tokens with ``stride`` new targets each (default seq_len / 2) over the first
+    ``max_tokens`` tokens of the split (None: all), as the pipeline's table. Precision defaults to bf16
+    autocast on CUDA and fp32 on the CPU."""
     from ..data import load_corpus
     from ..trainer import resolve_device
     from .checkpoint import load_onebit, load_onebit_tokenizer
@@ -594,6 +598,7 @@ def evaluate_model_dir(
         tokens if tokens is not None else text,
         seq_len,
         stride if stride is not None else max(1, seq_len // 2),
+        batch_size=batch_size,
         device=dev,
         precision=precision or ("bf16" if dev.type == "cuda" else "fp32"),
         progress=progress,
