@@ -307,7 +307,12 @@ def _run_shape(idx: int, shape, methods: list[str], args, budget: _Budget, dev: 
         def on_row(rows):
             entry["kernels"] = rows
             save(entry)
-        entry["kernels"] = _try({}, "rows", lambda: _kernel_rows(m, k, n, x_d, w_d, gy, args, budget, on_row))
+        outcome = _try({}, "rows", lambda: _kernel_rows(m, k, n, x_d, w_d, gy, args, budget, on_row))
+        if isinstance(outcome, dict):  # keep the rows measured before the failure
+            entry["kernels_error"] = outcome
+            entry.setdefault("kernels", [])
+        else:
+            entry["kernels"] = outcome
         from lowbit.kernels import int4_linear as lin4
 
         entry["mm_fp32_out"] = lin4.MM_FP32_OUT

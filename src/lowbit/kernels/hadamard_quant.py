@@ -443,7 +443,8 @@ if HAS_TRITON:
             smin = tl.minimum(smin, tl.min(tl.where(sc > 0, sc, float("inf")), axis=0))
         tl.debug_barrier()  # the scores written above are read back by other threads of this program
         all_kept = npos <= k_keep
-        lo = tl.log2(k_keep / tl.maximum(total, 1e-38))  # f(2^lo) <= k
+        # (literals under 2^-126 would be typed fp64 by Triton: keep them inside the fp32 normal range)
+        lo = tl.log2(k_keep / tl.maximum(total, 1e-30))  # f(2^lo) <= k
         hi = -tl.log2(tl.minimum(smin, 3e38))  # f(2^hi) = npos >= k
         for _ in range(ITERS):
             mid = 0.5 * (lo + hi)
