@@ -74,14 +74,14 @@ class CompressConfig:
     model: str = "smollm2-135m"
     out: str = "runs/onebit"
     data: str = "shakespeare"
-    synthetic: int = 4096
+    synthetic: int = 2048
     synthetic_len: int = 256
     synthetic_batch: int = 512
     real_fraction: float = 0.25
     real_tokens: int = 2_000_000
     steps: int | None = None
     time_budget_min: float | None = 5.0
-    batch_size: int = 32
+    batch_size: int = 16
     seq_len: int = 256
     lr: float = 2e-3
     warmup_steps: int | None = None
