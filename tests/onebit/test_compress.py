@@ -165,6 +165,10 @@ def test_cli_commands_and_errors(tmp_path, capsys):
         (["compress", "zip"], "unknown compression method 'zip'"),
         (["compress", "onebit", "--steps", "x"], "invalid int value"),
         (["compress", "onebit", "--steps", "0", "--out", str(tmp_path / "o")], "steps must be an int >= 1"),
+        (
+            ["compress", "onebit", "--optimizer", "sgd9", "--out", str(tmp_path / "o")],
+            "unknown optimizer 'sgd9'",
+        ),
         (["eval", "ppl", "--model", str(tmp_path / "missing"), "--device", "cpu"], "not found"),
         (["eval", "ppl", "--model", str(tmp_path), "--checkpoint", "x"], "not both"),
         (["eval", "ppl", "--model", str(tmp_path), "--device", "cpu"], "not a lowbit OneBit checkpoint"),

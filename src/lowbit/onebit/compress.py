@@ -58,6 +58,8 @@ class CompressConfig:
         time_budget_min: wall-clock minutes for the distillation loop (None: run ``steps``).
         batch_size, seq_len: distillation batch (B, T).
         lr, warmup_steps, weight_decay: AdamW with warmup + cosine decay to lr / 10.
+        optimizer: a name registered in ``lowbit.trainer.OPTIMIZERS`` (default "adamw"; an 8-bit AdamW once
+            one is registered there).
         temperature, alpha: the KD loss (τ, α). trainable: see ``lowbit.onebit.TRAINABLE``.
         method: SVID method. layer_norm: the OneBit layer's non-affine LayerNorm.
         eval_tokens: tokens of held-out text scored for every row (the first ones of the split).
@@ -86,6 +88,7 @@ class CompressConfig:
     lr: float = 2e-3
     warmup_steps: int | None = None
     weight_decay: float = 0.0
+    optimizer: str = "adamw"
     temperature: float = 1.0
     alpha: float = 1.0
     trainable: str = "onebit+norms"
@@ -307,6 +310,10 @@ def run_compress(config: CompressConfig) -> dict[str, Any]:
 
     if not isinstance(config, CompressConfig):
         raise TypeError(f"config must be a CompressConfig, got {type(config).__name__}")
+    from ..trainer import OPTIMIZERS
+
+    if config.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {config.optimizer!r}; registered: {sorted(OPTIMIZERS)}")
     t_start = time.perf_counter()
     device = resolve_device(config.device)
     precision = config.precision or ("bf16" if device.type == "cuda" else "fp32")
@@ -437,6 +444,7 @@ def run_compress(config: CompressConfig) -> dict[str, Any]:
         lr=config.lr,
         warmup_steps=config.warmup_steps if config.warmup_steps is not None else min(100, steps // 20),
         weight_decay=config.weight_decay,
+        optimizer=config.optimizer,
         grad_clip=1.0,
         eval_every=eval_every,
         eval_batches=val.num_batches,
@@ -645,6 +653,7 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per sequence ({d.seq_len})")
     p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate ({d.lr})")
+    p.add_argument("--optimizer", default=d.optimizer, help="registered optimizer name (adamw)")
     p.add_argument("--alpha", type=float, default=d.alpha, help="weight of the hidden-state loss (1)")
     p.add_argument("--temperature", type=float, default=d.temperature, help="KD temperature (1)")
     p.add_argument("--trainable", default=d.trainable, help="onebit, onebit+norms (default) or all")
@@ -681,6 +690,7 @@ def config_from_args(args) -> CompressConfig:
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         lr=args.lr,
+        optimizer=args.optimizer,
         alpha=args.alpha,
         temperature=args.temperature,
         trainable=args.trainable,
