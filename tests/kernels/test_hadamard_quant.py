@@ -1,10 +1,10 @@
 """lowbit.kernels.hadamard_quant against lowbit.quant: HQ codes, bit splitting, LSS gather, rotation back.
 
-On the CPU the kernels run under TRITON_INTERPRET=1 (set here before the kernel module is decorated; a module
-imported earlier without it is reloaded), on small shapes; the gpu-marked tests run full shapes on CUDA.
+On the CPU the kernels run under TRITON_INTERPRET=1, on small shapes: it is set here, and must be set before
+triton is first imported in the process (triton decorates its own library functions at import); the
+gpu-marked tests run full shapes on CUDA.
 """
 
-import importlib
 import math
 import os
 
@@ -27,8 +27,11 @@ from lowbit.quant import (  # noqa: E402
 if not torch.cuda.is_available():
     from triton.runtime.interpreter import InterpretedFunction
 
-    if not isinstance(hq._hq_kernel, InterpretedFunction):  # decorated before TRITON_INTERPRET was set
-        hq = importlib.reload(hq)
+    if not isinstance(hq._hq_kernel, InterpretedFunction):
+        raise RuntimeError(
+            "the Triton kernels were decorated before TRITON_INTERPRET=1 was set: without CUDA, set it "
+            "before triton is first imported in the process (e.g. in tests/conftest.py)"
+        )
 
 CPU = pytest.param("cpu", id="cpu-interpret")
 GPU = pytest.param("cuda", marks=pytest.mark.gpu, id="cuda")

@@ -84,9 +84,15 @@ _STATS, _ROW, _GIVEN, _TRANSFORM = 0, 1, 2, 3
 _ROUND_NONE, _ROUND_BF16, _ROUND_FP16 = 0, 1, 2
 
 
+# Triton decides at decoration time whether a kernel is compiled or interpreted: remember what this module's
+# kernels are (a test may import a private copy with TRITON_INTERPRET=1 and unset it afterwards).
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def interpreting() -> bool:
-    """True when Triton runs kernels on the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when this module's kernels run on Triton's CPU interpreter (``TRITON_INTERPRET=1`` was set
+    when the module was imported)."""
+    return _INTERPRETED
 
 
 def _check_triton(name: str, *tensors: torch.Tensor) -> None:
