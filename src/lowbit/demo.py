@@ -111,7 +111,7 @@ def unigram_loss(train_tokens: torch.Tensor, val_tokens: torch.Tensor, vocab_siz
     return float(-log_p[val_tokens].mean())
 
 
-def _sample(run: LMRun, seed: int, *, chars: int = 300, lines: int = 8) -> str:
+def _sample(run: LMRun, seed: int, *, chars: int = 200, lines: int = 6) -> str:
     tokenizer = run.data.tokenizer
     prompt = "\n" if "\n" in getattr(tokenizer, "vocab", "\n") else tokenizer.decode([0])
     idx = torch.tensor(

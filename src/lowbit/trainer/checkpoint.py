@@ -7,9 +7,9 @@ behind when the failure is a Python exception.
 
 The trainer's payload (see ``lowbit.trainer.loop``) has the keys
 ``format`` ("lowbit.checkpoint"), ``version``, ``step``, ``model``, ``optimizer``, ``scheduler``, ``rng``,
-``batcher``, ``config`` (the ``TrainConfig`` as a dict), ``best_val_loss`` and ``extra`` (free-form: tokenizer
-state, model name and config, ...). :func:`load_checkpoint` reads it back with ``weights_only=True``: only
-tensors and plain Python containers/scalars may be stored.
+``batcher``, ``config`` (the ``TrainConfig`` as a dict), ``train_loss``, ``tokens``, ``best_val_loss`` and
+``extra`` (free-form: tokenizer state, model name and config, ...). :func:`load_checkpoint` reads it back with
+``weights_only=True``: only tensors and plain Python containers/scalars may be stored.
 """
 
 from __future__ import annotations

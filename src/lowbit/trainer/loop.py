@@ -492,7 +492,7 @@ def train(
     metrics_path = out_dir / METRICS_NAME if out_dir is not None else None
     plot_path = out_dir / PLOT_NAME if out_dir is not None else None
 
-    start_step, best_val, train_loss = 0, math.inf, None
+    start_step, best_val, train_loss, resumed_tokens = 0, math.inf, None, None
     resume_path = _resolve_resume(resume, ckpt_path)
     if resume_path is not None:
         payload = load_checkpoint(resume_path, map_location="cpu")
@@ -503,6 +503,7 @@ def train(
         best_val = payload.get("best_val_loss")
         best_val = math.inf if best_val is None else best_val
         train_loss = payload.get("train_loss")
+        resumed_tokens = payload.get("tokens")
         old = payload.get("config", {})
         changed = [k for k in _TRAJECTORY_FIELDS if k in old and old[k] != config.to_dict()[k]]
         if changed:
@@ -532,7 +533,7 @@ def train(
     show_bar = config.progress and sys.stderr.isatty()
     val_loss = val_ppl = None
     last_eval_step = -1
-    tokens = start_step * config.tokens_per_step  # nominal for the resumed part
+    tokens = resumed_tokens if resumed_tokens is not None else start_step * config.tokens_per_step
     run_tokens, run_time = 0, 0.0
     interval_losses: list[float] = []
     interval_tokens, interval_time = 0, 0.0
@@ -563,6 +564,7 @@ def train(
                 "batcher": _batcher_state(train_batcher),
                 "config": config.to_dict(),
                 "train_loss": train_loss,
+                "tokens": tokens,
                 "best_val_loss": None if math.isinf(best_val) else best_val,
                 "extra": dict(extra or {}),
             },
