@@ -7,7 +7,7 @@ GPU (the documented proof, about 7 minutes on one H100; docs/onebit.md says how 
     python scripts/onebit_proof.py --out runs/onebit --time-budget-min 5
 CPU smoke test (a couple of minutes; numbers meaningless):
     python scripts/onebit_proof.py --out /tmp/onebit_smoke --device cpu --synthetic 8 --synthetic-len 32 \
-        --steps 2 --time-budget-min 0 --batch-size 2 --seq-len 32 --real-tokens 5000 --eval-tokens 600 \
+        --steps 2 --time-budget-min 0 --batch-size 4 --seq-len 32 --real-tokens 5000 --eval-tokens 600 \
         --eval-seq-len 128 --eval-points 1
 """
 
