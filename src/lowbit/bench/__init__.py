@@ -13,7 +13,11 @@ from types import ModuleType
 __all__ = ["SUITES", "get_suite"]
 
 #: Suite name -> module path. Imported lazily by `get_suite`.
-SUITES: dict[str, str] = {}
+SUITES: dict[str, str] = {
+    "int4-linear": "lowbit.bench.int4_linear",
+    "onebit": "lowbit.bench.onebit",
+    "optim": "lowbit.bench.optim",
+}
 
 
 def get_suite(name: str) -> ModuleType:
