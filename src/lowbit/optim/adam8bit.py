@@ -12,6 +12,14 @@ State per parameter with at least ``min_8bit_size`` elements (2 bytes per elemen
 Smaller tensors (norm weights, biases) keep "exp_avg" / "exp_avg_sq" as float32 tensors of the param's shape:
 their memory is negligible and their statistics are the least suited to shared block scales.
 
+Sharded parameters (FSDP2 ``fully_shard``: ``torch.distributed.tensor.DTensor`` params and grads): every
+rank updates its local shard only (``p.to_local()``, ``p.grad.to_local()``). State tensors are plain local
+tensors and the blocks run over the flattened local shard; whether a parameter gets 8-bit state is decided on
+the LOCAL element count (``local numel >= min_8bit_size``), so it may differ between ranks (a shard of an
+uneven split, or an empty shard, keeps fp32 state). ``state_dict()`` is then per rank;
+``lowbit.trainer.distributed`` saves it portably (dequantized moments as DTensors) for checkpoints that load
+across world sizes.
+
 Paths: on CUDA with Triton, one fused kernel launch per (param group, dtype, state kind, step count);
 elsewhere the vectorized torch reference. Both give the same bits (see ``lowbit.kernels.adam8bit``).
 """
@@ -34,6 +42,18 @@ _STATE_8BIT_KEYS = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_
 _STATE_32BIT_KEYS = ("exp_avg", "exp_avg_sq")
 # Code bytes of 0.0 in the signed / unsigned 8-bit dynamic maps: the initial state m = v = 0.
 _ZERO_CODE_SIGNED, _ZERO_CODE_UNSIGNED = 127, 0
+
+
+try:  # torch.distributed can be missing from a build (then no parameter is a DTensor)
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover
+    _DTensor = None
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (under no_grad: the tensor holding its storage, so in-place updates write
+    the parameter), any other tensor unchanged."""
+    return t.to_local() if _DTensor is not None and isinstance(t, _DTensor) else t
 
 
 def _kernels():
@@ -183,19 +203,23 @@ class _Adam8bitBase(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                grad = p.grad
-                if grad.is_sparse:
+                if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                if grad.dtype != p.dtype or grad.shape != p.shape:
-                    raise ValueError(f"grad must have the param's dtype and shape: got {grad.dtype} "
-                                     f"{tuple(grad.shape)} for a {p.dtype} {tuple(p.shape)} param")
+                p_local, grad = _local(p), _local(p.grad)  # FSDP2: this rank's shard
+                if grad.dtype != p_local.dtype or grad.shape != p_local.shape:
+                    raise ValueError(
+                        f"grad must have the param's dtype and shape: got {grad.dtype} {tuple(grad.shape)} "
+                        f"for a {p_local.dtype} {tuple(p_local.shape)} param"
+                    )
                 state = self.state[p]
                 if not state:
-                    state.update(self._init_state(p, group))
+                    state.update(self._init_state(p_local, group))
                 state["step"] += 1
                 is_8bit = "exp_avg_codes" in state
-                triton_path = self._use_triton(p) and p.is_contiguous()
-                buckets[(triton_path, p.device, p.dtype, is_8bit, state["step"])].append(p)
+                triton_path = self._use_triton(p_local) and p_local.is_contiguous()
+                buckets[(triton_path, p_local.device, p_local.dtype, is_8bit, state["step"])].append(
+                    (state, p_local, grad)
+                )
             for (triton_path, _, _, is_8bit, step), params in buckets.items():
                 scalars = adam_scalars(
                     step, lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
@@ -207,12 +231,12 @@ class _Adam8bitBase(torch.optim.Optimizer):
                     self._step_torch(params, group, scalars, is_8bit)
         return loss
 
-    def _step_torch(self, params, group, scalars, is_8bit: bool) -> None:
-        for p in params:
-            state = self.state[p]
+    def _step_torch(self, entries, group, scalars, is_8bit: bool) -> None:
+        """``entries``: (state, param, grad) with local (unsharded) tensors."""
+        for state, p, grad in entries:
             if is_8bit:
                 out = adam8bit_reference_step(
-                    p, p.grad, *(state[k] for k in _STATE_8BIT_KEYS), scalars,
+                    p, grad, *(state[k] for k in _STATE_8BIT_KEYS), scalars,
                     decoupled=self._decoupled, block_size=group["block_size"],
                 )
                 p.copy_(out[0])
@@ -220,16 +244,17 @@ class _Adam8bitBase(torch.optim.Optimizer):
                     state[key].copy_(value)
             else:
                 p_new, m, v = adam_reference_step(
-                    p, p.grad, state["exp_avg"], state["exp_avg_sq"], scalars, decoupled=self._decoupled
+                    p, grad, state["exp_avg"], state["exp_avg_sq"], scalars, decoupled=self._decoupled
                 )
                 p.copy_(p_new)
                 state["exp_avg"].copy_(m)
                 state["exp_avg_sq"].copy_(v)
 
-    def _step_triton(self, params, group, scalars, is_8bit: bool) -> None:
+    def _step_triton(self, entries, group, scalars, is_8bit: bool) -> None:
         kernels = _kernels()
-        grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
-        states = [self.state[p] for p in params]
+        states = [state for state, _, _ in entries]
+        params = [p for _, p, _ in entries]
+        grads = [g if g.is_contiguous() else g.contiguous() for _, _, g in entries]
         if is_8bit:
             m, v = [s["exp_avg_codes"] for s in states], [s["exp_avg_sq_codes"] for s in states]
             m_abs, v_abs = [s["exp_avg_absmax"] for s in states], [s["exp_avg_sq_absmax"] for s in states]
@@ -261,14 +286,14 @@ class _Adam8bitBase(torch.optim.Optimizer):
                 raise ValueError(f"state_dict has state for parameter id {pid!r}, which no param group lists")
             p = id_to_param[pid]
             state = {
-                k: (v.to(device=p.device, copy=True) if isinstance(v, torch.Tensor) else copy.deepcopy(v))
+                k: _local(v).to(device=p.device, copy=True) if torch.is_tensor(v) else copy.deepcopy(v)
                 for k, v in saved.items()
             }
             self._check_loaded_state(p, state, group_of[id(p)])
             self.state[p] = state
 
     def _check_loaded_state(self, p: torch.Tensor, state: dict, group: dict) -> None:
-        n = p.numel()
+        n = _local(p).numel()
         if "exp_avg_codes" in state:
             n_blocks = -(-n // group["block_size"])
             expected = {"exp_avg_codes": (torch.uint8, n), "exp_avg_sq_codes": (torch.uint8, n),
