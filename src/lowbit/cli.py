@@ -52,6 +52,8 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "log_every": 10,
     "save_every": 1000,
     "precision": "fp32",
+    "embedding_grad_scale": 1.0,
+    "spike_guard": "off",
     "seed": 1337,
     "device": "auto",
     "optimizer": "adamw",
@@ -75,7 +77,29 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-clip", type=float, default=s, help="max gradient norm, 0 = off (default 1.0)")
     p.add_argument("--dropout", type=float, default=s, help="model dropout (default 0.0)")
     p.add_argument("--optimizer", default=s, help="registered optimizer name (default adamw)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default=s, help="fp32 (default) or bf16 autocast")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default=s,
+        help="fp32 (default), or bf16 / fp16 autocast with norms, embeddings, head, softmax and loss in fp32 "
+        "(fp16 with loss scaling)",
+    )
+    p.add_argument(
+        "--embedding-grad-scale",
+        type=float,
+        default=s,
+        metavar="ALPHA",
+        help="multiply the embeddings' gradient by ALPHA in (0, 1] (GLM-130B: 0.1; default 1 = off)",
+    )
+    p.add_argument(
+        "--spike-guard",
+        nargs="?",
+        const="skip",
+        choices=("off", "skip", "lower_lr", "rollback"),
+        default=s,
+        help="skip steps whose loss or gradient norm is non-finite or spikes; after 3 in a row also "
+        "lower_lr (halve the LR) or rollback (reload OUT/checkpoint.pt). Bare flag: skip. Default off",
+    )
     p.add_argument("--eval-every", type=int, default=s, help=f"steps between evaluations ({d['eval_every']})")
     p.add_argument("--eval-batches", type=int, default=s, help=f"validation batches ({d['eval_batches']})")
     p.add_argument("--log-every", type=int, default=s, help=f"steps between metrics lines ({d['log_every']})")
@@ -140,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=-1,
         help="batches to evaluate; 0 = all windows (default: as training)",
     )
-    ppl.add_argument("--precision", choices=("fp32", "bf16"), default=None, help="default: as training")
+    ppl.add_argument(
+        "--precision", choices=("fp32", "bf16", "fp16"), default=None, help="default: as training"
+    )
     ppl.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
     ppl.add_argument("--stride", type=int, default=None, help="--model: new tokens per window (block / 2)")
@@ -155,6 +181,32 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("method", nargs="?", help="onebit")
     compress.add_argument("method_args", nargs=argparse.REMAINDER, help="options of the method")
     compress.set_defaults(handler=_cmd_compress)
+    inspect = commands.add_parser(
+        "inspect",
+        help="quantization diagnostics of every linear layer (outliers, SQNR, Hadamard)",
+        description="Hook every nn.Linear, run a few batches and report per layer: input and weight absmax, "
+        "kurtosis, share of outlier channels, SQNR of INT8 and INT4 quantization with and without the "
+        "Hadamard rotation; dead ReLU units and saturated sigmoid/tanh inputs. Prints a ranked table with "
+        "recommendations and writes OUT/inspect.json, OUT/histogram.png (the worst layer's input before "
+        "and after the rotation) and OUT/sqnr.png.",
+    )
+    inspect.add_argument(
+        "--model",
+        default="gpt-small",
+        help=f"{MODEL_HELP} (random weights), smollm2-135m, a `lowbit train` checkpoint.pt, or a Hugging "
+        "Face folder / .gguf file (default gpt-small)",
+    )
+    inspect.add_argument("--data", default="shakespeare", help="'shakespeare' or a .txt file / folder")
+    inspect.add_argument("--batches", type=int, default=4, help="batches to run (default 4)")
+    inspect.add_argument("--batch-size", type=int, default=4, help="sequences per batch (default 4)")
+    inspect.add_argument("--block-size", type=int, default=128, help="tokens per sequence (default 128)")
+    inspect.add_argument("--blocks", default="32,128", help="Hadamard block sizes (default 32,128)")
+    inspect.add_argument("--top", type=int, default=None, help="rows of the printed table (default all)")
+    inspect.add_argument("--out", default="runs/inspect", help="output folder (default runs/inspect)")
+    inspect.add_argument("--seed", type=int, default=0, help="seed of a randomly initialized GPT (default 0)")
+    inspect.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    inspect.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+    inspect.set_defaults(handler=_cmd_inspect)
 
     from .bench import SUITES
 
@@ -316,6 +368,77 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
     run_compress(config_from_args(options))
+    return 0
+
+
+def _load_inspect_target(name: str, data: str, device: Any, seed: int) -> tuple[Any, Any]:
+    """(model, tokenizer) for ``lowbit inspect --model NAME``."""
+    import torch
+
+    from .data import CharTokenizer, HFTokenizer, load_corpus
+    from .models import KNOWN_MODELS, MODEL_NAMES, build_model, load_causal_lm
+
+    if name in MODEL_NAMES:
+        corpus = load_corpus(data)
+        tokenizer = CharTokenizer.from_text(corpus.train_text + corpus.val_text)
+        torch.manual_seed(seed)
+        return build_model(name, tokenizer.vocab_size).to(device), tokenizer
+    if name in KNOWN_MODELS or os.path.isdir(name) or name.endswith(".gguf"):
+        model, hf_tokenizer = load_causal_lm(name, device=device)
+        return model, HFTokenizer(hf_tokenizer)
+    if os.path.isfile(name):
+        from .trainer import load_lm
+
+        model, tokenizer, _ = load_lm(name, device=str(device))
+        return model, tokenizer
+    raise ValueError(
+        f"unknown model {name!r}: give {MODEL_HELP}, {', '.join(sorted(KNOWN_MODELS))}, a checkpoint.pt, "
+        "or a Hugging Face folder / .gguf file"
+    )
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .data import TokenBatcher, encode_corpus, load_corpus
+    from .inspect import InspectSettings, inspect_model
+    from .trainer import resolve_device
+
+    for flag in ("batches", "batch_size", "block_size"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    try:
+        blocks = tuple(int(b) for b in args.blocks.split(",") if b.strip())
+    except ValueError as exc:
+        raise UsageError(f"--blocks must be comma-separated powers of two, got {args.blocks!r}") from exc
+    settings = InspectSettings(blocks=blocks, max_batches=args.batches)
+    device = resolve_device(args.device)
+    model, tokenizer = _load_inspect_target(args.model, args.data, device, args.seed)
+    context = getattr(getattr(model, "config", None), "block_size", None)
+    block_size = min(args.block_size, context) if isinstance(context, int) else args.block_size
+    # encode only as much validation text as the batches need (a BPE tokenizer on a whole corpus is slow)
+    text = load_corpus(args.data).val_text
+    need = args.batches * args.batch_size * block_size + 1
+    chars = 8 * need
+    while True:
+        tokens = encode_corpus(tokenizer, text[:chars])
+        if tokens.numel() >= need or chars >= len(text):
+            break
+        chars *= 2
+    batcher = TokenBatcher(tokens, args.batch_size, block_size)
+    report = inspect_model(
+        model,
+        batcher.eval_batches(args.batches),
+        settings,
+        out_dir=args.out,
+        model_name=args.model,
+        device=device,
+    )
+    if args.json:
+        print(report.to_json())
+    else:
+        print(report.table(top=args.top))
+        print(f"\nreport:    {os.path.join(args.out, 'inspect.json')}")
+        for name, path in report.figures.items():
+            print(f"{name + ':':11s}{path}")
     return 0
 
 

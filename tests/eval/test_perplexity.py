@@ -139,7 +139,7 @@ def test_bf16_autocast_applies():
 def test_errors():
     model = Bigram()
     with pytest.raises(ValueError, match="precision"):
-        perplexity(model, TOKENS, precision="fp16")
+        perplexity(model, TOKENS, precision="fp8")
     with pytest.raises(ValueError, match="no target tokens"):
         perplexity(model, [])
     with pytest.raises(ValueError, match="block_size is required"):

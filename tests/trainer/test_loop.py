@@ -125,7 +125,7 @@ class Recorder(Callback):
         (dict(grad_clip=-1.0), "grad_clip"),
         (dict(eval_every=-1), "eval_every"),
         (dict(save_every=-2), "save_every"),
-        (dict(precision="fp16"), "precision must be one of"),
+        (dict(precision="fp8"), "precision must be one of"),
         (dict(device="gpu0"), "device must be 'auto' or a torch device"),
         (dict(progress="yes"), "progress must be a bool"),
     ],

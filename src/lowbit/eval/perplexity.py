@@ -24,7 +24,7 @@ import torch.nn.functional as F
 __all__ = ["IGNORE_INDEX", "PerplexityResult", "perplexity", "sliding_windows"]
 
 IGNORE_INDEX = -100
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ def perplexity(
         max_batches: stop after this many batches (None: all).
         device: where to run; default the device of the model's first parameter (CPU for a parameterless
             model). Batches are moved there.
-        precision: "fp32" or "bf16" (``torch.autocast`` around the forward; the cross-entropy is fp32).
+        precision: "fp32", "bf16" or "fp16" (``torch.autocast`` around the forward; cross-entropy in fp32).
 
     Returns:
         :class:`PerplexityResult`. The model is put in eval mode and restored to its previous mode afterwards.
@@ -165,11 +165,8 @@ def perplexity(
     else:
         batches = data
 
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        if precision == "bf16"
-        else contextlib.nullcontext()
-    )
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = torch.autocast(device_type=device.type, dtype=low) if low else contextlib.nullcontext()
     was_training = model.training
     model.eval()
     total_nll = torch.zeros((), dtype=torch.float64, device=device)

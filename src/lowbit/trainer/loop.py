@@ -20,7 +20,6 @@ configuration).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import math
@@ -36,6 +35,15 @@ from typing import Any
 
 import torch
 
+from ..amp import (
+    PRECISIONS,
+    SpikeGuard,
+    apply_precision_policy,
+    autocast_context,
+    make_grad_scaler,
+    rollback_from_checkpoint,
+    shrink_embedding_grad,
+)
 from ..eval.perplexity import perplexity
 from .checkpoint import (
     CHECKPOINT_FORMAT,
@@ -62,9 +70,10 @@ __all__ = [
     "train",
 ]
 
-PRECISIONS = ("fp32", "bf16")
+SPIKE_GUARD_ACTIONS = ("off", "skip", "lower_lr", "rollback")
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
+SPIKES_NAME = "spikes.jsonl"
 PLOT_NAME = "loss.png"
 
 
@@ -94,7 +103,13 @@ class TrainConfig:
             evaluation (>= 1), from ``val_batcher.eval_batches(eval_batches)``.
         log_every: write a metrics line every this many steps (>= 1; the last step is always logged).
         save_every: write a checkpoint every this many steps (0: only at the end; needs out_dir).
-        precision: "fp32" or "bf16" (``torch.autocast`` with bfloat16 on the run's device; CPU works too).
+        precision: "fp32", "bf16" or "fp16": the ``lowbit.amp`` policy, i.e. ``torch.autocast`` in that dtype
+            with norms, embeddings, the head, softmax and cross-entropy in fp32; fp16 adds a GradScaler.
+        embedding_grad_scale: multiply the gradient reaching the embeddings by this, in (0, 1] (GLM-130B's
+            shrink, ``lowbit.amp.shrink_embedding_grad``); 1.0 = off.
+        spike_guard: "off", or a ``lowbit.amp.SpikeGuard`` skipping steps whose loss or gradient norm is
+            non-finite or spikes; after 3 spikes in a row it does nothing more ("skip"), halves the learning
+            rate ("lower_lr") or reloads out_dir/checkpoint.pt ("rollback", needs out_dir).
         seed: seeds torch, Python ``random`` and numpy at the start of a fresh (not resumed) run.
         out_dir: folder for checkpoint.pt, metrics.jsonl and loss.png; None writes nothing.
         progress: show a tqdm bar (only when stderr is a terminal).
@@ -117,6 +132,8 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 1000
     precision: str = "fp32"
+    embedding_grad_scale: float = 1.0
+    spike_guard: str = "off"
     seed: int = 1337
     out_dir: str | None = None
     progress: bool = True
@@ -157,6 +174,15 @@ class TrainConfig:
             raise ValueError(f"grad_clip must be a number >= 0 (0: no clipping), got {self.grad_clip!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if not _is_real(self.embedding_grad_scale) or not 0 < self.embedding_grad_scale <= 1:
+            raise ValueError(
+                f"embedding_grad_scale must be in (0, 1] (1 = off), got {self.embedding_grad_scale!r}"
+            )
+        object.__setattr__(self, "embedding_grad_scale", float(self.embedding_grad_scale))
+        if self.spike_guard not in SPIKE_GUARD_ACTIONS:
+            raise ValueError(f"spike_guard must be one of {SPIKE_GUARD_ACTIONS}, got {self.spike_guard!r}")
+        if self.spike_guard == "rollback" and self.out_dir is None:
+            raise ValueError("spike_guard='rollback' reloads out_dir/checkpoint.pt: it needs out_dir")
         if self.out_dir is not None:
             if not isinstance(self.out_dir, (str, os.PathLike)):
                 raise ValueError(f"out_dir must be a path or None, got {self.out_dir!r}")
@@ -419,6 +445,8 @@ _TRAJECTORY_FIELDS = (
     "betas",
     "grad_clip",
     "precision",
+    "embedding_grad_scale",
+    "spike_guard",
     "steps",
     "optimizer",
 )
@@ -479,6 +507,12 @@ def train(
     loss_fn = default_loss if loss_fn is None else loss_fn
     device = resolve_device(config.device)
     model.to(device)
+    # Before the optimizer: the policy casts the fp32 islands' parameters (in place, same Parameter objects).
+    policy = apply_precision_policy(model, config.precision)
+    shrink = None
+    if config.embedding_grad_scale != 1.0:
+        shrink = shrink_embedding_grad(model, config.embedding_grad_scale)
+    scaler = make_grad_scaler(config.precision, device)
 
     if optimizer is None:
         opt = make_optimizer(config.optimizer, model, config.lr, config.weight_decay, config.betas)
@@ -500,6 +534,15 @@ def train(
     ckpt_path = out_dir / CHECKPOINT_NAME if out_dir is not None else None
     metrics_path = out_dir / METRICS_NAME if out_dir is not None else None
     plot_path = out_dir / PLOT_NAME if out_dir is not None else None
+    guard = None
+    if config.spike_guard != "off":
+        guard = SpikeGuard(
+            action={"skip": "none", "lower_lr": "lower_lr", "rollback": "rollback"}[config.spike_guard],
+            rollback_fn=rollback_from_checkpoint(ckpt_path) if ckpt_path is not None else None,
+            count_grad_overflow=config.precision != "fp16",  # fp16 overflows are the GradScaler's to skip
+            log_path=out_dir / SPIKES_NAME if out_dir is not None else None,
+        )
+        callbacks.insert(0, guard)
 
     start_step, best_val, train_loss, resumed_tokens = 0, math.inf, None, None
     resume_path = _resolve_resume(resume, ckpt_path)
@@ -522,6 +565,10 @@ def train(
             )
         restore_rng_state(payload["rng"])
         _restore_batcher(train_batcher, payload.get("batcher"))
+        if payload.get("grad_scaler"):
+            scaler.load_state_dict(payload["grad_scaler"])
+        if guard is not None and payload.get("spike_guard"):
+            guard.load_state_dict(payload["spike_guard"])
     else:
         _seed_everything(config.seed)
 
@@ -533,11 +580,7 @@ def train(
     writer = MetricsWriter(metrics_path) if metrics_path is not None else None
     _call(callbacks, "on_train_start", model=model, optimizer=opt, config=config, start_step=start_step)
 
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        if config.precision == "bf16"
-        else contextlib.nullcontext()
-    )
+    autocast = autocast_context(config.precision, device)
     params = [p for group in opt.param_groups for p in group["params"]]
     show_bar = config.progress and sys.stderr.isatty()
     val_loss = val_ppl = None
@@ -575,6 +618,8 @@ def train(
                 "train_loss": train_loss,
                 "tokens": tokens,
                 "best_val_loss": None if math.isinf(best_val) else best_val,
+                "grad_scaler": scaler.state_dict(),
+                "spike_guard": guard.state_dict() if guard is not None else None,
                 "extra": dict(extra or {}),
             },
         )
@@ -593,10 +638,11 @@ def train(
                 step_tokens += _batch_tokens(batch, config.batch_size * config.block_size)
                 with autocast:
                     loss = loss_fn(model, batch)
-                (loss / config.grad_accum).backward()
+                scaler.scale(loss / config.grad_accum).backward()
                 loss_sum += loss.detach().float()
             step_loss = (loss_sum / config.grad_accum).item()
             max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
+            scaler.unscale_(opt)  # fp16: clip and report the true gradient norm (no-op otherwise)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
             lr = opt.param_groups[0]["lr"]
             votes = _call(
@@ -609,8 +655,12 @@ def train(
                 grad_norm=grad_norm,
             )
             skipped = any(v is False for v in votes)
+            scale_before = scaler.get_scale() if scaler.is_enabled() else None
             if not skipped:
-                opt.step()
+                scaler.step(opt)  # opt.step(), unless fp16 gradients overflowed
+            scaler.update()
+            if scale_before is not None and scaler.get_scale() < scale_before:
+                skipped = True  # the GradScaler found inf/NaN gradients and skipped the step
             with warnings.catch_warnings():  # a skipped first update makes LambdaLR warn about the call order
                 warnings.simplefilter("ignore", UserWarning)
                 scheduler.step()
@@ -646,6 +696,8 @@ def train(
                             "grad_norm": grad_norm,
                             "tokens_per_s": tok_s,
                             "tokens": tokens,
+                            **({"loss_scale": scaler.get_scale()} if scaler.is_enabled() else {}),
+                            **(guard.metrics() if guard is not None else {}),
                         }
                     )
                 bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
@@ -667,6 +719,9 @@ def train(
         bar.close()
         if writer is not None:
             writer.close()
+        policy.remove()
+        if shrink is not None:
+            shrink.remove()
     if plot_path is not None:
         plot_loss_curve(read_metrics(metrics_path), plot_path, title=f"{out_dir.name}: loss")
     result = TrainResult(
