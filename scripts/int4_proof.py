@@ -463,6 +463,22 @@ def time_steps(args: argparse.Namespace, jobs: list[tuple[str, str]]) -> None:
                 torch.cuda.synchronize()
             if i >= 2:
                 times.append(time.perf_counter() - t)
+        if args.profile and (phase, spec) == jobs[-1]:
+            with torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU]
+                + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            ) as prof:
+                for _ in range(3):
+                    x, y = b.sample()
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+                        loss = loss_fn(model, x, y)
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+            key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            print(prof.key_averages().table(sort_by=key, row_limit=25), flush=True)
         dt = sorted(times)[len(times) // 2]
         total[(phase, spec)] = dt * steps
         print(
@@ -512,6 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per run")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (default: eager)")
+    p.add_argument("--profile", action="store_true", help="with --time-steps: profile the last run")
     p.add_argument(
         "--time-steps", type=int, default=0, help="only measure step times over N steps, print ETA"
     )

@@ -254,7 +254,8 @@ def test_lss_mask_keeps_the_rows_leverage_score_sample_keeps():
     kept, inv_p = leverage_score_sample(scores, 40.0, torch.Generator().manual_seed(7))
     flat = weights.reshape(-1)
     assert torch.equal(torch.nonzero(flat).squeeze(1), kept)
-    assert torch.equal(flat[kept], inv_p)
+    # Scores from the codes (‖codes‖·s) and from dequantized rows (‖codes·s‖) differ by fp32 rounding only.
+    assert torch.allclose(flat[kept], inv_p, rtol=64 * U32, atol=0)
     assert torch.allclose(leverage_score_probabilities(scores, 40.0).sum(), torch.tensor(40.0))
 
 

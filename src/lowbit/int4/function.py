@@ -50,7 +50,6 @@ from ..quant import (
     compute_scale,
     hadamard_matrix,
     leverage_score_probabilities,
-    leverage_scores,
     qmax,
     quantize,
     quantize_with_scale,
@@ -144,14 +143,38 @@ def hq_quantize(
     return quantize_with_scale(v, s, 4), s
 
 
+_CUDA_MM_OUT_DTYPE: list[bool] = []  # [supported?], probed on first CUDA use
+
+
+def _cuda_bf16_mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """a · b on bf16 tensor cores with fp32 accumulation and output (``torch.mm(..., out_dtype=)``), or None
+    where this PyTorch lacks it. Exact for integer codes: bf16 holds |code| <= 256 exactly."""
+    if _CUDA_MM_OUT_DTYPE == [False]:
+        return None
+    try:
+        out = torch.mm(a.to(torch.bfloat16), b.to(torch.bfloat16), out_dtype=torch.float32)
+    except (RuntimeError, TypeError):
+        _CUDA_MM_OUT_DTYPE[:] = [False]
+        return None
+    _CUDA_MM_OUT_DTYPE[:] = [True]
+    return out
+
+
 def int_matmul(a_codes: torch.Tensor, b_codes: torch.Tensor) -> torch.Tensor:
     """a · b of integer codes (|code| <= 7), exact.
 
     a (N, K), b (K, M), any integer or float dtype holding integers. Returns fp32 (float64 when
-    K > 342,392, where fp32 partial sums could pass 2^24). Exact on CPU and CUDA (module docstring).
+    K > 342,392, where fp32 partial sums could pass 2^24). CPU: an fp32 product. CUDA: bf16 operands with
+    fp32 accumulation and output (tensor cores; the integers are exact in bf16), else fp32. Exact on CPU
+    and CUDA (module docstring).
     """
-    dtype = torch.float32 if a_codes.shape[-1] <= _EXACT_FP32_K else torch.float64
-    return a_codes.to(dtype) @ b_codes.to(dtype)
+    if a_codes.shape[-1] > _EXACT_FP32_K:
+        return a_codes.double() @ b_codes.double()
+    if a_codes.is_cuda:
+        out = _cuda_bf16_mm_fp32_out(a_codes, b_codes)
+        if out is not None:
+            return out
+    return a_codes.float() @ b_codes.float()
 
 
 def forward_product(
@@ -245,8 +268,11 @@ def lss_row_weights(
         fp32 (H, N, 1): 1/p_i for kept rows, 0 for dropped ones; E[weight_i] = 1 where c_i > 0.
     """
     H, N, _ = gq.codes.shape
-    x_hat = x_codes.float() * x_scale
-    scores = torch.cat([leverage_scores(gq.codes[h].float() * gq.scales[h], x_hat) for h in range(H)])
+    # lowbit.quant.leverage_scores of (s_h ⊙ G_h, X̂), from the codes without dequantized copies: the norm of
+    # a row times its (positive) scale.
+    x_norm = torch.linalg.vector_norm(x_codes.float(), dim=-1) * x_scale.reshape(-1)
+    g_norm = torch.linalg.vector_norm(gq.codes.float(), dim=-1) * gq.scales.reshape(H, -1)  # (H, N)
+    scores = (g_norm * x_norm).reshape(-1)
     p = leverage_score_probabilities(scores, keep_ratio * H * N, validate=False)
     u = torch.rand(p.shape, generator=generator, dtype=torch.float32, device=p.device)
     keep = u < p
@@ -430,10 +456,11 @@ class _Int4Linear(torch.autograd.Function):
                     grad_vx, grad_sx = lsq_grad(grad_vx, lsq_saved[0], s_x)
                 grad_x = hadamard_rotate(grad_vx, spec.block_size).to(x_dtype) if need_x else None
             if need_w or need_sw:
+                qx_f = q_x.float()  # converted once for the scores and the product
                 row_w = None
                 if spec.lss_keep_ratio is not None and g.shape[0] > 0:
-                    row_w = lss_row_weights(gq, q_x, s_x, spec.lss_keep_ratio, ctx.generator)
-                grad_vw = weight_grad_product(gq, q_x, s_x, row_w)
+                    row_w = lss_row_weights(gq, qx_f, s_x, spec.lss_keep_ratio, ctx.generator)
+                grad_vw = weight_grad_product(gq, qx_f, s_x, row_w)
                 if spec.lsq:
                     v_w = hadamard_rotate(lsq_saved[1], spec.block_size)
                     grad_vw, grad_sw = lsq_grad(grad_vw, v_w, s_w)
