@@ -39,6 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from ..models.outputs import output_head_ids
+
 __all__ = [
     "FP32_FUNCTIONS",
     "PRECISIONS",
@@ -234,22 +236,6 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, _NORM_TYPES) or bool(_NORM_NAME.search(type(module).__name__))
 
 
-def _head_modules(model: nn.Module, head_names: Sequence[str]) -> set[int]:
-    heads: set[int] = set()
-    get_out = getattr(model, "get_output_embeddings", None)
-    if callable(get_out):
-        try:
-            out = get_out()
-        except (NotImplementedError, AttributeError):
-            out = None
-        if isinstance(out, nn.Module):
-            heads.add(id(out))
-    for name, module in model.named_modules():
-        if name and name.rsplit(".", 1)[-1] in head_names:
-            heads.add(id(module))
-    return heads
-
-
 def find_fp32_modules(
     model: nn.Module,
     *,
@@ -268,7 +254,7 @@ def find_fp32_modules(
         raise TypeError(f"head_names must be a sequence of names, got {head_names!r}")
     if not isinstance(extra_types, tuple) or not all(isinstance(t, type) for t in extra_types):
         raise TypeError(f"extra_types must be a tuple of module classes, got {extra_types!r}")
-    heads = _head_modules(model, head_names)
+    heads = output_head_ids(model, head_names)
     found: list[tuple[str, nn.Module]] = []
     covered: list[str] = []
     for name, module in model.named_modules():

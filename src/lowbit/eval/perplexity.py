@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lowbit.models.outputs import logits_of
+
 __all__ = ["IGNORE_INDEX", "PerplexityResult", "perplexity", "sliding_windows"]
 
 IGNORE_INDEX = -100
@@ -82,20 +84,6 @@ def sliding_windows(
         xs.append(x)
         ys.append(y)
     return torch.stack(xs), torch.stack(ys)
-
-
-def _logits_of(output) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(
-        "model output must be logits, a (logits, ...) tuple or an object with .logits; "
-        f"got {type(output).__name__}"
-    )
 
 
 def _model_block_size(model: torch.nn.Module) -> int | None:
@@ -181,7 +169,7 @@ def perplexity(
             if x.shape != y.shape or x.ndim != 2:
                 raise ValueError(f"x and y must both be (B, T); got {tuple(x.shape)} and {tuple(y.shape)}")
             with autocast:
-                logits = _logits_of(model(x))
+                logits = logits_of(model(x))
             if logits.shape[:2] != x.shape:
                 raise ValueError(
                     f"model returned logits of shape {tuple(logits.shape)} for input {tuple(x.shape)}; "

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..models.outputs import output_head_ids
 from ..quant import GRANULARITIES, is_power_of_two
 from .stats import Moments, SqnrSum, can_rotate, fake_quant, kurtosis, rotate
 
@@ -163,19 +164,6 @@ def _rows(n: int, limit: int, device) -> torch.Tensor | None:
     return torch.arange(limit, device=device) * n // limit
 
 
-def _head_ids(model: nn.Module, head_names: tuple[str, ...]) -> set[int]:
-    ids = {id(m) for name, m in model.named_modules() if name and name.rsplit(".", 1)[-1] in head_names}
-    get_out = getattr(model, "get_output_embeddings", None)
-    if callable(get_out):
-        try:
-            out = get_out()
-        except (NotImplementedError, AttributeError):
-            out = None
-        if isinstance(out, nn.Module):
-            ids.add(id(out))
-    return ids
-
-
 class _LinearProbe:
     def __init__(self, name: str, module: nn.Linear, is_head: bool, settings: InspectSettings):
         self.settings = settings
@@ -289,7 +277,7 @@ def collect_stats(
     if not isinstance(settings, InspectSettings):
         raise TypeError(f"settings must be an InspectSettings, got {type(settings).__name__}")
     device = _first_param_device(model) if device is None else torch.device(device)
-    heads = _head_ids(model, settings.head_names)
+    heads = output_head_ids(model, settings.head_names)
     probes: list[_LinearProbe] = []
     acts: list[ActivationStats] = []
     handles = []

@@ -2,6 +2,7 @@
 
 from lowbit.models.gpt import GPT, NAMED_CONFIGS, GPTConfig
 from lowbit.models.hf import KNOWN_MODELS, load_causal_lm, load_hf_tokenizer
+from lowbit.models.outputs import logits_of, output_head_ids
 
 __all__ = [
     "GPT",
@@ -12,6 +13,8 @@ __all__ = [
     "load_causal_lm",
     "load_hf_tokenizer",
     "KNOWN_MODELS",
+    "logits_of",
+    "output_head_ids",
 ]
 
 #: Names `build_model` accepts (the CLI's --model choices): "gpt-" + a `GPTConfig.named` size.

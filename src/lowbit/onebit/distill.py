@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..models.outputs import logits_of
 from .layer import OneBitLinear
 
 __all__ = [
@@ -116,18 +117,6 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
     if not lists:
         raise ValueError(f"{type(model).__name__} has no nn.ModuleList of transformer blocks")
     return max(lists, key=len)
-
-
-def logits_of(output: Any) -> torch.Tensor:
-    """Logits from a model output: a tensor, a ``(logits, ...)`` tuple (lowbit GPT), or ``.logits`` (HF)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
 
 
 def forward_with_hidden(model: nn.Module, idx: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
