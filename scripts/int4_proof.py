@@ -9,7 +9,9 @@ Every run goes through ``lowbit.trainer.train``. Non-quantized parts (attention 
 head) run under bf16 autocast in every run, so the runs differ only in the converted Linear layers. Runs
 can go concurrently as separate processes (``--parallel``; a small model leaves most of an H100 idle).
 
-Writes OUT/results.json, OUT/loss_curves.png, OUT/results.md and per-run folders (metrics.jsonl, log.txt).
+Writes OUT/results.json, OUT/loss_curves.png, OUT/results.md and per-run folders OUT/<phase>/<run>/ with
+metrics.jsonl and result.json (logs go to OUT/logs unless --log-dir says elsewhere). ``--report-only``
+rebuilds the report from the run folders found under OUT, e.g. after runs made in separate calls.
 
     python scripts/int4_proof.py --out runs/int4_proof --steps 5000 --finetune-steps 600      # GPU
     python scripts/int4_proof.py --out /tmp/p --model gpt-tiny --steps 3 --finetune-steps 0   # CPU smoke
@@ -288,7 +290,7 @@ def run_all(args: argparse.Namespace, jobs: list[tuple[str, str]]) -> list[dict[
     while pending or running:
         while pending and len(running) < args.parallel:
             phase, spec = pending.pop(0)
-            log_dir = Path(args.out) / phase / run_label(spec)
+            log_dir = Path(args.log_dir or Path(args.out) / "logs") / phase / run_label(spec)
             log_dir.mkdir(parents=True, exist_ok=True)
             log = open(log_dir / "log.txt", "w")  # noqa: SIM115 - closed when the process ends
             proc = subprocess.Popen(_child_cmd(args, phase, spec), stdout=log, stderr=subprocess.STDOUT)
@@ -304,7 +306,7 @@ def run_all(args: argparse.Namespace, jobs: list[tuple[str, str]]) -> list[dict[
             if proc.returncode != 0:
                 tail = (log_dir / "log.txt").read_text()[-3000:]
                 raise RuntimeError(f"{phase}/{spec} failed (exit {proc.returncode}):\n{tail}")
-            summary = json.loads((log_dir / "result.json").read_text())
+            summary = json.loads((Path(args.out) / phase / run_label(spec) / "result.json").read_text())
             results.append(summary)
             print(
                 f"done {phase}/{spec}: val_loss {summary['val_loss']:.4f} in {summary['wall_s']:.0f} s",
@@ -375,7 +377,8 @@ def write_report(args: argparse.Namespace, results: list[dict[str, Any]], total_
             f"{r0['steps']} steps "
             f"of {r0['batch_size']} x {r0['block_size']} tokens",
             "",
-            "| run | val loss | val ppl | vs bf16 | initial val ppl | train loss | tokens/s | wall |",
+            f"| run | val loss | val ppl | vs {base['run'] if base else 'baseline'} | initial val ppl | "
+            "train loss | tokens/s | wall |",
             "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in rows:
@@ -532,6 +535,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--time-steps", type=int, default=0, help="only measure step times over N steps, print ETA"
     )
+    p.add_argument("--log-dir", default=None, help="folder for the runs' logs (default OUT/logs)")
+    p.add_argument(
+        "--report-only", action="store_true", help="only rebuild the report from OUT/*/*/result.json"
+    )
     p.add_argument("--single", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -560,6 +567,14 @@ def main(argv: list[str] | None = None) -> int:
         int4_config(spec, args.seed)
     if args.time_steps:
         time_steps(args, jobs)
+        return 0
+    if args.report_only:
+        found = [json.loads(f.read_text()) for f in sorted(Path(args.out).glob("*/*/result.json"))]
+        order = {p: i for i, p in enumerate(PHASES)}
+        found.sort(key=lambda r: (order.get(r["phase"], 9), r["run"] not in ("bf16", "fp32"), r["run"]))
+        if not found:
+            raise SystemExit(f"no */*/result.json under {args.out}")
+        write_report(args, found, sum(r["wall_s"] for r in found))
         return 0
     if not cuda and args.threads is None:
         args.threads = max(1, (os.cpu_count() or 1) // args.parallel)
