@@ -299,7 +299,9 @@ def _adamw(groups: list[dict[str, Any]], *, lr: float, betas: tuple[float, float
 register_optimizer("adamw", _adamw)
 
 
-def _adamw8bit(groups: list[dict[str, Any]], *, lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
+def _adamw8bit(
+    groups: list[dict[str, Any]], *, lr: float, betas: tuple[float, float]
+) -> torch.optim.Optimizer:
     from lowbit.optim import AdamW8bit  # the trainer sits above the capabilities; imported when chosen
 
     return AdamW8bit(groups, lr=lr, betas=betas)
