@@ -134,6 +134,7 @@ CASES = [
     ("hq-lss", {}, 32),
     ("hq-lss", {"scale_mode": "lsq"}, 16),
     ("hq-lss", {"grad_granularity": "tensor"}, 32),
+    ("hq-lss", {"granularity": "tensor"}, 32),
     ("hq", {}, 64),
     ("hq", {"granularity": "row"}, 16),
     ("hq", {"scale_mode": "lsq", "grad_granularity": "tensor"}, 32),

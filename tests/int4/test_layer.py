@@ -33,6 +33,8 @@ def test_recipes_resolve_their_fields():
         True,
         "bit_split",
     )
+    assert (paper.scale_mode, paper.granularity) == ("absmax", "row")
+    assert Int4TrainingConfig(scale_mode="lsq").granularity == "tensor"  # LSQ: one learned scale per tensor
     assert Int4TrainingConfig.named("hq").lss is False
     rtn = Int4TrainingConfig.named("rtn")
     assert (rtn.hadamard, rtn.block_size, rtn.grad_quantizer, rtn.scale_mode) == (

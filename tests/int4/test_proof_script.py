@@ -30,7 +30,6 @@ def test_parse_spec():
         int4_proof.int4_config("int3", 0)
 
 
-@pytest.mark.slow  # two training subprocesses: ~35 s on 2 busy cores
 def test_smoke_run_on_cpu(tmp_path):
     out = tmp_path / "proof"
     cmd = [

@@ -22,6 +22,7 @@ from typing import Any
 __all__ = [
     "BACKENDS",
     "DEFAULT_BLOCK_SIZE",
+    "DEFAULT_GRANULARITY",
     "DEFAULT_SCALE_MODE",
     "GRAD_GRANULARITIES",
     "GRANULARITIES",
@@ -32,11 +33,12 @@ __all__ = [
 
 #: The paper's typical Hadamard block (Sec. 4.1).
 DEFAULT_BLOCK_SIZE = 32
-#: Default forward scale mode of the Hadamard recipes. "absmax" won the CPU measurement in docs/int4.md
-#: (gpt-tiny on Shakespeare): LSQ's initial step 2·mean|v|/sqrt(7) clips the rotated, near-Gaussian
-#: tensors hard, and its per-step scale updates trail the fast-moving activations of a model trained
-#: from scratch.
+#: Default forward scales of the Hadamard recipes: dynamic absmax, one per token of X and per output channel
+#: of W. Measured in docs/int4.md (gpt-tiny on Shakespeare, two seeds): per-row absmax < per-tensor absmax
+#: < per-tensor LSQ in validation loss. The rotation evens out outliers within a row (along D_in) but
+#: cannot mix rows, so the differences between tokens (and output channels) are left to the scales.
 DEFAULT_SCALE_MODE = "absmax"
+DEFAULT_GRANULARITY = "row"
 
 SCALE_MODES = ("absmax", "lsq")
 #: "tensor": one scale per tensor (the paper). "row": one scale per token (row of X) and per output
@@ -52,7 +54,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "hadamard": True,
         "block_size": DEFAULT_BLOCK_SIZE,
         "scale_mode": DEFAULT_SCALE_MODE,
-        "granularity": "tensor",
+        "granularity": DEFAULT_GRANULARITY,
         "grad_quantizer": "bit_split",
         "grad_granularity": "token",
         "lss": True,
@@ -61,7 +63,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "hadamard": True,
         "block_size": DEFAULT_BLOCK_SIZE,
         "scale_mode": DEFAULT_SCALE_MODE,
-        "granularity": "tensor",
+        "granularity": DEFAULT_GRANULARITY,
         "grad_quantizer": "bit_split",
         "grad_granularity": "token",
         "lss": False,
@@ -95,11 +97,11 @@ class Int4TrainingConfig:
             or "auto": at the first forward each layer picks, among the powers of two >= 2 dividing its
             D_in, the block with the smallest output quantization error, and keeps it. Must be None for
             "rtn" (no Hadamard).
-        scale_mode: "absmax" (dynamic: scale = absmax / 7 of the current tensor, every step; default, see
-            ``DEFAULT_SCALE_MODE``) or "lsq" (learned step size, Esser et al. 2020, as in the paper: one
-            learned scale per tensor, initialized to 2·mean(|v|)/sqrt(7) on the first batch).
-        granularity: "tensor" (default) or "row" (one scale per token of X and per output channel of W;
-            "absmax" only).
+        scale_mode: "absmax" (dynamic: scale = absmax / 7 of the current rows or tensor, every step; the
+            default, see ``DEFAULT_SCALE_MODE``) or "lsq" (learned step size, Esser et al. 2020, as in the
+            paper: one learned scale per tensor, initialized to 2·mean(|v|)/sqrt(7) on the first batch).
+        granularity: "row" (one scale per token of X and per output channel of W; the Hadamard recipes'
+            default with "absmax") or "tensor" (the paper; "rtn"'s and "lsq"'s only choice).
         grad_granularity: scale of the quantized ∇Y: "token" (bit-split recipes' default) or "tensor".
         lss: leverage-score sampling of the stacked bit-split halves in the ∇W product (hq-lss: True).
         lss_keep_ratio: expected fraction of the 2N stacked rows kept, in (0, 1]; 0.5 keeps N rows, the
@@ -135,6 +137,8 @@ class Int4TrainingConfig:
                     f"Int4TrainingConfig.{name} is fixed by the recipe ({self.recipe!r} has "
                     f"{name}={preset[name]!r}), got {value!r}; choose another recipe instead"
                 )
+        if self.scale_mode == "lsq" and self.granularity is None:
+            object.__setattr__(self, "granularity", "tensor")  # LSQ learns one scale per tensor
         for name, default in preset.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, default)
