@@ -182,3 +182,23 @@ def test_console_entry_point(tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.startswith("lowbit: error: checkpoint not found") and bad.stderr.count("\n") == 1
     assert "Traceback" not in bad.stderr and bad.stdout == ""
+
+
+def test_train_int4_then_eval_ppl_reconverts(text_file, tmp_path, capsys):
+    out = tmp_path / "int4"
+    assert main(_train_argv(text_file, out, 3, "--precision", "int4", "--recipe", "hq")) == 0
+    ck = load_checkpoint(out / "checkpoint.pt")
+    assert ck["extra"]["int4"]["recipe"] == "hq"
+    final = [r for r in read_metrics(out / "metrics.jsonl") if "val_ppl" in r][-1]
+    capsys.readouterr()
+    # eval rebuilds the model, converts it to INT4 again and gets the training's own validation loss
+    # (same windows; the forward pass is deterministic: rounding, no sampling) up to summation order.
+    assert main(["eval", "ppl", "--checkpoint", str(out / "checkpoint.pt"), "--json", "--device", "cpu"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["loss"] == pytest.approx(final["val_loss"], rel=1e-5)
+
+
+def test_recipe_without_int4_is_a_usage_error(text_file, tmp_path, capsys):
+    assert main(_train_argv(text_file, tmp_path / "x", 3, "--recipe", "rtn")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lowbit: error:") and "--recipe" in err[0]

@@ -79,10 +79,18 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer", default=s, help="registered optimizer name (default adamw)")
     p.add_argument(
         "--precision",
-        choices=("fp32", "bf16", "fp16"),
+        choices=("fp32", "bf16", "fp16", "int4"),
         default=s,
         help="fp32 (default), or bf16 / fp16 autocast with norms, embeddings, head, softmax and loss in fp32 "
-        "(fp16 with loss scaling)",
+        "(fp16 with loss scaling), or int4: INT4 fully quantized training of the Linear layers (the rest "
+        "under bf16 autocast)",
+    )
+    p.add_argument(
+        "--recipe",
+        choices=("hq-lss", "hq", "rtn"),
+        default=s,
+        help="with --precision int4: hq-lss (default; Hadamard forward, bit splitting + leverage-score "
+        "sampling backward), hq (no sampling) or rtn (plain round to nearest, the naive baseline)",
     )
     p.add_argument(
         "--embedding-grad-scale",
@@ -271,13 +279,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise ValueError(
                 f"--block-size {fields['block_size']} exceeds the context of {model_name} ({context})"
             )
+    int4 = None
+    if fields["precision"] == "int4" or "recipe" in given:
+        if fields["precision"] != "int4":
+            raise UsageError("--recipe needs --precision int4")
+        from .int4 import Int4TrainingConfig
+
+        int4 = Int4TrainingConfig.named(given.get("recipe", "hq-lss"), seed=fields["seed"])
+        fields["precision"] = "bf16"  # what INT4 training leaves in high precision runs under bf16 autocast
     config = TrainConfig(**fields, out_dir=out, progress=not given.get("no_progress", False))
     print(
         f"lowbit train: {model_name} on {data}, {config.steps} steps of {config.tokens_per_step:,} tokens "
-        f"-> {out}" + (f" (resuming {ckpt_path})" if ckpt_path else ""),
+        f"-> {out}"
+        + (f", INT4 recipe {int4.recipe}" if int4 is not None else "")
+        + (f" (resuming {ckpt_path})" if ckpt_path else ""),
         flush=True,
     )
-    run = train_lm(model_name, data, config, dropout=dropout, resume=ckpt_path)
+    run = train_lm(model_name, data, config, dropout=dropout, resume=ckpt_path, int4=int4)
     r = run.result
     summary = f"step {r.step}: train loss {_fmt(r.train_loss)}"
     if r.val_loss is not None:

@@ -85,7 +85,12 @@ def _model_from_extra(extra: dict[str, Any]) -> torch.nn.Module:
 
     if "model_config" not in extra:
         raise ValueError("checkpoint has no extra['model_config']: it was not written by lowbit train")
-    return GPT(GPTConfig(**extra["model_config"]))
+    model = GPT(GPTConfig(**extra["model_config"]))
+    if extra.get("int4") is not None:  # INT4 training: convert the same layers so that the state dict fits
+        from ..int4 import Int4TrainingConfig, convert_to_int4_training
+
+        convert_to_int4_training(model, Int4TrainingConfig(**extra["int4"]))
+    return model
 
 
 def train_lm(
@@ -98,6 +103,7 @@ def train_lm(
     callbacks: Iterable[Any] = (),
     optimizer: Any = None,
     lm_data: LMData | None = None,
+    int4: Any = None,
 ) -> LMRun:
     """Train the named GPT ("gpt-tiny", ...) on ``data`` with a character tokenizer.
 
@@ -105,6 +111,9 @@ def train_lm(
     initialized after seeding torch with ``config.seed``. With ``resume`` (a path, or "auto" with a checkpoint
     in ``config.out_dir``) the model configuration and tokenizer come from the checkpoint; a different
     ``model_name`` is an error. ``lm_data`` skips loading and encoding when the caller has it already.
+    ``int4`` (a ``lowbit.int4.Int4TrainingConfig``) converts the model's Linear layers for INT4 fully
+    quantized training before the optimizer is built; a resumed INT4 run takes its config from the
+    checkpoint.
     """
     from ..data import tokenizer_from_state_dict
     from ..models import build_model
@@ -122,10 +131,19 @@ def train_lm(
         tokenizer = tokenizer_from_state_dict(ckpt_extra["tokenizer"]) if ckpt_extra else None
         lm_data = prepare_lm_data(data, tokenizer)
     torch.manual_seed(config.seed)
+    int4_dict = None
     if ckpt_extra:
-        model = _model_from_extra(ckpt_extra)
+        model = _model_from_extra(ckpt_extra)  # converted already when the run was INT4
+        int4_dict = ckpt_extra.get("int4")
+        if int4 is not None and int4.to_dict() != int4_dict:
+            raise ValueError(f"int4 config {int4} does not match the checkpoint's {int4_dict}")
     else:
         model = build_model(model_name, lm_data.tokenizer.vocab_size, dropout=dropout)
+        if int4 is not None:
+            from ..int4 import convert_to_int4_training
+
+            convert_to_int4_training(model, int4)
+            int4_dict = int4.to_dict()
     if config.block_size > model.config.block_size:
         raise ValueError(
             f"block_size={config.block_size} exceeds the context of {model_name} ({model.config.block_size})"
@@ -135,6 +153,7 @@ def train_lm(
         "model_config": dataclasses.asdict(model.config),
         "tokenizer": lm_data.tokenizer.state_dict(),
         "data": str(data),
+        "int4": int4_dict,
     }
     train_b, val_b = make_batchers(lm_data, config)
     result = train(
