@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from ..quant.binary import binarize_absmean
 from .layer import OneBitLinear
-from .svid import METHODS, svid, svid_error
+from .svid import METHODS, svid_error
 
 __all__ = [
     "ConvertedLayer",
@@ -118,20 +118,14 @@ def convert_to_onebit(
     report: dict[str, ConvertedLayer] = {}
     for name in tqdm(names, desc="SVID", disable=not progress, dynamic_ncols=True):
         linear = model.get_submodule(name)
-        w = linear.weight.detach()
-        signs, g, h = svid(w, method, **svid_kwargs)
-        layer = OneBitLinear.from_svid(
-            signs,
-            g,
-            h,
-            linear.bias,
-            latent=w if keep_magnitude else None,
-            layer_norm=layer_norm,
-            eps=eps,
-            dtype=dtype,
-        )
+        layer = OneBitLinear.from_linear(
+            linear, method, layer_norm=layer_norm, eps=eps, keep_magnitude=keep_magnitude, dtype=dtype,
+            **svid_kwargs,
+        )  # fmt: skip
         _set_submodule(model, name, layer)
-        report[name] = ConvertedLayer(linear.in_features, linear.out_features, svid_error(w, signs, g, h))
+        # error of the factors as stored (in ``dtype``)
+        error = svid_error(linear.weight.detach(), layer.signs(), layer.g, layer.h)
+        report[name] = ConvertedLayer(linear.in_features, linear.out_features, error)
     return report
 
 
