@@ -84,13 +84,16 @@ class _Progress:
     def __init__(self, label: str, steps: int, every: int):
         self.label, self.steps, self.every = label, steps, max(1, every)
         self.t0 = None
+        self.first = None
 
     def on_train_start(self, **_: Any) -> None:
         self.t0 = time.perf_counter()
 
     def on_step_end(self, *, step: int, loss: float, **_: Any) -> None:
+        if self.first is None:  # a resumed run starts past step 1
+            self.first = step - 1
         if step % self.every == 0 or step == self.steps:
-            dt = (time.perf_counter() - self.t0) / step
+            dt = (time.perf_counter() - self.t0) / max(1, step - self.first)
             eta = dt * (self.steps - step)
             print(
                 f"[{self.label}] step {step}/{self.steps} loss {loss:.4f} {dt * 1e3:.0f} ms/step "
@@ -173,21 +176,29 @@ def single_run(args: argparse.Namespace, phase: str, spec: str) -> dict[str, Any
         eval_every=args.eval_every or max(1, steps // 10),
         eval_batches=args.eval_batches,
         log_every=max(1, min(10, steps // 50)),
-        save_every=0,
+        save_every=args.save_every,
         precision=args.precision,
         seed=args.seed,
-        out_dir=None,
+        out_dir=str(out / "train") if args.save_every else None,
         progress=False,
         device=str(device),
     )
     train_b = TokenBatcher(data.train_tokens, batch, block, generator=args.seed)
     val_b = TokenBatcher(data.val_tokens, batch, block)
     initial = None
-    if phase == "finetune":  # the pretrained model's validation loss (INT4 runs: after conversion)
+    ckpt = out / "train" / "checkpoint.pt"
+    resuming = bool(args.save_every) and ckpt.exists()
+    initial_path = out / "initial.json"
+    if resuming:
+        print(f"[{spec}] resuming from {ckpt}", flush=True)
+        if initial_path.exists():
+            initial = json.loads(initial_path.read_text())
+    elif phase == "finetune":  # the pretrained model's validation loss (INT4 runs: after conversion)
         r0 = perplexity(
             eval_model, val_b.eval_batches(args.eval_batches), device=device, precision=args.precision
         )
         initial = {"val_loss": r0.loss, "val_ppl": r0.ppl}
+        initial_path.write_text(json.dumps(initial))
         print(f"[{spec}] step 0 val_loss {r0.loss:.4f} ppl {r0.ppl:.3f}", flush=True)
 
     # The trainer evaluates `model(x)`; an HF model needs the logits wrapper for that, and the wrapper shares
@@ -195,7 +206,7 @@ def single_run(args: argparse.Namespace, phase: str, spec: str) -> dict[str, Any
     from lowbit.trainer.metrics import MetricsWriter
 
     metrics_path = out / "metrics.jsonl"
-    if metrics_path.exists():
+    if metrics_path.exists() and not resuming:
         metrics_path.unlink()
     writer = MetricsWriter(metrics_path)
 
@@ -212,11 +223,12 @@ def single_run(args: argparse.Namespace, phase: str, spec: str) -> dict[str, Any
         def on_eval(self, *, step: int, val_loss: float, val_ppl: float) -> None:
             writer.write({"step": step, "val_loss": val_loss, "val_ppl": val_ppl})
 
-    if initial is not None:
+    if initial is not None and not resuming:
         writer.write({"step": 0, **initial})
+    resume = "auto" if args.save_every else None
     progress = _Progress(spec, steps, every=max(1, steps // 20))
     if phase == "scratch":
-        result = train(eval_model, train_b, val_b, config, callbacks=[progress, _Log()])
+        result = train(eval_model, train_b, val_b, config, callbacks=[progress, _Log()], resume=resume)
     else:
         result = train(
             eval_model,
@@ -225,6 +237,7 @@ def single_run(args: argparse.Namespace, phase: str, spec: str) -> dict[str, Any
             config,
             loss_fn=lambda m, b: _hf_loss(m.model, b),
             callbacks=[progress, _Log()],
+            resume=resume,
         )
     writer.close()
     summary = {
@@ -275,6 +288,7 @@ def _child_cmd(args: argparse.Namespace, phase: str, spec: str) -> list[str]:
         "precision",
         "device",
         "threads",
+        "save_every",
     ):
         value = getattr(args, key)
         if value is not None:
@@ -530,6 +544,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--parallel", type=int, default=None, help="concurrent runs (default: 4 on CUDA, 1 on CPU)"
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per run")
+    p.add_argument(
+        "--save-every",
+        type=int,
+        default=0,
+        help="checkpoint each run every N steps under OUT/<phase>/<run>/train and resume from it when "
+        "present (runs longer than one device command go on in the next)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the model (default: eager)")
     p.add_argument("--profile", action="store_true", help="with --time-steps: profile the last run")
     p.add_argument(
