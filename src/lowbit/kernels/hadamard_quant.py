@@ -930,8 +930,8 @@ def gather_scaled_rows(
     transposed: bool = False,
     pad_to: int = 1,
     pow2_round: tuple[torch.Tensor, int | torch.Tensor] | None = None,
-    block_rows: int = 16,
-    block_cols: int = 256,
+    block_rows: int | None = None,
+    block_cols: int | None = None,
     num_warps: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Compacted operands of a row-sampled product Σ_j a_jᵀ b_j (the ∇W product of LSS).
@@ -959,6 +959,10 @@ def gather_scaled_rows(
     Returns:
         (a, b): (R', N) and (R', K) of ``out_dtype``, or (N, R') and (K, R') when transposed; plus the
         one-element fp32 tensor t with ``pow2_round``.
+
+    Launch: ``block_rows`` × ``block_cols`` tiles, default 16 × 256, and 64 × 128 when transposed: a
+    transposed store writes ``block_rows`` consecutive elements per output row, and 64 one-byte codes fill
+    two whole 32-byte sectors where 16 left each sector half written by two programs.
     """
     _check_matrix("g_codes", g_codes, (torch.int8,))
     _check_matrix("x_codes", x_codes, _CODE_DTYPES)
@@ -985,7 +989,9 @@ def gather_scaled_rows(
             a[n_out:].zero_()
             b[n_out:].zero_()
     if n_out == 0:
-        return a, b
+        return (a, b, torch.ones(1, dtype=torch.float32, device=dev)) if pow2_round is not None else (a, b)
+    block_rows = block_rows or (64 if transposed else 16)
+    block_cols = block_cols or (128 if transposed else 256)
     src_idx = src_idx.reshape(-1).contiguous()
     factor = factor.reshape(-1).float().contiguous()
     half_t = half.reshape(-1).to(torch.int32).contiguous() if half is not None else src_idx

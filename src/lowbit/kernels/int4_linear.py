@@ -49,28 +49,39 @@ from .hadamard_quant import (
     hadamard_rows,
     leverage_sample_compact,
 )
-from .int4_matmul import int4_mm, int8_scaled_mm
+from .int4_matmul import bit_split_fp8_mm, int4_mm, int8_scaled_mm
 
 __all__ = ["Int4LinearSaved", "int4_linear_bwd", "int4_linear_fwd", "int4_linear_triton"]
 
 _F8 = torch.float8_e4m3fn
 
 
-class Int4LinearSaved(NamedTuple):
-    """What the forward keeps for the backward (INT4 codes in one byte each, no full-precision copy).
-
-    x_codes: (N, K) FP8 E4M3 codes of X·H. x_scale: (N, 1) per token or (1, 1) fp32.
-    x_code_sumsq: (N,) Σ codes² per row (for the leverage scores).
-    w_codes_t: (K, M) int8 codes of W·H, transposed (the K-major operand of the ∇X product).
-    w_scale: (M, 1) per channel or (1, 1) fp32. block_size: the Hadamard block or None.
-    """
-
+class _SavedFields(NamedTuple):
     x_codes: torch.Tensor
     x_scale: torch.Tensor
     x_code_sumsq: torch.Tensor
     w_codes_t: torch.Tensor
     w_scale: torch.Tensor
     block_size: int | None
+
+
+class Int4LinearSaved(_SavedFields):
+    """What the forward keeps for the backward (INT4 codes in one byte each, no full-precision copy).
+
+    x_codes: (N, K) FP8 E4M3 codes of X·H. x_scale: (N, 1) per token or (1, 1) fp32.
+    x_code_sumsq: (N,) Σ codes² per row (for the leverage scores).
+    w_codes_t: (K, M) int8 codes of W·H, transposed (the K-major operand of the ∇X product).
+    w_scale: (M, 1) per channel or (1, 1) fp32. block_size: the Hadamard block or None.
+
+    Attribute, not a field (the tuple keeps its six fields, so unpacking code is unaffected):
+    x_codes_t, None or (K, N) FP8 codes of X·H transposed (the K-major operand of an FP8 ∇W product over
+    the tokens), written by the forward with ``save_x_codes_t=True``; ``Int4LinearSaved(..., x_codes_t=t)``.
+    """
+
+    def __new__(cls, *fields, x_codes_t: torch.Tensor | None = None):
+        self = super().__new__(cls, *fields)
+        self.x_codes_t = x_codes_t
+        return self
 
 
 def int4_linear_fwd(
@@ -83,6 +94,8 @@ def int4_linear_fwd(
     x_scale: torch.Tensor | None = None,
     w_scale: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    save_x_codes_t: bool = False,
+    w_codes_t_dtype: torch.dtype = torch.int8,
 ) -> tuple[torch.Tensor, Int4LinearSaved]:
     """Y = HQ(X) · HQ(W)ᵀ (+ bias): the forward of ``lowbit.int4`` on FP8 tensor cores.
 
@@ -94,6 +107,10 @@ def int4_linear_fwd(
         granularity: "tensor" (one scale per tensor) or "row" (per token of X, per output channel of W).
         x_scale, w_scale: given (learned, LSQ) positive one-element scales; then granularity is ignored.
         out_dtype: dtype of Y (default x2d's).
+        save_x_codes_t: also write the transposed FP8 X codes in the same pass (``x_codes_t``: the operand of
+            the all-FP8 ∇W of a per-tensor "rtn" gradient, see :func:`int4_linear_bwd`).
+        w_codes_t_dtype: dtype of the saved transposed W codes: int8 (the int8 ∇X product of a bit-split
+            gradient) or float8_e4m3fn (the FP8 ∇X product of an INT4 "rtn" gradient).
 
     Returns:
         (Y (N, M) ``out_dtype``, :class:`Int4LinearSaved`). N, M, K multiples of 16 (cuBLAS FP8).
@@ -103,13 +120,15 @@ def int4_linear_fwd(
                          f"{tuple(weight.shape)}")
     if granularity not in ("tensor", "row"):
         raise ValueError(f"granularity must be 'tensor' or 'row', got {granularity!r}")
-    qx = hadamard_quantize(x2d, block_size, granularity=granularity, scale=x_scale, codes_dtype=_F8)
+    qx = hadamard_quantize(x2d, block_size, granularity=granularity, scale=x_scale, codes_dtype=_F8,
+                           transposed_dtype=_F8 if save_x_codes_t else None)
     qw = hadamard_quantize(weight, block_size, granularity=granularity, scale=w_scale, codes_dtype=_F8,
-                           transposed_dtype=torch.int8)
+                           transposed_dtype=w_codes_t_dtype)
     y = int4_mm(qx.codes, qw.codes, qx.scale, qw.scale.reshape(1, -1), out_dtype=out_dtype or x2d.dtype)
     if bias is not None:
         y = y + bias.to(y.dtype)
-    saved = Int4LinearSaved(qx.codes, qx.scale, qx.code_sumsq, qw.codes_t, qw.scale, block_size)
+    saved = Int4LinearSaved(qx.codes, qx.scale, qx.code_sumsq, qw.codes_t, qw.scale, block_size,
+                            x_codes_t=qx.codes_t)
     return y, saved
 
 
@@ -134,6 +153,11 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         except (TypeError, RuntimeError):
             MM_FP32_OUT = False
     return torch.mm(a.to(torch.bfloat16), b.to(torch.bfloat16)).float()
+
+
+def _as_codes(codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Integer codes (|c| <= 15) in ``dtype`` (int8 or FP8 E4M3), converted exactly through fp16 if needed."""
+    return codes if codes.dtype == dtype else codes.to(torch.float16).to(dtype)
 
 
 def _pow2_normalizer(values: torch.Tensor) -> torch.Tensor:
@@ -181,7 +205,10 @@ def int4_linear_bwd(
         noise: optional (N, M) fp32 uniform noise of the lo rounding (``bit_split_quantize``); for tests.
         row_weights: optional (2, N) / (2, N, 1) given sampling weights (1/p kept, 0 dropped), as
             ``lowbit.int4.function.lss_row_weights`` returns; replaces the draw. For tests.
-        grad_x_backend: "triton" (fused int8 GEMM) or "cublas" (torch._int_mm + rotation pass).
+        grad_x_backend: "triton" (fused int8 GEMM; with a per-channel weight scale the fused fp16 GEMM),
+            "cublas" (torch._int_mm, or the fp16 cuBLAS product, + a rotation pass) or "fp8x2" (the bit-split
+            gradient as two FP8 products, hi and lo, in one Triton kernel; per-tensor weight scale, else as
+            "triton"). A "rtn" gradient runs on FP8 (exact) unless "cublas".
         grad_weight_fp8: with sampling, run the ∇W product on FP8 tensor cores: each kept row's factor
             s_h · s_x / p is rounded to a power of two, stochastically and unbiased (``gather_scaled_rows``'s
             ``pow2_round``), so that the product is exact; E[∇W] is unchanged, each row's factor gets a
@@ -199,40 +226,80 @@ def int4_linear_bwd(
                          f"{lss_keep_ratio!r}")
     if row_weights is not None and grad_quantizer != "bit_split":
         raise ValueError("row_weights sample the bit-split halves: grad_quantizer must be 'bit_split'")
+    if grad_x_backend not in ("triton", "cublas", "fp8x2"):
+        raise ValueError(f"grad_x_backend must be 'triton', 'cublas' or 'fp8x2', got {grad_x_backend!r}")
     x_codes, x_scale, x_sumsq, w_codes_t, w_scale, block = saved
+    x_codes_t = getattr(saved, "x_codes_t", None)
     n, k = x_codes.shape
     m = w_codes_t.shape[1]
     if grad_y.shape != (n, m):
         raise ValueError(f"grad_y must have shape {(n, m)}, got {tuple(grad_y.shape)}")
     dev = grad_y.device
     sample = lss_keep_ratio is not None or row_weights is not None
+    w_per_tensor = w_scale.numel() == 1
+    fp8_dw = False
     if grad_quantizer == "bit_split":
         seed = None
         if noise is None:
             seed = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=dev, dtype=torch.int64)
+        dual = need_grad_x and grad_x_backend == "fp8x2" and w_per_tensor
+        write_v = (need_grad_x and not dual) or (need_grad_w and not sample)
         bs = bit_split_quantize(grad_y, granularity=grad_granularity, seed=seed if seed is not None else 0,
-                                noise=noise, write_v=True, write_packed=sample and need_grad_w)
+                                noise=noise, write_v=write_v, write_packed=sample and need_grad_w,
+                                write_fp8=dual)
         g_codes, g_scale = bs.v, bs.scale_lo
     else:
-        q = hadamard_quantize(grad_y, None, granularity="row" if grad_granularity == "token" else "tensor",
-                              codes_dtype=torch.int8)
+        # One INT4 matrix: its products with INT4 codes are exact on FP8 tensor cores. ∇X on FP8 when the
+        # weight scale is per tensor; ∇W on FP8 when every scale on its inner dimension (the tokens) is per
+        # tensor and the forward saved the transposed X codes (then G is written transposed in the same pass).
+        per_tensor = grad_granularity == "tensor"
+        fp8_dx = need_grad_x and w_per_tensor and grad_x_backend != "cublas"
+        fp8_dw = need_grad_w and per_tensor and x_codes_t is not None and x_scale.numel() == 1
+        codes_f8 = fp8_dx and (fp8_dw or not need_grad_w)  # else int8: the gather of the ∇W path reads int8
+        q = hadamard_quantize(grad_y, None, granularity="tensor" if per_tensor else "row",
+                              codes_dtype=_F8 if codes_f8 else torch.int8,
+                              transposed_dtype=_F8 if fp8_dw else None)
         g_codes, g_scale = q.codes, q.scale
 
     grad_x = grad_w = None
     if need_grad_x:
         out_dtype = x_dtype if rotate_back else torch.float32
         blk = block if rotate_back else None
-        if w_scale.numel() == 1:
-            grad_x = int8_scaled_mm(g_codes, w_codes_t, g_scale, w_scale, hadamard_block=blk,
-                                    out_dtype=out_dtype, backend=grad_x_backend)
+        if w_per_tensor and grad_quantizer == "bit_split" and grad_x_backend == "fp8x2":
+            grad_x = bit_split_fp8_mm(bs.hi_f8, bs.lo_f8, _as_codes(w_codes_t, _F8), bs.scale_lo, w_scale,
+                                      hadamard_block=blk, out_dtype=out_dtype)
+        elif w_per_tensor and g_codes.dtype == _F8:
+            w_t8 = _as_codes(w_codes_t, _F8)
+            if blk is None or blk == 1:
+                grad_x = int4_mm(g_codes, w_t8, g_scale, w_scale, out_dtype=out_dtype)
+            else:  # the FP8 Triton GEMM with the rotation in its epilogue
+                grad_x = int8_scaled_mm(g_codes, w_t8, g_scale, w_scale, hadamard_block=blk, out_dtype=out_dtype)
+        elif w_per_tensor:
+            grad_x = int8_scaled_mm(g_codes, _as_codes(w_codes_t, torch.int8), g_scale, w_scale,
+                                    hadamard_block=blk, out_dtype=out_dtype,
+                                    backend="cublas" if grad_x_backend == "cublas" else "triton")
         else:
-            # A per-channel weight scale lies on the inner dimension M: fold it into an fp16 operand.
+            # A per-channel weight scale lies on the inner dimension M: fold it into an fp16 operand (one
+            # rounding, relative 2^-11, after an exact power-of-two normalization).
             norm = _pow2_normalizer(w_scale)
             w_scaled = (w_codes_t.float() * (w_scale.reshape(1, m) / norm)).to(torch.float16)  # (K, M)
-            prod = _mm_fp32(g_codes.to(torch.float16), w_scaled.t())
-            grad_x = hadamard_rows(prod, blk, row_scale=g_scale.expand(n, 1), scale=norm, out_dtype=out_dtype)
+            if grad_x_backend == "cublas":
+                prod = _mm_fp32(g_codes.to(torch.float16), w_scaled.t())
+                grad_x = hadamard_rows(prod, blk, row_scale=g_scale.expand(n, 1), scale=norm,
+                                       out_dtype=out_dtype)
+            else:  # int8 codes converted on chip, fp16 tensor cores, scales and rotation in the epilogue
+                grad_x = int8_scaled_mm(g_codes, w_scaled, g_scale, norm, hadamard_block=blk, out_dtype=out_dtype)
 
-    if need_grad_w:
+    if need_grad_w and fp8_dw:
+        # ∇W = s_g·s_x · (Gᵀ · q_x) · H: both operands K-major over the tokens, exact on FP8 tensor cores.
+        s_gx = (g_scale.reshape(1).float() * x_scale.reshape(1).float())
+        one = torch.ones(1, device=dev)
+        if rotate_back and block not in (None, 1):
+            prod = int4_mm(q.codes_t, x_codes_t, s_gx, one, out_dtype=torch.float32)
+            grad_w = hadamard_rows(prod, block, out_dtype=w_dtype)
+        else:
+            grad_w = int4_mm(q.codes_t, x_codes_t, s_gx, one, out_dtype=w_dtype if rotate_back else torch.float32)
+    elif need_grad_w:
         x_scale_rows = x_scale.reshape(-1).expand(n)
         if grad_weight_fp8 and not sample:
             raise ValueError("grad_weight_fp8 needs leverage-score sampling (INT4 halves as the operand)")
@@ -277,31 +344,46 @@ def int4_linear_bwd(
 
 
 class Int4LinearTriton(torch.autograd.Function):
-    """Autograd Function over :func:`int4_linear_fwd` / :func:`int4_linear_bwd` (absmax scales)."""
+    """Autograd Function over :func:`int4_linear_fwd` / :func:`int4_linear_bwd` (absmax scales).
+
+    ``apply(x2d, weight, bias, block_size, granularity, grad_quantizer, grad_granularity, lss_keep_ratio,
+    generator, grad_weight_fp8[, grad_x_backend])``.
+    """
 
     @staticmethod
     def forward(ctx, x2d, weight, bias, block_size, granularity, grad_quantizer, grad_granularity,
-                lss_keep_ratio, generator, grad_weight_fp8):
-        y, saved = int4_linear_fwd(x2d, weight, bias, block_size=block_size, granularity=granularity)
-        ctx.save_for_backward(*saved[:5])
-        ctx.args = (block_size, grad_quantizer, grad_granularity, lss_keep_ratio, generator, grad_weight_fp8)
+                lss_keep_ratio, generator, grad_weight_fp8, *options):
+        grad_x_backend = options[0] if options else "triton"
+        # A per-tensor "rtn" gradient runs all three products on FP8: save X's codes transposed too (same
+        # pass) and W's transposed codes as FP8; the bit-split gradient's ∇X wants int8 W codes.
+        rtn = grad_quantizer == "rtn"
+        save_x_t = rtn and grad_granularity == "tensor" and granularity == "tensor"
+        wt_dtype = _F8 if rtn or grad_x_backend == "fp8x2" else torch.int8
+        y, saved = int4_linear_fwd(x2d, weight, bias, block_size=block_size, granularity=granularity,
+                                   save_x_codes_t=save_x_t, w_codes_t_dtype=wt_dtype)
+        ctx.save_for_backward(*saved[:5], saved.x_codes_t)
+        ctx.args = (block_size, grad_quantizer, grad_granularity, lss_keep_ratio, generator, grad_weight_fp8,
+                    grad_x_backend)
+        ctx.n_options = len(options)
         ctx.dtypes = (x2d.dtype, weight.dtype, None if bias is None else bias.dtype)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        block_size, grad_quantizer, grad_granularity, lss_keep_ratio, generator, grad_weight_fp8 = ctx.args
-        saved = Int4LinearSaved(*ctx.saved_tensors, block_size)
+        (block_size, grad_quantizer, grad_granularity, lss_keep_ratio, generator, grad_weight_fp8,
+         grad_x_backend) = ctx.args
+        tensors = ctx.saved_tensors
+        saved = Int4LinearSaved(*tensors[:5], block_size, x_codes_t=tensors[5])
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_y = grad_y.contiguous()
         grad_x, grad_w = int4_linear_bwd(
             grad_y, saved, grad_quantizer=grad_quantizer, grad_granularity=grad_granularity,
             lss_keep_ratio=lss_keep_ratio, generator=generator, need_grad_x=need_x, need_grad_w=need_w,
-            x_dtype=x_dtype, w_dtype=w_dtype, grad_weight_fp8=grad_weight_fp8,
+            x_dtype=x_dtype, w_dtype=w_dtype, grad_weight_fp8=grad_weight_fp8, grad_x_backend=grad_x_backend,
         )
         grad_b = grad_y.float().sum(0).to(b_dtype) if need_b else None
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+        return (grad_x, grad_w, grad_b) + (None,) * (7 + ctx.n_options)
 
 
 def int4_linear_triton(
@@ -316,12 +398,13 @@ def int4_linear_triton(
     lss_keep_ratio: float | None = 0.5,
     generator: torch.Generator | None = None,
     grad_weight_fp8: bool = False,
+    grad_x_backend: str = "triton",
 ) -> torch.Tensor:
     """INT4 fully quantized ``x · weightᵀ + bias`` on the Triton / FP8 path (differentiable: x, weight, bias).
 
     x: (..., K) bf16 / fp16 / fp32 on CUDA; weight (M, K); bias (M,) or None. Defaults: the "hq-lss" recipe
     of ``lowbit.int4`` (block 32, per-tensor absmax scales, bit splitting per token, keep ratio 0.5);
-    ``grad_weight_fp8`` as in :func:`int4_linear_bwd`.
+    ``grad_weight_fp8``, ``grad_x_backend`` as in :func:`int4_linear_bwd`.
     Returns (..., M) in x's dtype.
     """
     k = weight.shape[1]
@@ -331,5 +414,5 @@ def int4_linear_triton(
     if x2d.stride(1) != 1:
         x2d = x2d.contiguous()
     y = Int4LinearTriton.apply(x2d, weight, bias, block_size, granularity, grad_quantizer, grad_granularity,
-                               lss_keep_ratio, generator, grad_weight_fp8)
+                               lss_keep_ratio, generator, grad_weight_fp8, grad_x_backend)
     return y.reshape(*x.shape[:-1], weight.shape[0])

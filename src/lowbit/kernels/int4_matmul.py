@@ -43,11 +43,19 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-__all__ = ["GEMM_CONFIG", "int4_mm", "int8_scaled_mm", "int4_mm_reference"]
+__all__ = ["GEMM_CONFIG", "GEMM_CONFIG_DUAL", "GEMM_CONFIG_F16", "bit_split_fp8_mm", "int4_mm", "int8_scaled_mm",
+           "int4_mm_reference"]
 
 #: Default tile configuration of the Triton int8 GEMM (BLOCK_N must stay 128 when rotating).
 #: Measured best of five on an H100 (docs/kernels-int4.md): 256 × 128 × 128 tiles, 8 warps, 3 stages.
 GEMM_CONFIG = {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+#: int8 a against fp16 / bf16 b (a converted on chip): 2-byte b tiles, so BLOCK_K 64 keeps 4 stages in
+#: shared memory ((128·64 + 128·64·2) B = 24 KB per stage). Not yet measured: the bench sweeps it.
+GEMM_CONFIG_F16 = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8,
+                   "num_stages": 4}
+#: Two FP8 products (hi, lo) sharing the b tile: three 16 KB tiles per stage at 128 × 128 × 128.
+GEMM_CONFIG_DUAL = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8,
+                    "num_stages": 3}
 
 _F8 = torch.float8_e4m3fn
 
@@ -126,14 +134,18 @@ if HAS_TRITON:
 
     @triton.jit
     def _scaled_gemm_kernel(
-        a_ptr, b_ptr, out_ptr, rs_ptr, cs_ptr, s_ptr,
+        a_ptr, a2_ptr, b_ptr, out_ptr, rs_ptr, cs_ptr, s_ptr,
         M, N, K, stride_am, stride_bn, stride_om, stride_cs,
-        inv_sqrt_b,
+        inv_sqrt_b, a_weight,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         ROTATE: tl.constexpr, NSPLIT: tl.constexpr, DOT_F32: tl.constexpr, INT_ACC: tl.constexpr,
-        EVEN_K: tl.constexpr,
+        EVEN_K: tl.constexpr, A_CAST: tl.constexpr, DUAL: tl.constexpr,
     ):
-        """out[m, n] = rotate_n(Σ_k a[m, k] b[n, k]) · rs[m] · cs[n · stride_cs]; grouped tile order."""
+        """out[m, n] = rotate_n(Σ_k a[m, k] b[n, k]) · rs[m] · cs[n · stride_cs]; grouped tile order.
+
+        A_CAST: a (int8) is converted to b's dtype (fp16 / bf16) on chip, exactly (|a| <= 127).
+        DUAL: the sum is a_weight · (a · bᵀ) + a2 · bᵀ, two accumulators sharing each b tile (FP8 hi, lo).
+        """
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BLOCK_M)
         num_n = tl.cdiv(N, BLOCK_N)
@@ -150,11 +162,13 @@ if HAS_TRITON:
         rm = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
         rn = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
         a_ptrs = a_ptr + rm[:, None] * stride_am + offs_k[None, :]
+        a2_ptrs = a2_ptr + rm[:, None] * stride_am + offs_k[None, :]
         b_ptrs = b_ptr + rn[None, :] * stride_bn + offs_k[:, None]
         if INT_ACC:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             if EVEN_K:
                 a = tl.load(a_ptrs)
@@ -164,12 +178,26 @@ if HAS_TRITON:
                 b = tl.load(b_ptrs, mask=(k0 + offs_k)[:, None] < K, other=0)
             if INT_ACC:
                 acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+            elif A_CAST:
+                if DOT_F32:  # the interpreter: the same exact values in fp32
+                    acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a.to(b.dtype), b, acc)
             else:
                 acc = tl.dot(a, b, acc)
+            if DUAL:
+                if EVEN_K:
+                    a2 = tl.load(a2_ptrs)
+                else:
+                    a2 = tl.load(a2_ptrs, mask=(k0 + offs_k)[None, :] < K, other=0)
+                acc2 = tl.dot(a2, b, acc2)
+                a2_ptrs += BLOCK_K
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
 
         y = acc.to(tl.float32)
+        if DUAL:  # exact: both sums are integers below 2^24 / 15
+            y = y * a_weight + acc2
         if ROTATE:
             cols = tl.arange(0, BLOCK_N)
             s = tl.load(s_ptr + cols[:, None] * BLOCK_N + cols[None, :])
@@ -196,23 +224,64 @@ def int8_scaled_mm(
 
     Args:
         a: (M, K) int8 (or FP8 E4M3 codes with ``backend="triton"``), rows contiguous.
-        b: (N, K) same dtype as a, rows contiguous (K-major: the layout both operands need).
+        b: (N, K) same dtype as a, rows contiguous (K-major: the layout both operands need); or, with int8
+            ``a`` and ``backend="triton"``, fp16 / bf16 (a is converted on chip, exactly; fp32
+            accumulation: the product is then the fp32 GEMM of those operands, not an exact integer).
         row_scale: (M,) / (M, 1) or one element, fp32. col_scale: (N,) / (1, N) or one element; with
             ``hadamard_block`` it must be one element (a per-column scale does not commute with the
             rotation along N).
         hadamard_block: b, a power of two <= 128 dividing N, to rotate the result along N; None: no rotation.
         out_dtype: bf16 (default), fp16 or fp32.
         backend: "triton" (fused epilogue) or "cublas" (``torch._int_mm``, then :func:`hadamard_rows`).
-        config: Triton tile configuration overriding ``GEMM_CONFIG`` keys.
+        config: Triton tile configuration overriding ``GEMM_CONFIG`` (``GEMM_CONFIG_F16`` for a 2-byte b)
+            keys.
 
     Returns:
         (M, N) ``out_dtype``, within a few fp32 ulps of the exact result before its final rounding.
     """
+    mixed = a.dtype == torch.int8 and b.dtype in (torch.float16, torch.bfloat16)
+    if a.dtype not in (torch.int8, _F8) or (a.dtype != b.dtype and not mixed):
+        raise TypeError(f"a and b must both be int8 (or float8_e4m3fn), or int8 and fp16 / bf16, got {a.dtype} "
+                        f"and {b.dtype}")
+    if mixed and backend != "triton":
+        raise TypeError("an fp16 / bf16 b needs backend='triton'")
+    return _scaled_mm_launch(a, None, b, row_scale, col_scale, hadamard_block=hadamard_block,
+                             out_dtype=out_dtype, backend=backend, config=config)
+
+
+def bit_split_fp8_mm(
+    hi: torch.Tensor,
+    lo: torch.Tensor,
+    b: torch.Tensor,
+    scale_lo: torch.Tensor,
+    col_scale: torch.Tensor,
+    *,
+    hadamard_block: int | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """out = (((14·hi + lo) · bᵀ) ⊙ scale_lo ⊙ col_scale) · BlockDiag(H_b): the bit-split product as two
+    FP8 products in one Triton kernel (two accumulators sharing each b tile), exact.
+
+    The alternative to one int8 product of v = 14·hi + lo (:func:`int8_scaled_mm`): twice the FLOPs at the
+    FP8 rate. hi, lo: (M, K) FP8 E4M3 INT4 halves (``bit_split_quantize(write_fp8=True)``); b: (N, K) FP8
+    E4M3 codes; scales and rotation as :func:`int8_scaled_mm`. K < 22,800 keeps 14·|hi·bᵀ| + |lo·bᵀ| below
+    2^24.
+    """
+    if hi.dtype != _F8 or lo.dtype != _F8 or b.dtype != _F8:
+        raise TypeError(f"hi, lo and b must be float8_e4m3fn, got {hi.dtype}, {lo.dtype}, {b.dtype}")
+    if hi.shape != lo.shape or hi.stride() != lo.stride():
+        raise ValueError(f"hi and lo must have the same shape and strides, got {tuple(hi.shape)}, "
+                         f"{tuple(lo.shape)}")
+    cfg = {**GEMM_CONFIG_DUAL, **(config or {})}
+    return _scaled_mm_launch(hi, lo, b, scale_lo, col_scale, hadamard_block=hadamard_block,
+                             out_dtype=out_dtype, backend="triton", config=cfg)
+
+
+def _scaled_mm_launch(a, a2, b, row_scale, col_scale, *, hadamard_block, out_dtype, backend, config):
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"a (M, K) and b (N, K) must be 2-D with the same K, got {tuple(a.shape)}, "
                          f"{tuple(b.shape)}")
-    if a.dtype != b.dtype or a.dtype not in (torch.int8, _F8):
-        raise TypeError(f"a and b must both be int8 (or float8_e4m3fn), got {a.dtype} and {b.dtype}")
     for name, t in (("a", a), ("b", b)):
         if t.shape[1] > 1 and t.stride(1) != 1:
             raise ValueError(f"{name} must have contiguous rows (K-major), got strides {t.stride()}")
@@ -235,7 +304,8 @@ def int8_scaled_mm(
     if backend != "triton":
         raise ValueError(f"backend must be 'triton' or 'cublas', got {backend!r}")
     _check_triton("int8_scaled_mm", a)
-    cfg = {**GEMM_CONFIG, **(config or {})}
+    mixed = a.dtype != b.dtype
+    cfg = {**(GEMM_CONFIG_F16 if mixed else GEMM_CONFIG), **(config or {})}
     if interpreting():
         cfg.update(num_stages=1)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
@@ -251,13 +321,13 @@ def int8_scaled_mm(
     s = sign_matrix(blk, bn, torch.float32 if interpreting() else torch.bfloat16, a.device) if blk > 1 else rs
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     _scaled_gemm_kernel[grid](
-        a, b, out, rs, cs, s,
+        a, a2 if a2 is not None else a, b, out, rs, cs, s,
         M=m, N=n, K=k, stride_am=a.stride(0), stride_bn=b.stride(0), stride_om=out.stride(0),
         stride_cs=0 if cs.numel() == 1 else 1,
-        inv_sqrt_b=1.0 / math.sqrt(blk),
+        inv_sqrt_b=1.0 / math.sqrt(blk), a_weight=14.0,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
-        ROTATE=blk > 1, NSPLIT=2, DOT_F32=interpreting(), INT_ACC=a.dtype == torch.int8,
-        EVEN_K=k % bk == 0,
+        ROTATE=blk > 1, NSPLIT=2, DOT_F32=interpreting(), INT_ACC=a.dtype == torch.int8 and not mixed,
+        EVEN_K=k % bk == 0, A_CAST=mixed, DUAL=a2 is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_launch_options(a.device),
     )
     return out
