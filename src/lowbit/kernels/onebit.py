@@ -50,8 +50,14 @@ except ImportError:  # pragma: no cover - exercised where Triton is absent
 
 __all__ = [
     "HAS_TRITON",
+    "VARIANTS",
+    "VARIANT_M_RANGE",
     "GemvConfig",
+    "LutConfig",
     "MMConfig",
+    "PlanesConfig",
+    "UnpackMMConfig",
+    "unpack_weight",
     "LN_FUSE_MAX_ELEMENTS",
     "as_int32_words",
     "onebit_gemv",
@@ -361,6 +367,212 @@ if HAS_TRITON:
                             h_ptr, out_ptr, stride_om, stride_on, ypre_ptr, n_units, ln_eps, LN, LN_BLOCK)
 
 
+    # --------------------------------------------------------------------------- bit-plane GEMV (CUDA cores)
+
+    @triton.jit
+    def _xg_planes_kernel(x_ptr, g_ptr, xgp_ptr, K, KWP, stride_xm, stride_xk, BLOCK_W: tl.constexpr):
+        """xgp[m, j, i] = x[m, 32 i + j] · g[32 i + j] in fp32 (0 past K), for i < KWP: the bit planes of
+        x ⊙ g. grid = (M, cdiv(KWP, BLOCK_W)). The product is the reference's fp32 product, bit for bit."""
+        pid_m = tl.program_id(0)
+        pid_w = tl.program_id(1)
+        offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+        j = tl.arange(0, 32)
+        offs_k = offs_w[:, None] * 32 + j[None, :]  # (BLOCK_W, 32), contiguous along j
+        k_mask = offs_k < K
+        xv = tl.load(x_ptr + pid_m.to(tl.int64) * stride_xm + offs_k * stride_xk, mask=k_mask, other=0.0)
+        gv = tl.load(g_ptr + offs_k, mask=k_mask, other=0.0)
+        xg = xv.to(tl.float32) * gv.to(tl.float32)
+        dst = xgp_ptr + pid_m.to(tl.int64) * 32 * KWP + j[None, :] * KWP + offs_w[:, None]
+        tl.store(dst, xg, mask=(offs_w < KWP)[:, None])
+
+    @triton.jit
+    def _onebit_planes_kernel(
+        xgp_ptr, w_ptr, h_ptr, out_ptr, part_ptr, cnt_ptr, ypre_ptr,
+        M, N, KW, KWP, kw_per_split, split_k,
+        stride_wn, stride_om, stride_on,
+        ln_eps,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+        LN: tl.constexpr, LN_BLOCK: tl.constexpr,
+    ):
+        """Bit-plane GEMV: BLOCK_N rows of S × one K-range per program, every token of x (M <= BLOCK_M).
+
+        The weight tile is held as (BLOCK_N, BLOCK_KW) words, each thread a few whole words (16-byte loads);
+        the next tile is loaded before the current one is used (software pipelining by hand, so that many
+        bytes are in flight whatever the compiler's pipeliner does). For bit plane j (a static loop),
+        xgp[m, j, words] is one contiguous vector, shared by all rows of a thread, and the signed term is
+        bits(x_k g_k) XOR (word << (31 - j) & 0x80000000): a shift, a LOP3 and an fp32 add per weight bit.
+        The lanes hold -(x ⊙ g)·Sᵀ (a set bit, +1, flips the sign), negated at the end.
+        grid = (cdiv(N, BLOCK_N), split_k); kw_per_split is a multiple of BLOCK_KW.
+        """
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        w_rows = w_ptr + (offs_n % N).to(tl.int64)[:, None] * stride_wn
+        kw_lo = pid_k * kw_per_split
+        kw_hi = tl.minimum(kw_lo + kw_per_split, KW)
+        offs_w = tl.arange(0, BLOCK_KW)
+        offs_m = tl.arange(0, BLOCK_M)
+        tile = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        for m in range(0, M):
+            xg_row = xgp_ptr + m * 32 * KWP
+            acc = tl.full((BLOCK_N, BLOCK_KW), 0.0, tl.float32)
+            # masked-off words (past this split) are not read: no memory traffic; xgp is 0 past K
+            w = tl.load(w_rows + (kw_lo + offs_w)[None, :], mask=(kw_lo + offs_w < kw_hi)[None, :], other=0)
+            for kw0 in range(kw_lo, kw_hi, BLOCK_KW):
+                nxt = kw0 + BLOCK_KW + offs_w
+                w_next = tl.load(w_rows + nxt[None, :], mask=(nxt < kw_hi)[None, :], other=0)
+                for j in tl.static_range(32):
+                    xgj = tl.load(xg_row + j * KWP + kw0 + offs_w).to(tl.int32, bitcast=True)
+                    sign = (w << (31 - j)) & -2147483648  # bit j -> the fp32 sign bit
+                    acc += (xgj[None, :] ^ sign).to(tl.float32, bitcast=True)
+                w = w_next
+            y = -tl.reduce(acc, 1, _add)  # (BLOCK_N,): (x_m ⊙ g)·Sᵀ
+            tile = tl.where(offs_m[:, None] == m, y[None, :], tile)
+        m_mask = offs_m < M
+        if split_k == 1:
+            _finish_tile(tile, offs_m, offs_n, m_mask, n_mask, h_ptr, out_ptr, stride_om, stride_on, ypre_ptr,
+                         cnt_ptr, (N + BLOCK_N - 1) // BLOCK_N, M, N, ln_eps, LN, LN_BLOCK)
+        else:
+            _reduce_split_k(tile, pid_n, offs_m, offs_n, m_mask, n_mask, part_ptr, cnt_ptr, M, N, split_k,
+                            pid_k, h_ptr, out_ptr, stride_om, stride_on, ypre_ptr,
+                            (N + BLOCK_N - 1) // BLOCK_N, ln_eps, LN, LN_BLOCK)
+
+    # --------------------------------------------------------------------------- LUT GEMV (CUDA cores)
+
+    @triton.jit
+    def _xg_lut_kernel(x_ptr, g_ptr, lut_ptr, K, KB, stride_xm, stride_xk, BLOCK_B: tl.constexpr):
+        """lut[m, i, b] = Σ_{t<8} (bit t of b ? +1 : -1) · x[m, 8i + t] g[8i + t], fp32 (terms past K are 0),
+        for every byte value b: one table of 256 partial sums per 8 inputs. grid = (M, cdiv(KB, BLOCK_B))."""
+        pid_m = tl.program_id(0)
+        pid_b = tl.program_id(1)
+        offs_i = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+        b = tl.arange(0, 256)
+        x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
+        acc = tl.full((BLOCK_B, 256), 0.0, tl.float32)
+        for t in tl.static_range(8):
+            k = offs_i * 8 + t
+            k_mask = k < K
+            xg = tl.load(x_row + k * stride_xk, mask=k_mask, other=0.0).to(tl.float32) * tl.load(
+                g_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
+            bit = (b >> t) & 1
+            acc += tl.where(bit[None, :] == 1, xg[:, None], -xg[:, None])
+        dst = lut_ptr + pid_m.to(tl.int64) * KB * 256 + offs_i[:, None] * 256 + b[None, :]
+        tl.store(dst, acc, mask=(offs_i < KB)[:, None])
+
+    @triton.jit
+    def _onebit_lut_kernel(
+        lut_ptr, w_ptr, h_ptr, out_ptr, part_ptr, cnt_ptr, ypre_ptr,
+        M, N, KW, KB, kw_per_split, split_k,
+        stride_wn, stride_om, stride_on,
+        ln_eps,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+        LN: tl.constexpr, LN_BLOCK: tl.constexpr,
+    ):
+        """LUT GEMV: each byte of a weight word selects one of 256 precomputed partial sums of 8 terms
+        (a gather from the L1/L2-resident table), so a byte costs an extract, a load and an add.
+        grid = (cdiv(N, BLOCK_N), split_k)."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        w_rows = w_ptr + (offs_n % N).to(tl.int64)[:, None] * stride_wn
+        kw_lo = pid_k * kw_per_split
+        kw_hi = tl.minimum(kw_lo + kw_per_split, KW)
+        offs_w = tl.arange(0, BLOCK_KW)
+        offs_m = tl.arange(0, BLOCK_M)
+        tile = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        for m in range(0, M):
+            lut_row = lut_ptr + m * KB * 256
+            acc = tl.full((BLOCK_N, BLOCK_KW), 0.0, tl.float32)
+            for kw0 in range(kw_lo, kw_hi, BLOCK_KW):
+                kw = kw0 + offs_w
+                kw_mask = (kw < kw_hi)[None, :]
+                w = tl.load(w_rows + kw[None, :], mask=kw_mask, other=0)
+                for t in tl.static_range(4):
+                    byte = (w >> (8 * t)) & 255
+                    ptrs = lut_row + (kw * 4 + t)[None, :] * 256 + byte
+                    acc += tl.load(ptrs, mask=kw_mask, other=0.0)
+            y = tl.reduce(acc, 1, _add)
+            tile = tl.where(offs_m[:, None] == m, y[None, :], tile)
+        m_mask = offs_m < M
+        if split_k == 1:
+            _finish_tile(tile, offs_m, offs_n, m_mask, n_mask, h_ptr, out_ptr, stride_om, stride_on, ypre_ptr,
+                         cnt_ptr, (N + BLOCK_N - 1) // BLOCK_N, M, N, ln_eps, LN, LN_BLOCK)
+        else:
+            _reduce_split_k(tile, pid_n, offs_m, offs_n, m_mask, n_mask, part_ptr, cnt_ptr, M, N, split_k,
+                            pid_k, h_ptr, out_ptr, stride_om, stride_on, ypre_ptr,
+                            (N + BLOCK_N - 1) // BLOCK_N, ln_eps, LN, LN_BLOCK)
+
+    # --------------------------------------------------------------------------- unpack, then cuBLAS
+
+    @triton.jit
+    def _unpack_weight_kernel(
+        w_ptr, g_ptr, wd_ptr, N, K, KW, stride_wn, stride_dn,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WIDE: tl.constexpr,
+    ):
+        """wd[n, k] = S[n, k] · g[k] (exact: ±g_k). WIDE: fp32 values (g_ptr any float dtype, wd_ptr int32
+        view); else g_ptr and wd_ptr are int16 views of one 16-bit dtype.
+        grid = (cdiv(N, BN), cdiv(K, BK))."""
+        BLOCK_KW: tl.constexpr = BLOCK_K // 32
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_kw = pid_k * BLOCK_KW + tl.arange(0, BLOCK_KW)
+        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        n_mask = offs_n < N
+        k_mask = offs_k < K
+        w = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_kw[None, :],
+                    mask=n_mask[:, None] & (offs_kw < KW)[None, :], other=0)
+        bits = _unpack_bit15(w, BLOCK_N, BLOCK_K)  # bit 15 set where S = +1
+        dst = wd_ptr + offs_n.to(tl.int64)[:, None] * stride_dn + offs_k[None, :]
+        mask = n_mask[:, None] & k_mask[None, :]
+        if WIDE:
+            g_neg = tl.load(g_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
+            g_neg = g_neg ^ -2147483648
+            tl.store(dst, (bits.to(tl.int32) & -2147483648) ^ g_neg[None, :], mask=mask)
+        else:
+            g_neg = tl.load(g_ptr + offs_k, mask=k_mask, other=0) ^ _SIGN16
+            tl.store(dst, (bits & _SIGN16) ^ g_neg[None, :], mask=mask)
+
+    @triton.jit
+    def _rows_epilogue_kernel(
+        acc_ptr, h_ptr, out_ptr, N, stride_am, stride_om, ln_eps, LN: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        """out[m, :] = cast(LN?(acc[m, :] · h)), h and the LayerNorm in fp32 (two passes, as F.layer_norm).
+        grid = (M,) with LN (one program per row), else (M, cdiv(N, BLOCK))."""
+        pid_m = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        a_row = acc_ptr + pid_m.to(tl.int64) * stride_am
+        o_row = out_ptr + pid_m.to(tl.int64) * stride_om
+        if LN:
+            s1 = tl.full((BLOCK,), 0.0, tl.float32)
+            for n0 in range(0, N, BLOCK):
+                mask = n0 + offs < N
+                hv = tl.load(h_ptr + n0 + offs, mask=mask, other=0.0).to(tl.float32)
+                s1 += tl.load(a_row + n0 + offs, mask=mask, other=0.0).to(tl.float32) * hv
+            mean = tl.reduce(s1, 0, _add) / N
+            s2 = tl.full((BLOCK,), 0.0, tl.float32)
+            for n0 in range(0, N, BLOCK):
+                mask = n0 + offs < N
+                hv = tl.load(h_ptr + n0 + offs, mask=mask, other=0.0).to(tl.float32)
+                v = tl.load(a_row + n0 + offs, mask=mask, other=0.0).to(tl.float32) * hv
+                d = tl.where(mask, v - mean, 0.0)
+                s2 += d * d
+            rstd = 1.0 / tl.sqrt(tl.reduce(s2, 0, _add) / N + ln_eps)
+            for n0 in range(0, N, BLOCK):
+                mask = n0 + offs < N
+                hv = tl.load(h_ptr + n0 + offs, mask=mask, other=0.0).to(tl.float32)
+                v = tl.load(a_row + n0 + offs, mask=mask, other=0.0).to(tl.float32) * hv
+                tl.store(o_row + n0 + offs, _to_out((v - mean) * rstd, out_ptr.dtype.element_ty), mask=mask)
+        else:
+            offs_n = tl.program_id(1) * BLOCK + offs
+            mask = offs_n < N
+            hv = tl.load(h_ptr + offs_n, mask=mask, other=0.0).to(tl.float32)
+            v = tl.load(a_row + offs_n, mask=mask, other=0.0).to(tl.float32) * hv
+            tl.store(o_row + offs_n, _to_out(v, out_ptr.dtype.element_ty), mask=mask)
+
+
 # ------------------------------------------------------------------------------------------------ configs
 
 
@@ -390,11 +602,78 @@ class MMConfig:
     swap_ab: bool = False  # weights as the MMA's A operand (yᵀ = S·(x ⊙ g)ᵀ): for few tokens
 
 
-#: Number of tokens up to which the CUDA-core GEMV is used (measured on H100, see docs/kernels-onebit.md).
-GEMV_CORE_MAX_M = 1
+@dataclass(frozen=True)
+class PlanesConfig:
+    """Bit-plane CUDA-core GEMV (``_onebit_planes_kernel``): BLOCK_N rows × BLOCK_KW words per program step;
+    split_k = 0 splits K until there are about ``waves`` programs per SM."""
+
+    block_n: int = 64
+    block_kw: int = 32
+    split_k: int = 0
+    waves: int = 4
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+@dataclass(frozen=True)
+class LutConfig:
+    """LUT CUDA-core GEMV (``_onebit_lut_kernel``): a 256-entry table of partial sums per 8 inputs, one
+    gather per weight byte; tiles and split_k as :class:`PlanesConfig`."""
+
+    block_n: int = 64
+    block_kw: int = 16
+    split_k: int = 0
+    waves: int = 4
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+@dataclass(frozen=True)
+class UnpackMMConfig:
+    """Unpack S ⊙ g to a dense weight (x's 16-bit dtype, exact), cuBLAS ``x @ Wᵀ``, then one row pass for
+    h (and the LayerNorm). ``fp32_acc``: ask cuBLAS for the fp32 result (``torch.mm(..., out_dtype=)``)
+    instead of rounding it to x's dtype before h; falls back where that overload is missing."""
+
+    block_n: int = 64
+    block_k: int = 256
+    num_warps: int = 4
+    fp32_acc: bool = False
+
+
+#: Number of tokens up to which the bit-plane CUDA-core GEMV is used.
+GEMV_CORE_MAX_M = 2
 #: Number of tokens up to which the tensor-core kernel runs with BLOCK_M = 16 and split-K (GEMV regime).
 GEMV_TC_MAX_M = 16
+#: Number of tokens from which the unpack-then-cuBLAS path is used (below: the Triton tensor-core GEMM).
+UNPACK_MM_MIN_M = 128
 _SM_COUNT_DEFAULT = 132
+
+#: Every named variant (the probe and the tests run them all): name -> config. ``VARIANT_M_RANGE`` gives
+#: the token counts each one is meant for (all of them compute any M correctly).
+VARIANTS: dict = {
+    "planes_n64_kw32": PlanesConfig(block_n=64, block_kw=32, num_warps=4),
+    "planes_n128_kw32_w8": PlanesConfig(block_n=128, block_kw=32, num_warps=8),
+    "planes_n32_kw32": PlanesConfig(block_n=32, block_kw=32, num_warps=4),
+    "planes_n64_kw16_x8": PlanesConfig(block_n=64, block_kw=16, waves=8, num_warps=4),
+    "lut_n64_kw16": LutConfig(block_n=64, block_kw=16, num_warps=4),
+    "core_n32_kw8": GemvConfig(block_n=32, block_kw=8, num_warps=4),
+    "tc16_n64_k256": MMConfig(block_m=16, block_n=64, block_k=256, group_m=1, num_warps=4),
+    "tc16_n128_k128": MMConfig(block_m=16, block_n=128, block_k=128, group_m=1, num_warps=4),
+    "tc16_n64_k256_swap": MMConfig(block_m=16, block_n=64, block_k=256, group_m=1, num_warps=4, swap_ab=True),
+    "tc16_n128_k256_swap_w8": MMConfig(block_m=16, block_n=128, block_k=256, group_m=1, num_warps=8,
+                                       swap_ab=True),
+    "tc_m64_n128_k64": MMConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4),
+    "tc_m128_n128_k64_w8": MMConfig(block_m=128, block_n=128, block_k=64, num_warps=8),
+    "unpack_mm": UnpackMMConfig(),
+    "unpack_mm_f32acc": UnpackMMConfig(fp32_acc=True),
+}
+VARIANT_M_RANGE: dict = {
+    "planes_n64_kw32": (1, 16), "planes_n128_kw32_w8": (1, 16), "planes_n32_kw32": (1, 16),
+    "planes_n64_kw16_x8": (1, 16), "lut_n64_kw16": (1, 4), "core_n32_kw8": (1, 2),
+    "tc16_n64_k256": (2, 16), "tc16_n128_k128": (2, 16), "tc16_n64_k256_swap": (2, 16),
+    "tc16_n128_k256_swap_w8": (2, 16), "tc_m64_n128_k64": (17, 1 << 30), "tc_m128_n128_k64_w8": (17, 1 << 30),
+    "unpack_mm": (1, 1 << 30), "unpack_mm_f32acc": (1, 1 << 30),
+}
 
 
 def _sm_count(device: torch.device) -> int:
@@ -403,15 +682,25 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT_DEFAULT
 
 
-def select_config(m: int, n_out: int, k: int) -> GemvConfig | MMConfig:
+def select_config(m: int, n_out: int, k: int):
     """The kernel and tile :func:`onebit_matmul` uses for ``m`` tokens, ``n_out`` outputs and K = ``k``."""
     if m <= GEMV_CORE_MAX_M:
-        return GemvConfig(block_n=32, block_kw=8, num_warps=4)
+        return VARIANTS["planes_n64_kw32"]
     if m <= GEMV_TC_MAX_M:
-        return MMConfig(block_m=16, block_n=64, block_k=256, group_m=1, num_warps=4, num_stages=3)
-    if m <= 64:
-        return MMConfig(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=4)
-    return MMConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3)
+        return VARIANTS["tc16_n64_k256"]
+    if m < UNPACK_MM_MIN_M:
+        return VARIANTS["tc_m64_n128_k64"]
+    return VARIANTS["unpack_mm"]
+
+
+def _as_config(config):
+    """A config object from a VARIANTS name or a config (None: the dispatcher decides)."""
+    if config is None or isinstance(config, (GemvConfig, MMConfig, PlanesConfig, LutConfig, UnpackMMConfig)):
+        return config
+    if isinstance(config, str) and config in VARIANTS:
+        return VARIANTS[config]
+    raise ValueError(f"config must be a name in VARIANTS ({', '.join(VARIANTS)}) or a config object, "
+                     f"got {config!r}")
 
 
 def _auto_split_k(tiles: int, k_steps: int, sm_count: int, max_split: int = 16) -> int:
@@ -607,17 +896,146 @@ def _launch_mm(p: _Problem, cfg: MMConfig, eps: float | None, fuse_ln: bool) -> 
     return out
 
 
+def _split_words(kw_total: int, block_kw: int, n_tiles: int, cfg, device) -> tuple[int, int]:
+    """(split_k, words per split) for the CUDA-core GEMVs: about cfg.waves programs per SM; every split a
+    whole number of BLOCK_KW blocks (so no block straddles two splits)."""
+    k_blocks = triton.cdiv(kw_total, block_kw)
+    split = cfg.split_k or -(-cfg.waves * _sm_count(device) // n_tiles)
+    split = max(1, min(split, k_blocks))
+    kw_per_split = triton.cdiv(k_blocks, split) * block_kw
+    return triton.cdiv(kw_total, kw_per_split), kw_per_split
+
+
+def _launch_planes(p: _Problem, cfg: PlanesConfig, eps: float | None, fuse_ln: bool) -> torch.Tensor:
+    if cfg.block_kw < 1 or cfg.block_kw & (cfg.block_kw - 1) or p.m > 16:
+        raise ValueError(f"planes GEMV: block_kw must be a power of two and M <= 16, got {cfg}, M = {p.m}")
+    dev = p.x2.device
+    out = torch.empty((p.m, p.n_out), dtype=p.out_dtype if fuse_ln or eps is None else torch.float32,
+                      device=dev)
+    kw_total = p.w.shape[1]
+    kwp = triton.cdiv(kw_total, cfg.block_kw) * cfg.block_kw  # planes padded with zeros: unmasked loads
+    xgp = torch.empty((p.m, 32, kwp), dtype=torch.float32, device=dev)
+    block_w = min(64, triton.next_power_of_2(kwp))
+    _xg_planes_kernel[(p.m, triton.cdiv(kwp, block_w))](
+        p.x2, p.g, xgp, p.k, kwp, p.x2.stride(0), p.x2.stride(1), BLOCK_W=block_w, num_warps=4)
+    n_tiles = triton.cdiv(p.n_out, cfg.block_n)
+    split_k, kw_per_split = _split_words(kw_total, cfg.block_kw, n_tiles, cfg, dev)
+    part, ypre, cnt = _buffers(p, split_k, n_tiles, fuse_ln)
+    _onebit_planes_kernel[(n_tiles, split_k)](
+        xgp, p.w, p.h, out, part, cnt, ypre,
+        p.m, p.n_out, kw_total, kwp, kw_per_split, split_k,
+        p.w.stride(0), out.stride(0), out.stride(1),
+        eps if eps is not None else 0.0,
+        BLOCK_M=triton.next_power_of_2(p.m), BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw, LN=fuse_ln,
+        LN_BLOCK=_ln_block(p.n_out), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def _launch_lut(p: _Problem, cfg: LutConfig, eps: float | None, fuse_ln: bool) -> torch.Tensor:
+    if p.m > 16:
+        raise ValueError(f"LUT GEMV: M must be <= 16, got {p.m}")
+    dev = p.x2.device
+    out = torch.empty((p.m, p.n_out), dtype=p.out_dtype if fuse_ln or eps is None else torch.float32,
+                      device=dev)
+    kw_total = p.w.shape[1]
+    kb = 4 * kw_total  # one table per byte of a row (bytes past K get a table of zeros)
+    lut = torch.empty((p.m, kb, 256), dtype=torch.float32, device=dev)
+    block_b = 16
+    _xg_lut_kernel[(p.m, triton.cdiv(kb, block_b))](
+        p.x2, p.g, lut, p.k, kb, p.x2.stride(0), p.x2.stride(1), BLOCK_B=block_b, num_warps=4)
+    n_tiles = triton.cdiv(p.n_out, cfg.block_n)
+    split_k, kw_per_split = _split_words(kw_total, cfg.block_kw, n_tiles, cfg, dev)
+    part, ypre, cnt = _buffers(p, split_k, n_tiles, fuse_ln)
+    _onebit_lut_kernel[(n_tiles, split_k)](
+        lut, p.w, p.h, out, part, cnt, ypre,
+        p.m, p.n_out, kw_total, kb, kw_per_split, split_k,
+        p.w.stride(0), out.stride(0), out.stride(1),
+        eps if eps is not None else 0.0,
+        BLOCK_M=triton.next_power_of_2(p.m), BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw, LN=fuse_ln,
+        LN_BLOCK=_ln_block(p.n_out), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def unpack_weight(signs_packed: torch.Tensor, g: torch.Tensor, n: int, dtype: torch.dtype,
+                  *, config: UnpackMMConfig | None = None) -> torch.Tensor:
+    """W = S ⊙ g (m, n) of ``dtype`` from packed signs: exactly ±g_k (``dtype`` must hold g's values
+    exactly: g's own dtype, or float32). One Triton launch; the GEMM path's transient weight."""
+    cfg = config or UnpackMMConfig()
+    w = as_int32_words(signs_packed, n)
+    if w.stride(1) != 1:
+        w = w.contiguous()
+    if dtype not in (torch.float32, g.dtype) or dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32 or g's dtype ({g.dtype}), got {dtype}")
+    if cfg.block_k % 32 or cfg.block_k < 32:
+        raise ValueError(f"block_k must be a multiple of 32, got {cfg.block_k}")
+    n_out = w.shape[0]
+    wd = torch.empty((n_out, n), dtype=dtype, device=w.device)
+    wide = dtype == torch.float32
+    g_arg = g.contiguous() if wide else g.contiguous().view(torch.int16)
+    wd_arg = wd.view(torch.int32) if wide else wd.view(torch.int16)
+    grid = (triton.cdiv(n_out, cfg.block_n), triton.cdiv(n, cfg.block_k))
+    _unpack_weight_kernel[grid](
+        w, g_arg, wd_arg, n_out, n, w.shape[1], w.stride(0), wd.stride(0),
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, WIDE=wide, num_warps=cfg.num_warps,
+    )
+    return wd
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with the fp32 accumulator returned unrounded (cuBLAS out_dtype overload where it exists;
+    else the same exact products in fp32)."""
+    if a.dtype != torch.float32 and a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):
+            pass
+    return torch.mm(a.float(), b.float())
+
+
+def _launch_unpack_mm(p: _Problem, cfg: UnpackMMConfig, eps: float | None) -> torch.Tensor:
+    x2 = p.x2
+    same16 = x2.dtype in (torch.bfloat16, torch.float16) and p.g.dtype == x2.dtype
+    wd = unpack_weight(p.w, p.g, p.k, x2.dtype if same16 else torch.float32, config=cfg)
+    if not same16:  # x ⊙ g is not exact in 16 bits: exact fp32 operands instead (x fp32 is exact)
+        acc = torch.mm(x2.float(), wd.t())
+    elif cfg.fp32_acc:
+        acc = _mm_fp32(x2, wd.t())
+    else:
+        acc = torch.mm(x2, wd.t())  # fp32 accumulation in cuBLAS, result rounded once to x's dtype
+    del wd  # the transient dense weight is freed before the row pass
+    out = torch.empty((p.m, p.n_out), dtype=p.out_dtype, device=x2.device)
+    if eps is not None:
+        block = min(2048, triton.next_power_of_2(max(p.n_out, 16)))
+        grid = (p.m,)
+    else:
+        block = 1024
+        grid = (p.m, triton.cdiv(p.n_out, block))
+    _rows_epilogue_kernel[grid](
+        acc, p.h, out, p.n_out, acc.stride(0), out.stride(0), eps if eps is not None else 0.0,
+        LN=eps is not None, BLOCK=block, num_warps=4,
+    )
+    return out
+
+
 def _run(p: _Problem, cfg, eps: float | None, fuse_ln: bool | None) -> torch.Tensor:
+    if p.m == 0:
+        return torch.empty((*p.lead, p.n_out), dtype=p.out_dtype, device=p.x2.device)
+    if isinstance(cfg, UnpackMMConfig):  # h and the LayerNorm in its own row pass
+        return _launch_unpack_mm(p, cfg, eps).reshape(*p.lead, p.n_out)
     if fuse_ln is None:
         fuse_ln = eps is not None and p.m * p.n_out <= LN_FUSE_MAX_ELEMENTS
     fuse_ln = bool(fuse_ln) and eps is not None
-    if p.m == 0:
-        out = torch.empty((0, p.n_out), dtype=p.out_dtype, device=p.x2.device)
-    elif isinstance(cfg, GemvConfig):
+    if isinstance(cfg, GemvConfig):
         out = _launch_gemv(p, cfg, eps, fuse_ln)
+    elif isinstance(cfg, PlanesConfig):
+        out = _launch_planes(p, cfg, eps, fuse_ln)
+    elif isinstance(cfg, LutConfig):
+        out = _launch_lut(p, cfg, eps, fuse_ln)
     else:
         out = _launch_mm(p, cfg, eps, fuse_ln)
-    if p.m and eps is not None and not fuse_ln:
+    if eps is not None and not fuse_ln:
         out = _finish_unfused(out, p, eps)
     return out.reshape(*p.lead, p.n_out)
 
@@ -631,13 +1049,18 @@ def onebit_matmul(
     *,
     out_dtype: torch.dtype | None = None,
     layernorm_eps: float | None = None,
+    config=None,
 ) -> torch.Tensor:
     """y = h ⊙ ((x ⊙ g) · Sᵀ) from packed signs, fp32 accumulation; optionally LayerNorm(y) (no affine).
 
     Equals ``lowbit.quant.binary.onebit_matmul_reference`` within the fp32 summation bound (see
-    tests/kernels/test_onebit.py), cast to ``out_dtype``. Chooses the kernel by the number of tokens M:
-    the CUDA-core GEMV for M <= GEMV_CORE_MAX_M, the tensor-core kernel with 16-row tiles and split-K up to
-    GEMV_TC_MAX_M, larger tiles above (``select_config``).
+    tests/kernels/test_onebit.py), cast to ``out_dtype``. Chooses the kernel by the number of tokens M
+    (``select_config``): the bit-plane CUDA-core GEMV for M <= GEMV_CORE_MAX_M, the tensor-core kernel
+    with 16-row tiles and split-K up to GEMV_TC_MAX_M, the Triton tensor-core GEMM below UNPACK_MM_MIN_M,
+    and unpack-then-cuBLAS from there. On that last path, when the result is x's 16-bit dtype without
+    LayerNorm, cuBLAS rounds the fp32 sum to x's dtype before h is applied: one more rounding,
+    |Δy| <= u_x·|y| on top of the bound (u_x = 2^-8 for bf16, 2^-11 for fp16); otherwise it keeps the
+    fp32 sum (``UnpackMMConfig(fp32_acc=True)``) and the bound is the same as the other kernels'.
 
     Args:
         x: (..., n) float32 / bfloat16 / float16, any strides; M = x.numel() / n tokens.
@@ -650,6 +1073,8 @@ def onebit_matmul(
         out_dtype: dtype of the result (default x.dtype).
         layernorm_eps: if given, return F.layer_norm(y, (m,), eps=layernorm_eps) computed in fp32 from the
             fp32 y (the OneBit post-LayerNorm), fused into the kernel when M·m <= LN_FUSE_MAX_ELEMENTS.
+        config: None (the dispatcher), a name in ``VARIANTS`` or a config object (GemvConfig, PlanesConfig,
+            LutConfig, MMConfig, UnpackMMConfig): forces that kernel and tile.
 
     Returns:
         (..., m) of ``out_dtype`` on x's device. M = 0 gives an empty result.
@@ -658,9 +1083,14 @@ def onebit_matmul(
         TypeError / ValueError for a wrong dtype, shape or device (CUDA, or any device under
         TRITON_INTERPRET=1); RuntimeError without Triton.
     """
+    cfg = _as_config(config)
     p = _prepare(x, signs_packed, g, h, n, out_dtype)
     eps = _check_eps(layernorm_eps)
-    return _run(p, select_config(p.m, p.n_out, p.k), eps, None)
+    if cfg is None:
+        cfg = select_config(p.m, p.n_out, p.k)
+        if isinstance(cfg, UnpackMMConfig) and (eps is not None or p.out_dtype != p.x2.dtype):
+            cfg = VARIANTS["unpack_mm_f32acc"]
+    return _run(p, cfg, eps, None)
 
 
 def onebit_gemv(
@@ -697,5 +1127,5 @@ def onebit_mm(
     (default: ``select_config``'s choice for M > 16), ``fuse_layernorm`` forces the LN path."""
     p = _prepare(x, signs_packed, g, h, n, out_dtype)
     if config is None:
-        config = select_config(max(p.m, GEMV_TC_MAX_M + 1), p.n_out, p.k)
+        config = VARIANTS["tc_m128_n128_k64_w8" if p.m >= 64 else "tc_m64_n128_k64"]
     return _run(p, config, _check_eps(layernorm_eps), fuse_layernorm)
