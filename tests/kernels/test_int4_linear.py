@@ -272,3 +272,69 @@ def test_argument_errors():
         lin.int4_linear_bwd(gy, saved, grad_quantizer="rtn", lss_keep_ratio=0.5)
     with pytest.raises(ValueError, match="grad_quantizer"):
         lin.int4_linear_bwd(gy, saved, grad_quantizer="sr")
+
+
+@pytest.mark.parametrize("device", [CPU, GPU])
+@pytest.mark.parametrize("block", [None, 32])
+def test_backward_rtn_all_fp8(device, block):
+    # Per-tensor scales everywhere and the transposed codes saved: ∇X and ∇W are exact integer products on
+    # FP8 tensor cores times one fp32 scale; the only roundings are the scales (and the rotation back).
+    x, w, gy = _problem(device, seed=10)
+    _, saved = lin.int4_linear_fwd(x, w, block_size=block, granularity="tensor", save_x_codes_t=True,
+                                   w_codes_t_dtype=torch.float8_e4m3fn)
+    assert saved.x_codes_t is not None and torch.equal(saved.x_codes_t.t().float(), saved.x_codes.float())
+    q = quantize(gy, 4, granularity="tensor")
+    gx, gw = lin.int4_linear_bwd(gy, saved, grad_quantizer="rtn", grad_granularity="tensor",
+                                 x_dtype=torch.float32)
+    gx_ref, gw_ref, ex, _ = _reference_backward(gy, saved, q, None, quantizer="rtn")
+    _check(gx, gx_ref, ex + 4 * U32 * gx_ref.abs(), "grad_x")
+    x_hat_abs = saved.x_codes.double().abs() * saved.x_scale.double()
+    terms = (q.codes.double().abs() * q.scale.double()).t() @ x_hat_abs
+    ew = _rot_bound((2.0**-17 + 8 * U32) * terms, block) if block else 4 * U32 * terms
+    _check(gw, gw_ref, ew + 4 * U32 * gw_ref.abs(), "grad_w")
+
+
+@pytest.mark.parametrize("device", [CPU, GPU])
+@pytest.mark.parametrize("granularity", ["tensor", "row"])
+def test_backward_fp8x2_grad_x_equals_int8(device, granularity):
+    # The bit-split ∇X as two FP8 products (hi, lo) is the same exact integer as the int8 product of v.
+    x, w, gy = _problem(device, seed=11)
+    _, saved = lin.int4_linear_fwd(x, w, block_size=32, granularity=granularity)
+    _, noise = _halves(gy, 5)
+    gx8, _ = lin.int4_linear_bwd(gy, saved, noise=noise, need_grad_w=False, x_dtype=torch.float32)
+    gx2, _ = lin.int4_linear_bwd(gy, saved, noise=noise, need_grad_w=False, x_dtype=torch.float32,
+                                 grad_x_backend="fp8x2")
+    bs, _ = _halves(gy, 5)
+    gx_ref, _, ex, _ = _reference_backward(gy, saved, bs, None)
+    _check(gx2, gx_ref, ex + 4 * U32 * gx_ref.abs(), "grad_x fp8x2")
+    _check(gx8, gx_ref, ex + 4 * U32 * gx_ref.abs(), "grad_x int8")
+
+
+@pytest.mark.parametrize("device", [CPU, GPU])
+@pytest.mark.parametrize("options", [("rtn", "triton"), ("bit_split", "fp8x2")])
+def test_autograd_function_options(device, options):
+    grad_quantizer, backend = options
+    x, w, gy = _problem(device, seed=12)
+    xr, wr = (t.detach().clone().requires_grad_(True) for t in (x, w))
+    block = None if grad_quantizer == "rtn" else 32
+    gran = "tensor" if grad_quantizer == "rtn" else "row"
+    y = lin.int4_linear_triton(xr, wr, block_size=block, granularity=gran, grad_quantizer=grad_quantizer,
+                               grad_granularity="tensor" if grad_quantizer == "rtn" else "token",
+                               lss_keep_ratio=None, grad_x_backend=backend,
+                               generator=torch.Generator(device=device).manual_seed(5))
+    y.backward(gy)
+    rtn = grad_quantizer == "rtn"  # the Function saves what the all-FP8 backward needs
+    wt_dtype = torch.float8_e4m3fn if rtn or backend == "fp8x2" else torch.int8
+    _, saved = lin.int4_linear_fwd(x, w, block_size=block, granularity=gran, save_x_codes_t=rtn,
+                                   w_codes_t_dtype=wt_dtype)
+    if rtn:
+        gx, gw = lin.int4_linear_bwd(gy, saved, grad_quantizer="rtn", grad_granularity="tensor",
+                                     x_dtype=x.dtype, w_dtype=w.dtype)
+        torch.testing.assert_close(xr.grad, gx, rtol=0, atol=0)
+        torch.testing.assert_close(wr.grad, gw, rtol=0, atol=0)
+    else:
+        gen = torch.Generator(device=device).manual_seed(5)
+        gx, gw = lin.int4_linear_bwd(gy, saved, generator=gen, x_dtype=x.dtype, w_dtype=w.dtype,
+                                     grad_x_backend=backend)
+        torch.testing.assert_close(xr.grad, gx, rtol=0, atol=0)
+        torch.testing.assert_close(wr.grad, gw, rtol=0, atol=0)

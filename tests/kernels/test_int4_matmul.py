@@ -157,3 +157,50 @@ def test_int8_scaled_mm_argument_errors():
         mm.int8_scaled_mm(torch.zeros(32, 16, dtype=torch.int8).t(), a, one, one)
     with pytest.raises(ValueError, match="backend"):
         mm.int8_scaled_mm(a, a, one, one, backend="cutlass")
+
+
+@pytest.mark.parametrize("device", [CPU, GPU])
+@pytest.mark.parametrize("block", [None, 32])
+def test_bit_split_fp8_mm_equals_the_int8_product(device, block):
+    # Two FP8 products (hi, lo) in one kernel: 14·(hi·bᵀ) + lo·bᵀ is the exact integer v·bᵀ, so with the
+    # same scales and rotation it equals the int8 kernel bit for bit (same epilogue arithmetic).
+    m, k, n = (48, 96, 64) if device == "cpu" else (16384, 4096, 4096)
+    hi, lo = _codes((m, k), -7, 7, device, 13), _codes((m, k), -7, 7, device, 14)
+    b = _codes((n, k), -7, 7, device, 15)
+    s_lo = (torch.rand(m, generator=torch.Generator().manual_seed(16)) + 0.5).to(device) / 14
+    cs = torch.tensor([0.03], device=device)
+    tiles = _tiles(device) or {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128}  # same tiles: same epilogue
+    out = mm.bit_split_fp8_mm(hi.to(F8), lo.to(F8), b.to(F8), s_lo, cs, hadamard_block=block,
+                              out_dtype=torch.float32, config=tiles)
+    v = (14 * hi + lo).to(torch.int8)
+    ref = mm.int8_scaled_mm(v, b.to(torch.int8), s_lo, cs, hadamard_block=block, out_dtype=torch.float32,
+                            config=tiles)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="float8"):
+        mm.bit_split_fp8_mm(hi.to(torch.int8), lo.to(F8), b.to(F8), s_lo, cs)
+
+
+@pytest.mark.parametrize("device", [CPU, GPU])
+@pytest.mark.parametrize("block", [None, 32])
+def test_int8_scaled_mm_int8_against_fp16(device, block):
+    # int8 a converted on chip (exact), fp16 b, fp32 accumulation: the fp32 GEMM of the same operands,
+    # within K·u32 of Σ|terms|; the rotation from two bf16 pieces adds 2^-17 per term (as above).
+    m, k, n = (40, 64, 128) if device == "cpu" else (16384, 4096, 4096)
+    a = _codes((m, k), -105, 105, device, 17).to(torch.int8)
+    b = torch.randn(n, k, generator=torch.Generator().manual_seed(18)).to(device, torch.float16)
+    rs = (torch.rand(m, generator=torch.Generator().manual_seed(19)) + 0.5).to(device)
+    cs = torch.tensor([0.5], device=device)
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32} if device == "cpu" else None
+    out = mm.int8_scaled_mm(a, b, rs, cs, hadamard_block=block, out_dtype=torch.float32, config=cfg)
+    exact = a.double() @ b.double().t()
+    scaled = exact * rs.double()[:, None] * 0.5
+    ref = hadamard_transform(scaled, block) if block else scaled
+    terms = (a.double().abs() @ b.double().abs().t()) * rs.double()[:, None] * 0.5
+    err = (k + 3) * U32 * terms
+    if block:
+        blocks = (terms.reshape(m, n // block, block).sum(-1, keepdim=True) / math.sqrt(block))
+        err = ((2.0**-17 + (math.log2(block) + 3) * U32) * blocks + (k + 3) * U32 * blocks)
+        err = err.expand(m, n // block, block).reshape(m, n)
+    assert bool(((out.double() - ref).abs() <= err + 4 * U32 * ref.abs()).all())
+    with pytest.raises(TypeError, match="backend='triton'"):
+        mm.int8_scaled_mm(a, b, rs, cs, backend="cublas")

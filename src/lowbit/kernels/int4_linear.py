@@ -273,7 +273,8 @@ def int4_linear_bwd(
             if blk is None or blk == 1:
                 grad_x = int4_mm(g_codes, w_t8, g_scale, w_scale, out_dtype=out_dtype)
             else:  # the FP8 Triton GEMM with the rotation in its epilogue
-                grad_x = int8_scaled_mm(g_codes, w_t8, g_scale, w_scale, hadamard_block=blk, out_dtype=out_dtype)
+                grad_x = int8_scaled_mm(g_codes, w_t8, g_scale, w_scale, hadamard_block=blk,
+                                        out_dtype=out_dtype)
         elif w_per_tensor:
             grad_x = int8_scaled_mm(g_codes, _as_codes(w_codes_t, torch.int8), g_scale, w_scale,
                                     hadamard_block=blk, out_dtype=out_dtype,
@@ -288,7 +289,8 @@ def int4_linear_bwd(
                 grad_x = hadamard_rows(prod, blk, row_scale=g_scale.expand(n, 1), scale=norm,
                                        out_dtype=out_dtype)
             else:  # int8 codes converted on chip, fp16 tensor cores, scales and rotation in the epilogue
-                grad_x = int8_scaled_mm(g_codes, w_scaled, g_scale, norm, hadamard_block=blk, out_dtype=out_dtype)
+                grad_x = int8_scaled_mm(g_codes, w_scaled, g_scale, norm, hadamard_block=blk,
+                                        out_dtype=out_dtype)
 
     if need_grad_w and fp8_dw:
         # ∇W = s_g·s_x · (Gᵀ · q_x) · H: both operands K-major over the tokens, exact on FP8 tensor cores.
@@ -298,7 +300,8 @@ def int4_linear_bwd(
             prod = int4_mm(q.codes_t, x_codes_t, s_gx, one, out_dtype=torch.float32)
             grad_w = hadamard_rows(prod, block, out_dtype=w_dtype)
         else:
-            grad_w = int4_mm(q.codes_t, x_codes_t, s_gx, one, out_dtype=w_dtype if rotate_back else torch.float32)
+            grad_w = int4_mm(q.codes_t, x_codes_t, s_gx, one,
+                             out_dtype=w_dtype if rotate_back else torch.float32)
     elif need_grad_w:
         x_scale_rows = x_scale.reshape(-1).expand(n)
         if grad_weight_fp8 and not sample:

@@ -43,8 +43,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-__all__ = ["GEMM_CONFIG", "GEMM_CONFIG_DUAL", "GEMM_CONFIG_F16", "bit_split_fp8_mm", "int4_mm", "int8_scaled_mm",
-           "int4_mm_reference"]
+__all__ = ["GEMM_CONFIG", "GEMM_CONFIG_DUAL", "GEMM_CONFIG_F16", "bit_split_fp8_mm", "int4_mm",
+           "int4_mm_reference", "int8_scaled_mm"]
 
 #: Default tile configuration of the Triton int8 GEMM (BLOCK_N must stay 128 when rotating).
 #: Measured best of five on an H100 (docs/kernels-int4.md): 256 × 128 × 128 tiles, 8 warps, 3 stages.
@@ -241,8 +241,8 @@ def int8_scaled_mm(
     """
     mixed = a.dtype == torch.int8 and b.dtype in (torch.float16, torch.bfloat16)
     if a.dtype not in (torch.int8, _F8) or (a.dtype != b.dtype and not mixed):
-        raise TypeError(f"a and b must both be int8 (or float8_e4m3fn), or int8 and fp16 / bf16, got {a.dtype} "
-                        f"and {b.dtype}")
+        raise TypeError(f"a and b must both be int8 (or float8_e4m3fn), or int8 and fp16 / bf16, got "
+                        f"{a.dtype} and {b.dtype}")
     if mixed and backend != "triton":
         raise TypeError("an fp16 / bf16 b needs backend='triton'")
     return _scaled_mm_launch(a, None, b, row_scale, col_scale, hadamard_block=hadamard_block,
@@ -309,6 +309,10 @@ def _scaled_mm_launch(a, a2, b, row_scale, col_scale, *, hadamard_block, out_dty
     if interpreting():
         cfg.update(num_stages=1)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    while bk > 16 and k % bk:  # an unmasked K loop where K allows it (FP8 tiles cannot be masked)
+        bk //= 2
+    if k % bk and a.dtype != torch.int8:
+        raise ValueError(f"FP8 / fp16 operands need K ({k}) to be a multiple of 16")
     if blk > 1:
         bn = max(blk, 16) if n < 128 else 128
         if n % bn:
