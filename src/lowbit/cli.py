@@ -116,6 +116,22 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=s, help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--resume", default=s, help="'auto' (OUT/checkpoint.pt if present) or a checkpoint path")
     p.add_argument("--no-progress", action="store_true", default=s, help="no progress bar")
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=s,
+        metavar="N",
+        help="train on N processes of this machine (one per GPU; gloo CPU processes with --device cpu): "
+        "starts torch.distributed.run (torchrun --standalone) on this same command. --batch-size stays the "
+        "global batch (a multiple of N). Default 1",
+    )
+    p.add_argument(
+        "--parallel",
+        choices=("ddp", "fsdp2"),
+        default=s,
+        help="with several processes: ddp (replicated model, default) or fsdp2 (parameters, gradients and "
+        "optimizer state sharded per transformer block)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,10 +250,51 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------------ handlers
 
 
+def _train_argv(given: dict[str, Any]) -> list[str]:
+    """The ``lowbit train`` options in ``given`` (those on the command line) as arguments again, without
+    --nproc-per-node: what every torchrun worker runs."""
+    argv = ["train"]
+    for key, value in given.items():
+        if key in ("command", "handler", "nproc_per_node"):
+            continue
+        flag = "--" + key.replace("_", "-")
+        argv += [flag] if value is True else [flag, str(value)]
+    return argv
+
+
+def _launch_torchrun(nproc: int, given: dict[str, Any]) -> int:
+    """``torchrun --standalone --nproc-per-node N -m lowbit.cli train ...`` (torch.distributed.run)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    torchrun_args = get_args_parser().parse_args(
+        ["--standalone", f"--nproc-per-node={nproc}", "--module", "lowbit.cli", *_train_argv(given)]
+    )
+    print(f"lowbit train: torchrun --standalone --nproc-per-node {nproc} -m lowbit.cli "
+          + " ".join(_train_argv(given)), flush=True)
+    try:
+        run(torchrun_args)
+    except ChildFailedError as exc:
+        print(f"lowbit: error: a training process failed: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .trainer import TrainConfig, load_checkpoint, train_lm
 
     given = vars(args)
+    nproc = given.get("nproc_per_node", 1)
+    if nproc < 1:
+        raise UsageError(f"--nproc-per-node must be >= 1, got {nproc}")
+    if nproc > 1 and os.environ.get("WORLD_SIZE") is None:
+        return _launch_torchrun(nproc, given)
+    if "parallel" in given and os.environ.get("WORLD_SIZE") is None:
+        raise UsageError("--parallel needs several processes: add --nproc-per-node N (or run under torchrun)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if not is_main:  # one copy of each warning and line: rank 0's
+        warnings.simplefilter("ignore")
     resume = given.get("resume")
     out = given.get("out")
     if out is None:  # continue in the checkpoint's folder, else runs/<model>
@@ -287,22 +344,37 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         int4 = Int4TrainingConfig.named(given.get("recipe", "hq-lss"), seed=fields["seed"])
         fields["precision"] = "bf16"  # what INT4 training leaves in high precision runs under bf16 autocast
+    if world > 1 and fields["batch_size"] % world:
+        raise ValueError(
+            f"--batch-size {fields['batch_size']} (the global batch) must be a multiple of the {world} "
+            "processes"
+        )
     config = TrainConfig(**fields, out_dir=out, progress=not given.get("no_progress", False))
-    print(
+    say = print if is_main else (lambda *a, **k: None)
+    say(
         f"lowbit train: {model_name} on {data}, {config.steps} steps of {config.tokens_per_step:,} tokens "
         f"-> {out}"
         + (f", INT4 recipe {int4.recipe}" if int4 is not None else "")
-        + (f" (resuming {ckpt_path})" if ckpt_path else ""),
+        + (f" (resuming {ckpt_path})" if ckpt_path else "")
+        + (f", {world} processes ({given.get('parallel', 'ddp')})" if world > 1 else ""),
         flush=True,
     )
-    run = train_lm(model_name, data, config, dropout=dropout, resume=ckpt_path, int4=int4)
+    try:
+        run = train_lm(model_name, data, config, dropout=dropout, resume=ckpt_path, int4=int4,
+                       parallel=given.get("parallel", "ddp"))
+    finally:
+        if world > 1:
+            from .trainer.distributed import destroy_distributed
+
+            destroy_distributed()
     r = run.result
     summary = f"step {r.step}: train loss {_fmt(r.train_loss)}"
     if r.val_loss is not None:
         summary += f", val loss {_fmt(r.val_loss)} (ppl {_fmt(r.val_ppl, 3)})"
-    summary += f", {r.tokens_per_s:,.0f} tokens/s, {r.elapsed_s:.1f} s"
-    print(summary)
-    print(f"checkpoint: {r.checkpoint_path}\nmetrics:    {r.metrics_path}\nplot:       {r.plot_path}")
+    # rank 0 counts its own slice: the job trained world times as many tokens
+    summary += f", {r.tokens_per_s * world:,.0f} tokens/s, {r.elapsed_s:.1f} s"
+    say(summary)
+    say(f"checkpoint: {r.checkpoint_path}\nmetrics:    {r.metrics_path}\nplot:       {r.plot_path}")
     return 0
 
 

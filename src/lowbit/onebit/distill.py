@@ -11,6 +11,10 @@ gradient scale independent of τ and is 1 at the default. Everything is computed
 :func:`distill` runs this loss on ``lowbit.trainer.train`` (AdamW, warmup + cosine schedule, clipping, bf16
 autocast, evaluation, checkpoints and resume exactly as for training). The teacher stays in eval mode without
 gradients; only the student's chosen parameters train.
+
+Under torchrun (a process group of more than one rank) the teacher is replicated on every rank (not wrapped,
+no gradients) and the student is wrapped with DDP or sharded with FSDP2 (``parallel``); each rank distills on
+its slice of every global batch, so the run follows the single-process one (see docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -290,7 +294,16 @@ class TimeBudget:
         self.start = time.perf_counter()
 
     def on_step_end(self, *, step: int, **_: Any) -> None:
-        if self.start is not None and time.perf_counter() - self.start > self.seconds:
+        over = self.start is not None and time.perf_counter() - self.start > self.seconds
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # every rank must stop after the same step (FSDP2 / DDP collectives would hang otherwise)
+            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            flag = torch.tensor([float(over)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            over = bool(flag.item() > 0)
+        if over:
             self.stopped_at = step
             raise _StopTraining(step)
 
@@ -306,6 +319,7 @@ def distill(
     callbacks: Iterable[Any] = (),
     optimizer: Any = None,
     extra: dict[str, Any] | None = None,
+    parallel: str = "ddp",
 ):
     """Distill ``teacher`` into the OneBit ``student`` with ``lowbit.trainer.train``.
 
@@ -322,6 +336,11 @@ def distill(
         val_data: ``.eval_batches(n)`` -> ``(x, y)`` for perplexity evaluations (``train.eval_every``), or
             None.
         resume, callbacks, optimizer, extra: as ``lowbit.trainer.train``.
+        parallel: under torchrun with a world size above 1 (``WORLD_SIZE`` set, or a process group already
+            initialized): "ddp" (default) or "fsdp2" for the student; ignored in a single process. ``data``
+            is then the GLOBAL batcher, built alike on every rank (same seed): each rank keeps its rows
+            (``RankSlicedBatcher``); rank 0 alone writes ``train.out_dir``; each rank runs on
+            ``cuda:LOCAL_RANK`` (or the CPU with ``train.device="cpu"``).
 
     Returns:
         The trainer's ``TrainResult`` (``val_ppl`` is the student's perplexity on ``val_data``). If the time
@@ -334,8 +353,13 @@ def distill(
         raise TypeError(f"config must be a DistillConfig, got {type(config).__name__}")
     if teacher is student:
         raise ValueError("teacher and student must be different modules (convert a copy of the teacher)")
+    from ..trainer.distributed import join_process_group
+
+    env = join_process_group(config.train.device)
+    if env is not None:
+        config = config.replace(train=dataclasses.replace(config.train, device=str(env.device)))
     device = resolve_device(config.train.device)
-    teacher.eval().requires_grad_(False).to(device)
+    teacher.eval().requires_grad_(False).to(device)  # replicated on every rank, never wrapped
     n_trainable = set_trainable(student, config.trainable)
     if n_trainable == 0:
         raise ValueError("no trainable parameters")
@@ -348,18 +372,17 @@ def distill(
         "distill": {k: v for k, v in dataclasses.asdict(config).items() if k != "train"},
         **(extra or {}),
     }
+    kwargs: dict[str, Any] = {"model": student, "train_batcher": data, "config": config.train,
+                              "optimizer": optimizer, "loss_fn": loss_fn, "callbacks": callbacks,
+                              "resume": resume}
+    if env is not None:  # wrap AFTER set_trainable: DDP and FSDP2 record which parameters train
+        from ..trainer.distributed import parallel_train_kwargs
+
+        student.to(device)
+        kwargs = parallel_train_kwargs(student, data, config.train, parallel=parallel, optimizer=optimizer,
+                                       loss_fn=loss_fn, callbacks=callbacks, resume=resume)
     try:
-        result = train(
-            student,
-            data,
-            val_data,
-            config.train,
-            optimizer=optimizer,
-            loss_fn=loss_fn,
-            callbacks=callbacks,
-            resume=resume,
-            extra=extra,
-        )
+        result = train(val_batcher=val_data, extra=extra, **kwargs)
     except _StopTraining:
         result = _finish_early(student, val_data, config, budget)
     student.eval()

@@ -32,7 +32,10 @@ instead of 2.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,11 +49,16 @@ from lowbit.optim.functional import dynamic_maps
 from lowbit.quant.codebook import dequantize_blockwise, quantize_blockwise
 
 __all__ = [
+    "PARALLEL_MODES",
     "DistEnv",
+    "ParallelModel",
     "RankSlicedBatcher",
+    "backend_for_device",
     "destroy_distributed",
     "init_distributed",
+    "join_process_group",
     "load_distributed_checkpoint",
+    "parallel_train_kwargs",
     "rank_slice",
     "save_distributed_checkpoint",
     "shard_fsdp2",
@@ -66,6 +74,8 @@ except ImportError:  # pragma: no cover - torch 2.5
 from torch.distributed.tensor import DTensor
 
 _EXTRA_FILE = "lowbit_extra.pt"
+#: How ``train`` / ``distill`` wrap the model under torchrun: DDP (replicated) or FSDP2 (sharded per block).
+PARALLEL_MODES = ("ddp", "fsdp2")
 # Prefixes that wrappers add to parameter names and DCP's state-dict helpers strip.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_checkpoint_wrapped_module.")
 
@@ -145,6 +155,24 @@ def init_distributed(backend: str | None = None) -> DistEnv:
         dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world)
     device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, backend=backend, device=device)
+
+
+def backend_for_device(device: str) -> str | None:
+    """The process-group backend a run on ``device`` needs: "gloo" for "cpu", "nccl" for "cuda..." and None
+    (NCCL when CUDA is available, else gloo) for "auto"."""
+    if device == "auto":
+        return None
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def join_process_group(device: str = "auto") -> DistEnv | None:
+    """This rank's ``DistEnv`` when the process runs under torchrun with a world size above 1 (``WORLD_SIZE``
+    set, or a default group already initialized): the group is joined with the backend ``device`` needs
+    (:func:`backend_for_device`). None in a plain single process (nothing is initialized then)."""
+    if os.environ.get("WORLD_SIZE") is None and not (dist.is_available() and dist.is_initialized()):
+        return None
+    env = init_distributed(backend_for_device(device))
+    return env if env.world_size > 1 else None
 
 
 def destroy_distributed() -> None:
@@ -432,3 +460,335 @@ def load_distributed_checkpoint(
         set_optimizer_state_dict(model, optimizer, osd)
     extra_file = path / _EXTRA_FILE
     return torch.load(extra_file, weights_only=True) if extra_file.exists() else None
+
+
+# ---------------------------------------------------------------------------------------------- the trainer
+
+
+class ParallelModel(nn.Module):
+    """A DDP-wrapped or FSDP2-sharded model that ``lowbit.trainer.train`` can use like the plain one.
+
+    ``forward`` calls the wrapped model. ``state_dict()`` returns the PLAIN model's keys with FULL tensors
+    (the format of a single-process checkpoint: ``lowbit eval ppl`` and a run at any world size load it);
+    ``load_state_dict`` takes that format on every rank. Attributes the wrapper lacks (``config``,
+    ``transformer``, ...) are looked up on the plain model.
+
+    With FSDP2 ``state_dict()`` is collective (an all-gather; rank 0 gets the tensors on the CPU, other
+    ranks an empty dict) unless :meth:`stash_state_dict` prepared it, which the trainer's callback does on
+    every rank at each checkpoint step so that only rank 0 needs to call ``state_dict()``. With DDP nothing is
+    collective (the replicas are equal).
+
+    Args:
+        model: the plain model on this rank's device, converted (INT4, OneBit) and with its trainable
+            parameters chosen (``requires_grad``) already.
+        parallel: "ddp" or "fsdp2".
+        fp32_allreduce: DDP: sum bf16/fp16 gradient buckets in fp32 (see :func:`wrap_ddp`).
+        ddp_kwargs / fsdp_kwargs: passed to :func:`wrap_ddp` / :func:`shard_fsdp2`.
+    """
+
+    def __init__(self, model: nn.Module, parallel: str, *, fp32_allreduce: bool = True,
+                 ddp_kwargs: dict[str, Any] | None = None, fsdp_kwargs: dict[str, Any] | None = None):
+        if parallel not in PARALLEL_MODES:
+            raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
+        super().__init__()
+        if parallel == "ddp":
+            self.module = wrap_ddp(model, fp32_allreduce=fp32_allreduce, **(ddp_kwargs or {}))
+        else:
+            self.module = shard_fsdp2(model, **(fsdp_kwargs or {}))
+        self.parallel = parallel
+        self._stash: dict[str, Any] | None = None
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        """The plain model (for FSDP2 the sharded module itself: its parameters are DTensor shards)."""
+        return self.module.module if self.parallel == "ddp" else self.module
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("module", "_stash", "parallel"):
+                raise
+            return getattr(self.unwrapped, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def set_gradient_sync(self, enabled: bool) -> None:
+        """Whether the next backward reduces gradients across ranks (off for all but the last micro-batch of a
+        gradient-accumulation step; ``DistributedDataParallel.no_sync`` / FSDP2's
+        ``set_requires_gradient_sync``)."""
+        if self.parallel == "ddp":
+            self.module.require_backward_grad_sync = enabled
+        else:
+            self.module.set_requires_gradient_sync(enabled)
+
+    def _full_state_dict(self) -> dict[str, Any]:
+        if self.parallel == "ddp":
+            return self.unwrapped.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(self.module, options=options)
+
+    def stash_state_dict(self) -> None:
+        """Collective (FSDP2): gather the full state dict now; the next ``state_dict()`` returns it."""
+        self._stash = self._full_state_dict()
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # noqa: D102 (class docstring)
+        if args or kwargs:
+            raise TypeError("ParallelModel.state_dict() takes no arguments (it returns the full plain state)")
+        stash, self._stash = self._stash, None
+        return stash if stash is not None else self._full_state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False):
+        """Load a plain (full) state dict; every rank passes the whole dict. Collective with FSDP2."""
+        if self.parallel == "ddp":
+            return self.unwrapped.load_state_dict(state_dict, strict=strict, assign=assign)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        return set_model_state_dict(
+            self.module, state_dict, options=StateDictOptions(full_state_dict=True, strict=strict)
+        )
+
+
+# -- optimizer state: local shards <-> the single-process (full) form
+
+
+def _ordered_params(optimizer: torch.optim.Optimizer) -> list[tuple[torch.Tensor, dict]]:
+    return [(p, g) for g in optimizer.param_groups for p in g["params"]]
+
+
+def _dequantized(
+    st: dict, shape: torch.Size, device: torch.device, group: dict
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m, v) of an 8-bit optimizer's state of a tensor of ``shape``, as fp32 tensors of that shape."""
+    st = {k: t.to(device) if torch.is_tensor(t) else t for k, t in st.items()}
+    if "exp_avg_codes" not in st:
+        return st["exp_avg"].reshape(shape), st["exp_avg_sq"].reshape(shape)
+    signed, unsigned = dynamic_maps(device)
+    bs = group["block_size"]
+    m = dequantize_blockwise(st["exp_avg_codes"], st["exp_avg_absmax"], signed, bs, shape)
+    v = dequantize_blockwise(st["exp_avg_sq_codes"], st["exp_avg_sq_absmax"], unsigned, bs, shape)
+    return m, v
+
+
+def _quantized_state(step: Any, m: torch.Tensor, v: torch.Tensor, group: dict) -> dict:
+    """The 8-bit optimizer's state for moments (m, v): codes when ``m.numel() >= min_8bit_size``, else fp32
+    (the rule of ``_Adam8bitBase._init_state``, applied to whatever tensor this process holds)."""
+    if m.numel() >= group["min_8bit_size"]:
+        signed, unsigned = dynamic_maps(m.device)
+        m_codes, m_absmax = quantize_blockwise(m.reshape(-1).contiguous(), signed, group["block_size"])
+        v_codes, v_absmax = quantize_blockwise(v.reshape(-1).contiguous(), unsigned, group["block_size"])
+        return {"step": step, "exp_avg_codes": m_codes, "exp_avg_absmax": m_absmax,
+                "exp_avg_sq_codes": v_codes, "exp_avg_sq_absmax": v_absmax}
+    return {"step": step, "exp_avg": m.contiguous(), "exp_avg_sq": v.contiguous()}
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _shard_like(t: torch.Tensor, *, p: DTensor, device: torch.device) -> DTensor:
+    """A full tensor ``t`` (shaped like ``p``) distributed over ``p``'s mesh with ``p``'s placements."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(t.to(device).reshape(p.shape), p.device_mesh, p.placements)
+
+
+def full_optimizer_state_dict(optimizer: torch.optim.Optimizer, local: dict | None = None) -> dict:
+    """The optimizer state dict a single process would hold (full tensors, integer parameter ids), built from
+    this rank's state over FSDP2 DTensor shards. Collective: every rank calls it; all get the result (on the
+    CPU). Plain (non-DTensor) parameters' states are copied as they are. An 8-bit optimizer's moments are
+    gathered in fp32 and quantized again over the full parameter (``min_8bit_size`` then counts the full
+    element count), which can move an element by one 8-bit rounding when blocks straddle shard edges."""
+    local = local if local is not None else torch.optim.Optimizer.state_dict(optimizer)
+    is_8bit = isinstance(optimizer, _Adam8bitBase)
+    params = _ordered_params(optimizer)
+    state = {}
+    for pid, st in local["state"].items():
+        p, group = params[pid]
+        if not isinstance(p, DTensor):
+            state[pid] = {k: v.cpu() if torch.is_tensor(v) else v for k, v in st.items()}
+            continue
+        if is_8bit:
+            p_local = p.to_local()
+            m, v = _dequantized(st, p_local.shape, p_local.device, group)
+            m, v = (_like_param(t, p).full_tensor() for t in (m, v))
+            state[pid] = {k: t.cpu() if torch.is_tensor(t) else t
+                          for k, t in _quantized_state(st["step"], m, v, group).items()}
+        else:
+            state[pid] = {k: _full(v).cpu() if torch.is_tensor(v) else v for k, v in st.items()}
+    return {"state": state, "param_groups": local["param_groups"]}
+
+
+def local_optimizer_state_dict(optimizer: torch.optim.Optimizer, full: dict) -> dict:
+    """Inverse of :func:`full_optimizer_state_dict`: this rank's shards of a single-process optimizer state
+    dict (every rank passes the whole dict). 8-bit moments are dequantized, cut to the local shard and
+    quantized again over it (``min_8bit_size`` counts the LOCAL element count, see docs/distributed.md)."""
+    is_8bit = isinstance(optimizer, _Adam8bitBase)
+    params = _ordered_params(optimizer)
+    state = {}
+    for pid, st in full["state"].items():
+        p, group = params[pid]
+        if not isinstance(p, DTensor):
+            state[pid] = st
+            continue
+        device = p.to_local().device
+        shard = functools.partial(_shard_like, p=p, device=device)
+        if is_8bit:
+            m, v = _dequantized(st, p.shape, device, group)
+            state[pid] = _quantized_state(st["step"], shard(m).to_local(), shard(v).to_local(), group)
+        else:
+            state[pid] = {
+                k: shard(t) if torch.is_tensor(t) and t.shape == p.shape else t for k, t in st.items()
+            }
+    return {"state": state, "param_groups": full["param_groups"]}
+
+
+class _FullStateOptimizer:
+    """Mixin put in front of an optimizer's class (see :func:`_with_full_state`): ``state_dict()`` /
+    ``load_state_dict()`` in the single-process form over FSDP2 shards (collective unless stashed)."""
+
+    _lowbit_stash: dict | None = None
+
+    def stash_state_dict(self) -> None:
+        """Collective: build the full state dict now; the next ``state_dict()`` returns it."""
+        self._lowbit_stash = full_optimizer_state_dict(self, super().state_dict())
+
+    def state_dict(self) -> dict:
+        stash, self._lowbit_stash = self._lowbit_stash, None
+        return stash if stash is not None else full_optimizer_state_dict(self, super().state_dict())
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(local_optimizer_state_dict(self, state_dict))
+
+
+def _with_full_state(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Give ``optimizer`` the single-process ``state_dict`` form (in place, like ``fully_shard`` does to a
+    module: its class becomes a subclass of its class and :class:`_FullStateOptimizer`)."""
+    if isinstance(optimizer, _FullStateOptimizer):
+        return optimizer
+    cls = type(optimizer)
+    optimizer.__class__ = type(f"FullState{cls.__name__}", (_FullStateOptimizer, cls), {})
+    return optimizer
+
+
+class _GlobalValue(torch.autograd.Function):
+    """Forward: the all-reduced mean ``value`` (the same bits on every rank); backward: the gradient flows to
+    the local loss unchanged (DDP / FSDP2 average the gradients themselves)."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+class _ParallelLoss:
+    """``loss_fn(model, batch)`` under a process group: gradient sync only on the last micro-batch of each
+    step, and a loss VALUE equal to the mean over ranks (so logs, the spike guard and its decisions agree on
+    every rank) while the gradient is that of the local loss."""
+
+    def __init__(self, loss_fn: Callable[..., torch.Tensor], model: ParallelModel, grad_accum: int):
+        self.loss_fn, self.model, self.grad_accum = loss_fn, model, grad_accum
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:  # e.g. DistillLoss.last
+        if name == "loss_fn":
+            raise AttributeError(name)
+        return getattr(self.loss_fn, name)
+
+    def __call__(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        self.model.set_gradient_sync(self.calls % self.grad_accum == self.grad_accum - 1)
+        self.calls += 1
+        loss = self.loss_fn(model, batch)
+        value = loss.detach().float().clone()
+        dist.all_reduce(value)
+        return _GlobalValue.apply(loss, (value / dist.get_world_size()).to(loss.dtype))
+
+
+class _StashAtCheckpoints:
+    """Callback: at each step where the trainer writes a checkpoint (on rank 0), gather the full model and
+    optimizer state dicts on EVERY rank first (FSDP2's gathers are collective)."""
+
+    def __init__(self, model: ParallelModel, steps: int, save_every: int):
+        self.model, self.steps, self.save_every = model, steps, save_every
+        self.optimizer: Any = None
+
+    def on_train_start(self, *, optimizer: Any, **_: Any) -> None:
+        self.optimizer = optimizer
+
+    def on_step_end(self, *, step: int, **_: Any) -> None:
+        if (self.save_every and step % self.save_every == 0) or step == self.steps:
+            self.model.stash_state_dict()
+            if isinstance(self.optimizer, _FullStateOptimizer):
+                self.optimizer.stash_state_dict()
+            if dist.get_rank() != 0:  # only rank 0 writes; the others drop what they gathered
+                self.model._stash = None
+                self.optimizer._lowbit_stash = None
+
+
+def parallel_train_kwargs(
+    model: nn.Module,
+    train_batcher: Any,
+    config: Any,
+    *,
+    parallel: str = "ddp",
+    optimizer: Any = None,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    callbacks: Iterable[Any] = (),
+    resume: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """The keyword arguments of ``lowbit.trainer.train`` for this rank of a torchrun job (the process group
+    initialized, ``model`` on this rank's device, converted, its trainable parameters chosen).
+
+    - ``model`` becomes a :class:`ParallelModel` (DDP or FSDP2 per block).
+    - ``train_batcher`` becomes a :class:`RankSlicedBatcher`: ``config.batch_size`` stays the GLOBAL batch
+      (a multiple of the world size), so the run follows the single-process run's trajectory.
+    - ``config``: ranks other than 0 get ``out_dir=None`` and ``progress=False`` (rank 0 alone writes the
+      metrics, the plot and ``checkpoint.pt``; every rank evaluates, since FSDP2's forward is collective).
+    - ``loss_fn`` is wrapped (:class:`_ParallelLoss`); with FSDP2 the optimizer gets the single-process
+      ``state_dict`` form and a callback gathers both state dicts on every rank before each checkpoint.
+    - ``resume`` "auto" is resolved here to ``out_dir/checkpoint.pt`` (or None) for every rank: every rank
+      reads the same file (on several hosts it must be on a shared file system).
+
+    Raises ValueError for ``spike_guard="rollback"`` (rank 0 alone would reload) or an unknown ``parallel``.
+    """
+    from .loop import CHECKPOINT_NAME, default_loss, make_optimizer, param_groups
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("parallel_train_kwargs needs an initialized process group (init_distributed())")
+    if config.spike_guard == "rollback":
+        raise ValueError("spike_guard='rollback' is not supported under torchrun (use 'skip' or 'lower_lr')")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    wrapped = ParallelModel(model, parallel)
+    batcher = RankSlicedBatcher(train_batcher, rank, world)
+    if resume == "auto":
+        candidate = Path(config.out_dir, CHECKPOINT_NAME) if config.out_dir is not None else None
+        if candidate is None:
+            raise ValueError("resume='auto' needs config.out_dir (it looks for out_dir/checkpoint.pt)")
+        resume = candidate if candidate.is_file() else None
+    run_config = config if rank == 0 else dataclasses.replace(config, out_dir=None, progress=False)
+    callbacks = list(callbacks)
+    if parallel == "fsdp2":
+        if optimizer is None:
+            optimizer = make_optimizer(
+                config.optimizer, wrapped, config.lr, config.weight_decay, config.betas
+            )
+        elif not isinstance(optimizer, torch.optim.Optimizer):
+            optimizer = optimizer(param_groups(wrapped, config.weight_decay, lr=config.lr))
+        optimizer = _with_full_state(optimizer)
+        if config.out_dir is not None:
+            callbacks.append(_StashAtCheckpoints(wrapped, config.steps, config.save_every))
+    return {
+        "model": wrapped,
+        "train_batcher": batcher,
+        "config": run_config,
+        "optimizer": optimizer,
+        "loss_fn": _ParallelLoss(default_loss if loss_fn is None else loss_fn, wrapped, config.grad_accum),
+        "callbacks": callbacks,
+        "resume": resume,
+    }

@@ -5,6 +5,10 @@ share these functions so that evaluation rebuilds exactly the windows training u
 A checkpoint written by :func:`train_lm` carries in ``extra``: ``model_name`` (e.g. "gpt-tiny"),
 ``model_config`` (the ``GPTConfig`` as a dict), ``tokenizer`` (``tokenizer.state_dict()``) and ``data`` (the
 corpus name or path given).
+
+Under torchrun (``WORLD_SIZE`` in the environment) :func:`train_lm` joins the process group (NCCL on CUDA,
+gloo on the CPU), wraps the model with DDP or FSDP2 and gives each rank its slice of every global batch; see
+``lowbit.trainer.distributed.parallel_train_kwargs`` and docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -104,6 +108,7 @@ def train_lm(
     optimizer: Any = None,
     lm_data: LMData | None = None,
     int4: Any = None,
+    parallel: str = "ddp",
 ) -> LMRun:
     """Train the named GPT ("gpt-tiny", ...) on ``data`` with a character tokenizer.
 
@@ -114,9 +119,22 @@ def train_lm(
     ``int4`` (a ``lowbit.int4.Int4TrainingConfig``) converts the model's Linear layers for INT4 fully
     quantized training before the optimizer is built; a resumed INT4 run takes its config from the
     checkpoint.
+
+    Under torchrun with a world size above 1 (see the module docstring), ``parallel`` ("ddp" or "fsdp2")
+    picks the wrapping; ``config.batch_size`` is the GLOBAL batch (a multiple of the world size), every rank
+    runs on ``cuda:LOCAL_RANK`` (or the CPU with ``device="cpu"``), rank 0 alone writes the metrics, plot and
+    ``checkpoint.pt`` (the single-process format, so it resumes and evaluates at any world size), and
+    ``tokens`` / ``tokens_per_s`` in the result and the metrics are rank 0's share (multiply by the world
+    size for the job's). The returned model is the plain one (for FSDP2 still sharded). The process group
+    is left for the caller to destroy.
     """
     from ..data import tokenizer_from_state_dict
     from ..models import build_model
+    from .distributed import join_process_group, parallel_train_kwargs
+
+    env = join_process_group(config.device)
+    if env is not None:
+        config = dataclasses.replace(config, device=str(env.device))
 
     ckpt_extra: dict[str, Any] | None = None
     if resume is not None:
@@ -156,9 +174,13 @@ def train_lm(
         "int4": int4_dict,
     }
     train_b, val_b = make_batchers(lm_data, config)
-    result = train(
-        model, train_b, val_b, config, optimizer=optimizer, callbacks=callbacks, resume=resume, extra=extra
-    )
+    kwargs: dict[str, Any] = {"model": model, "train_batcher": train_b, "config": config,
+                              "optimizer": optimizer, "callbacks": callbacks, "resume": resume}
+    if env is not None:
+        model.to(env.device)  # wrap and shard on the rank's device
+        kwargs = parallel_train_kwargs(model, train_b, config, parallel=parallel, optimizer=optimizer,
+                                       callbacks=callbacks, resume=resume)
+    result = train(val_batcher=val_b, extra=extra, **kwargs)
     model.eval()
     return LMRun(result=result, model=model, data=lm_data)
 
