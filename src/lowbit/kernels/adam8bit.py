@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -53,7 +54,10 @@ except ImportError:  # pragma: no cover - exercised where Triton is absent
 
 __all__ = [
     "HAS_TRITON",
+    "VARIANTS",
+    "KernelVariant",
     "adam8bit_multi_tensor_step",
+    "get_variant",
     "quantize_dynamic_blockwise",
     "triton_usable",
 ]
@@ -61,9 +65,8 @@ __all__ = [
 HAS_TRITON = triton is not None
 
 # Columns of the per-tensor offset table (int64): element offsets of p, g, m, m_absmax, v, v_absmax from
-# their base tensors, then numel.
+# their base tensors, then numel and a pad.
 _TABLE_COLS = 8
-_COL_NUMEL = 6
 
 _P_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -81,7 +84,7 @@ def triton_usable(device: torch.device | str) -> bool:
 if HAS_TRITON:
 
     @triton.jit
-    def _nearest_dynamic(xn, thr_ptr, coef_ptr, bound_ptr, SIGNED: tl.constexpr):
+    def _nearest_dynamic(xn, thr_ptr, coef_ptr, bound_ptr, SIGNED: tl.constexpr, FIX_BRANCH: tl.constexpr):
         """Index of the 8-bit dynamic-map value nearest to fp32 ``xn``, ties to the lower index: the exact
         ``bucketize(xn, bound)``, for tables from ``_search_tables``.
 
@@ -96,17 +99,30 @@ if HAS_TRITON:
         e = tl.minimum(tl.maximum((a.to(tl.int32, bitcast=True) >> 23) - 103, 0), 24)  # binades 2^-24 .. 2^0
         t = tl.load(thr_ptr + e)
         k = 2 * e + (a > t).to(tl.int32)
-        z = a * tl.load(coef_ptr + k) + tl.load(coef_ptr + 50 + k)
+        # One fused multiply-add: z need not be bit-exact, only within the "near" margin (its error is below
+        # 1e-4 with or without the fusion; the margin is 1e-3).
+        z = tl.fma(a, tl.load(coef_ptr + k), tl.load(coef_ptr + 50 + k))
         # floor(z) by rounding z - 1/2 to an integer with the 1.5 * 2^23 trick (no conversion instruction,
         # those run at 1/8 rate); it differs from floor only when z is an integer, which is flagged below.
         zf = ((z - 0.5) + 12582912.0) - 12582912.0
-        near = (z - zf < 1e-3) | (z - zf > 0.999) | (a == t)
+        near = (z - zf < 2.5e-4) | (z - zf > 1.0 - 2.5e-4) | (a == t)
         rank = tl.minimum(zf, tl.load(coef_ptr + 100 + k))
         rank = (rank + 8388608.0).to(tl.int32, bitcast=True) - 0x4B000000  # int(rank): 0 <= rank < 2^23
         if SIGNED:
             guess = tl.maximum(tl.where(xn < 0, 127 - rank, 127 + rank), 0)  # no -1.0: its nearest is index 0
         else:
             guess = tl.where(xn < 0, 0, rank)
+        if FIX_BRANCH:
+            # Most tiles have no lane near a bin edge at all: skip the fix-up's loads and compares there.
+            if tl.max(near.to(tl.int32)) != 0:
+                guess = _fix_near(xn, guess, near, bound_ptr)
+        else:
+            guess = _fix_near(xn, guess, near, bound_ptr)
+        return guess
+
+    @triton.jit
+    def _fix_near(xn, guess, near, bound_ptr):
+        """Lanes flagged ``near``: move ``guess`` by one where the exact boundaries say so."""
         lo = tl.load(bound_ptr + tl.maximum(guess - 1, 0), mask=near, other=0.0)
         hi = tl.load(bound_ptr + tl.minimum(guess, 254), mask=near, other=0.0)
         up = near & (xn > hi) & (guess < 255)
@@ -114,12 +130,14 @@ if HAS_TRITON:
         return guess + up.to(tl.int32) - down.to(tl.int32)
 
     @triton.jit
-    def _quantize_blocks(x, mask, thr_ptr, coef_ptr, bound_ptr, SIGNED: tl.constexpr):
+    def _quantize_blocks(
+        x, mask, thr_ptr, coef_ptr, bound_ptr, SIGNED: tl.constexpr, FIX_BRANCH: tl.constexpr
+    ):
         """(BPP, BLOCK) fp32 tile -> (uint8 codes, (BPP,) fp32 absmax); lanes outside ``mask`` ignored."""
         x = tl.where(mask, x, 0.0)
         absmax = tl.max(tl.abs(x), axis=1)
         scale = tl.math.div_rn(1.0, tl.maximum(absmax, 1.1754943508222875e-38))  # 1 / max(absmax, 2^-126)
-        idx = _nearest_dynamic(x * scale[:, None], thr_ptr, coef_ptr, bound_ptr, SIGNED)
+        idx = _nearest_dynamic(x * scale[:, None], thr_ptr, coef_ptr, bound_ptr, SIGNED, FIX_BRANCH)
         return idx.to(tl.uint8), absmax
 
     @triton.jit
@@ -189,6 +207,7 @@ if HAS_TRITON:
         BLOCK: tl.constexpr,
         BLOCKS_PER_PROG: tl.constexpr,
         MASKED: tl.constexpr,  # False: every element of this launch's programs lies inside its tensor
+        FIX_BRANCH: tl.constexpr,  # skip the exact fix-up of the nearest code in tiles that need none
         ALIGN_P: tl.constexpr,  # offsets are multiples of these (16 bytes' worth of elements), or 1
         ALIGN_S: tl.constexpr,
         ALIGN_A: tl.constexpr,
@@ -239,8 +258,10 @@ if HAS_TRITON:
         _store(p_ptr + offs, _to_param_dtype(p, P_DTYPE), mask, MASKED)
 
         if STATE_8BIT:
-            m_code, m_absmax = _quantize_blocks(m, mask, thr_s_ptr, coef_s_ptr, bound_s_ptr, True)
-            v_code, v_absmax = _quantize_blocks(v, mask, thr_u_ptr, coef_u_ptr, bound_u_ptr, False)
+            m_code, m_absmax = _quantize_blocks(m, mask, thr_s_ptr, coef_s_ptr, bound_s_ptr, True,
+                                                FIX_BRANCH)
+            v_code, v_absmax = _quantize_blocks(v, mask, thr_u_ptr, coef_u_ptr, bound_u_ptr, False,
+                                                FIX_BRANCH)
             _store(m_ptr + offs, m_code, mask, MASKED)
             _store(v_ptr + offs, v_code, mask, MASKED)
             _store(ma_ptr + blk, m_absmax, blk_mask, MASKED)
@@ -258,7 +279,7 @@ if HAS_TRITON:
         offs = blk[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
         mask = offs < numel
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        codes, absmax = _quantize_blocks(x, mask, thr_ptr, coef_ptr, bound_ptr, SIGNED)
+        codes, absmax = _quantize_blocks(x, mask, thr_ptr, coef_ptr, bound_ptr, SIGNED, False)
         tl.store(codes_ptr + offs, codes, mask=mask)
         tl.store(absmax_ptr + blk, absmax, mask=blk * BLOCK < numel)
 
@@ -366,52 +387,121 @@ def quantize_dynamic_blockwise(
     return codes, absmax
 
 
-class _TableCache:
-    """Device tables keyed by what they depend on: the programs table only on the numels (fixed during
-    training), the offset table on the addresses (gradients set to None and re-allocated usually land at the
-    same addresses, so it is rarely rebuilt)."""
+@dataclass(frozen=True)
+class KernelVariant:
+    """Tiling of the fused step: ``blocks_per_prog`` quantization blocks per program, ``num_warps`` warps per
+    program, ``fix_branch``: skip the exact nearest-code fix-up in tiles where no lane needs it (a branch on a
+    tile-wide reduction; the result is the same bits either way)."""
+
+    blocks_per_prog: int = 1
+    num_warps: int = 1
+    fix_branch: bool = True
+
+
+# Named tilings, all bit-identical; ``lowbit bench optim`` times each (``--variants``). "v1" is the kernel
+# the first H100 probe measured (0.77x torch fused AdamW).
+VARIANTS: dict[str, KernelVariant] = {
+    "default": KernelVariant(1, 1, True),
+    "v1": KernelVariant(1, 1, False),
+    "w2": KernelVariant(1, 2, True),
+    "b2w2": KernelVariant(2, 2, True),
+    "b4w4": KernelVariant(4, 4, True),
+    "b4w4-nobranch": KernelVariant(4, 4, False),
+}
+
+
+def get_variant(variant: str | KernelVariant | None) -> KernelVariant:
+    """A ``KernelVariant`` from its name in ``VARIANTS`` (None: "default") or itself."""
+    if variant is None:
+        return VARIANTS["default"]
+    if isinstance(variant, KernelVariant):
+        return variant
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown kernel variant {variant!r}; choose from {sorted(VARIANTS)}")
+    return VARIANTS[variant]
+
+
+def _programs(numels: tuple[int, ...], block: int, bpp: int) -> tuple[torch.Tensor, int]:
+    """int32 (n_programs, 2) rows (tensor index, first block): first every program whose ``block * bpp``
+    elements all lie inside its tensor, then one tail program per tensor that needs one; and the number of
+    full programs."""
+    full, tail = [], []
+    for i, n in enumerate(numels):
+        n_full = n // (block * bpp)
+        first = torch.arange(0, n_full * bpp, bpp, dtype=torch.int32)
+        full.append(torch.stack([torch.full_like(first, i), first], dim=1))
+        if n_full * block * bpp < n:
+            tail.append(torch.tensor([[i, n_full * bpp]], dtype=torch.int32))
+    return torch.cat(full + tail).contiguous(), sum(len(f) for f in full)
+
+
+@dataclass
+class _Plan:
+    """Everything a launch needs that does not change from step to step: the device tables and the
+    compile-time flags. Keyed by the tensors' addresses and sizes (``_plan_key``)."""
+
+    table: torch.Tensor  # int64 (n_tensors, 8)
+    progs: torch.Tensor  # int32 (n_programs, 2)
+    n_full: int
+    align: tuple[int, int, int]  # ALIGN_P, ALIGN_S, ALIGN_A
+    # No tensor of the caller is kept here (a kept gradient would pin its memory and the next gradient would
+    # land elsewhere): the base pointers are the operands' first tensors, passed at each launch.
+
+
+class _PlanCache:
+    """Launch plans by key. Gradients set to None and re-allocated usually land at the same addresses, so
+    a training loop builds its plans once; the validation of the tensors runs only when a plan is built."""
 
     def __init__(self, maxsize: int = 64):
-        self._progs: dict = {}
-        self._offsets: dict = {}
+        self._plans: dict = {}
         self._maxsize = maxsize
 
-    def _put(self, cache: dict, key, value):
-        if len(cache) >= self._maxsize:
-            cache.pop(next(iter(cache)))
-        cache[key] = value
+    def get(self, key):
+        return self._plans.get(key)
 
-    def programs(
-        self, numels: tuple[int, ...], block: int, bpp: int, device: torch.device
-    ) -> tuple[torch.Tensor, int]:
-        """int32 (n_programs, 2) rows (tensor index, first block): first every program whose ``block * bpp``
-        elements all lie inside its tensor, then one tail program per tensor that needs one; and the number
-        of full programs."""
-        key = (numels, block, bpp, device)
-        entry = self._progs.get(key)
-        if entry is None:
-            full, tail = [], []
-            for i, n in enumerate(numels):
-                n_full = n // (block * bpp)
-                first = torch.arange(0, n_full * bpp, bpp, dtype=torch.int32)
-                full.append(torch.stack([torch.full_like(first, i), first], dim=1))
-                if n_full * block * bpp < n:
-                    tail.append(torch.tensor([[i, n_full * bpp]], dtype=torch.int32))
-            table = torch.cat(full + tail).contiguous().to(device)
-            entry = (table, sum(len(f) for f in full))
-            self._put(self._progs, key, entry)
-        return entry
+    def put(self, key, plan: _Plan) -> None:
+        if len(self._plans) >= self._maxsize:
+            self._plans.pop(next(iter(self._plans)))
+        self._plans[key] = plan
 
-    def offsets(self, rows: tuple[tuple[int, ...], ...], device: torch.device) -> torch.Tensor:
-        key = (rows, device)
-        table = self._offsets.get(key)
-        if table is None:
-            table = torch.tensor(rows, dtype=torch.int64).reshape(-1, _TABLE_COLS).to(device)
-            self._put(self._offsets, key, table)
-        return table
+    def clear(self) -> None:
+        self._plans.clear()
 
 
-_CACHE = _TableCache()
+_PLANS = _PlanCache()
+
+
+def _build_plan(params, operands, state_8bit, block_size, bpp, device) -> _Plan:
+    """Check every tensor (dtype, device, contiguity, size) and build the offset and program tables."""
+    n_blocks = [-(-p.numel() // block_size) for p in params]
+    columns, aligned = [], []
+    for k, (name, tensors) in enumerate(operands):
+        is_absmax = k in (3, 5)
+        if k in (0, 1):
+            dt = params[0].dtype
+        elif is_absmax and not state_8bit:
+            dt = torch.float32  # fp32 state: the moment tensors stand in for the (unused) absmax operands
+        else:
+            dt = torch.float32 if (is_absmax or not state_8bit) else torch.uint8
+        base = tensors[0]
+        size = base.element_size()
+        col = []
+        for i, t in enumerate(tensors):
+            n = n_blocks[i] if (is_absmax and state_8bit) else params[i].numel()
+            if t.dtype != dt or t.device != device or not t.is_contiguous() or t.numel() != n:
+                raise ValueError(
+                    f"tensor {i}: {name} must be a contiguous {dt} tensor of {n} elements on {device}, got "
+                    f"{t.dtype}, {t.numel()} elements on {t.device}, contiguous={t.is_contiguous()}"
+                )
+            col.append((t.data_ptr() - base.data_ptr()) // size)
+        columns.append(col)
+        aligned.append(16 // size if all(t.data_ptr() % 16 == 0 for t in tensors) else 1)
+    numels = [p.numel() for p in params]
+    rows = [[c[i] for c in columns] + [numels[i], 0] for i in range(len(params))]
+    table = torch.tensor(rows, dtype=torch.int64).reshape(-1, _TABLE_COLS).to(device)
+    progs, n_full = _programs(tuple(numels), block_size, bpp)
+    align = (min(aligned[0], aligned[1]), min(aligned[2], aligned[4]), min(aligned[3], aligned[5]))
+    return _Plan(table, progs.to(device), n_full, align)
 
 
 def adam8bit_multi_tensor_step(
@@ -433,8 +523,7 @@ def adam8bit_multi_tensor_step(
     decay_factor: float,
     decoupled: bool,
     block_size: int = 256,
-    blocks_per_prog: int = 1,
-    num_warps: int = 1,
+    variant: str | KernelVariant | None = None,
 ) -> None:
     """One fused Adam(W) step, in place, for tensors that share dtype, device and scalars (module docstring).
 
@@ -447,12 +536,18 @@ def adam8bit_multi_tensor_step(
         params: contiguous fp32 / bf16 / fp16 tensors, all of one dtype, on one device (CUDA, or CPU under
             TRITON_INTERPRET=1); updated in place.
         grads: contiguous, same dtype and numel as their param.
-        block_size: elements per absmax block (power of two >= 16); blocks_per_prog, num_warps: tiling.
+        block_size: elements per absmax block (power of two >= 16).
+        variant: tiling, a name of ``VARIANTS`` or a ``KernelVariant`` (None: "default"); every variant gives
+            the same bits.
+
+    One launch for all tensors (two when some tensor ends in a partial tile). The tensors are checked when
+    their launch plan is built, i.e. the first time these addresses and sizes are seen.
     """
     _require_triton("adam8bit_multi_tensor_step")
     if not params:
         return
-    _check_block(block_size, blocks_per_prog)
+    var = get_variant(variant)
+    _check_block(block_size, var.blocks_per_prog)
     state_8bit = exp_avg_absmaxes is not None
     if state_8bit != (exp_avg_sq_absmaxes is not None):
         raise ValueError("exp_avg_absmaxes and exp_avg_sq_absmaxes must both be given or both be None")
@@ -462,67 +557,51 @@ def adam8bit_multi_tensor_step(
     device, dtype = params[0].device, params[0].dtype
     if dtype not in _P_DTYPES:
         raise TypeError(f"params must be float32, bfloat16 or float16, got {dtype}")
-    state_dtype = torch.uint8 if state_8bit else torch.float32
-    n_blocks = [-(-p.numel() // block_size) for p in params]
-    operands = [  # (name, tensors, dtype, numel of tensor i)
-        ("param", params, dtype, None),
-        ("grad", grads, dtype, None),
-        ("exp_avg", exp_avgs, state_dtype, None),
-        ("exp_avg_absmax", exp_avg_absmaxes if state_8bit else exp_avgs,
-         torch.float32 if state_8bit else None, n_blocks if state_8bit else None),
-        ("exp_avg_sq", exp_avg_sqs, state_dtype, None),
-        ("exp_avg_sq_absmax", exp_avg_sq_absmaxes if state_8bit else exp_avg_sqs,
-         torch.float32 if state_8bit else None, n_blocks if state_8bit else None),
-    ]
-    columns, aligned = [], []
-    for name, tensors, dt, counts in operands:
-        base = tensors[0]
-        size = base.element_size()
-        col = []
-        for i, t in enumerate(tensors):
-            n = params[i].numel() if counts is None else counts[i]
-            wrong_dtype = dt is not None and t.dtype != dt
-            if wrong_dtype or t.device != device or not t.is_contiguous() or t.numel() != n:
-                raise ValueError(
-                    f"tensor {i}: {name} must be a contiguous {dt} tensor of {n} elements on {device}, got "
-                    f"{t.dtype}, {t.numel()} elements on {t.device}, contiguous={t.is_contiguous()}"
-                )
-            col.append((t.data_ptr() - base.data_ptr()) // size)
-        columns.append(col)
-        aligned.append(all(t.data_ptr() % 16 == 0 for t in tensors))
-    numels = tuple(p.numel() for p in params)
-    if sum(numels) == 0:
-        return
-    rows = tuple(tuple(c[i] for c in columns) + (numels[i], 0) for i in range(len(params)))
-    table = _CACHE.offsets(rows, device)
-    progs, n_full = _CACHE.programs(numels, block_size, blocks_per_prog, device)
+    operands = (
+        ("param", params),
+        ("grad", grads),
+        ("exp_avg", exp_avgs),
+        ("exp_avg_absmax", exp_avg_absmaxes if state_8bit else exp_avgs),
+        ("exp_avg_sq", exp_avg_sqs),
+        ("exp_avg_sq_absmax", exp_avg_sq_absmaxes if state_8bit else exp_avg_sqs),
+    )
+    # The key holds what the plan depends on; dtypes of the state tensors are checked at build time (a tensor
+    # of another dtype at the same address and size would need the caller to swap state tensors in place).
+    key = (device, dtype, state_8bit, block_size, var.blocks_per_prog,
+           tuple(t.dtype for t in grads),
+           tuple(t.data_ptr() for _, ts in operands for t in ts),
+           tuple(t.numel() for _, ts in operands[1:] for t in ts),
+           tuple(p.numel() for p in params))
+    plan = _PLANS.get(key)
+    if plan is None:
+        if sum(p.numel() for p in params) == 0:
+            return
+        plan = _build_plan(params, operands, state_8bit, block_size, var.blocks_per_prog, device)
+        _PLANS.put(key, plan)
     tables = _tables(device)
     (code_s, thr_s, coef_s, bound_s), (code_u, thr_u, coef_u, bound_u) = tables[True], tables[False]
     p_dtype = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
-
-    def align(k: int) -> int:  # offsets of operand k are multiples of 16 bytes' worth of elements
-        return 16 // operands[k][1][0].element_size() if aligned[k] else 1
-
     scalars = (beta1, beta2, one_minus_beta1, one_minus_beta2, eps, step_size, inv_bc2_sqrt, weight_decay,
                decay_factor)
+    n_progs = plan.progs.shape[0]
     # Full programs without masks (vector loads), then the tails with masks; the table lists them in order.
-    for masked, start, count in ((False, 0, n_full), (True, n_full, progs.shape[0] - n_full)):
+    for masked, start, count in ((False, 0, plan.n_full), (True, plan.n_full, n_progs - plan.n_full)):
         if count == 0:
             continue
         _adam_kernel[(count,)](
-            table, progs[start:],
-            params[0], grads[0], exp_avgs[0], operands[3][1][0], exp_avg_sqs[0], operands[5][1][0],
+            plan.table, plan.progs[start:] if start else plan.progs, *(ts[0] for _, ts in operands),
             code_s, code_u, thr_s, coef_s, thr_u, coef_u, bound_s, bound_u, *scalars,
             P_DTYPE=p_dtype,
             STATE_8BIT=state_8bit,
             DECOUPLED=bool(decoupled),
             HAS_WD=weight_decay != 0.0,
             BLOCK=block_size,
-            BLOCKS_PER_PROG=blocks_per_prog,
+            BLOCKS_PER_PROG=var.blocks_per_prog,
             MASKED=masked,
-            ALIGN_P=min(align(0), align(1)),
-            ALIGN_S=min(align(2), align(4)),
-            ALIGN_A=min(align(3), align(5)),
-            num_warps=num_warps,
+            FIX_BRANCH=var.fix_branch,
+            ALIGN_P=plan.align[0],
+            ALIGN_S=plan.align[1],
+            ALIGN_A=plan.align[2],
+            num_warps=var.num_warps,
             **_launch_options(device),
         )

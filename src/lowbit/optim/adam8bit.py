@@ -94,6 +94,7 @@ class _Adam8bitBase(torch.optim.Optimizer):
         block_size: int = 256,
         min_8bit_size: int = 4096,
         backend: str = "auto",
+        kernel_variant: str = "default",
         amsgrad: bool = False,
         maximize: bool = False,
         foreach: bool | None = None,
@@ -120,6 +121,11 @@ class _Adam8bitBase(torch.optim.Optimizer):
         if backend == "triton" and _kernels() is None:
             raise RuntimeError("backend='triton' needs Triton: pip install 'lowbit[triton]'")
         self.backend = backend
+        kernels = _kernels()
+        if kernels is not None:
+            kernels.get_variant(kernel_variant)  # unknown names raise here, not at the first step
+        self.kernel_variant = kernel_variant
+        self._triton_on: dict[torch.device, bool] = {}  # backend decision per device, made once
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, block_size=block_size,
             min_8bit_size=min_8bit_size,
@@ -178,16 +184,22 @@ class _Adam8bitBase(torch.optim.Optimizer):
         }
 
     def _use_triton(self, p: torch.Tensor) -> bool:
+        on = self._triton_on.get(p.device)
+        if on is None:
+            on = self._triton_on[p.device] = self._decide_triton(p.device)
+        return on
+
+    def _decide_triton(self, device: torch.device) -> bool:
         if self.backend == "torch":
             return False
         kernels = _kernels()
         if self.backend == "triton":
-            if not kernels.triton_usable(p.device):
+            if not kernels.triton_usable(device):
                 raise RuntimeError(
-                    f"backend='triton' cannot run on {p.device}: it needs CUDA (or TRITON_INTERPRET=1)"
+                    f"backend='triton' cannot run on {device}: it needs CUDA (or TRITON_INTERPRET=1)"
                 )
             return True
-        return kernels is not None and p.device.type == "cuda" and kernels.triton_usable(p.device)
+        return kernels is not None and device.type == "cuda" and kernels.triton_usable(device)
 
     # -- step --------------------------------------------------------------------------------------------
 
@@ -267,6 +279,7 @@ class _Adam8bitBase(torch.optim.Optimizer):
             one_minus_beta2=scalars.one_minus_beta2, eps=scalars.eps, step_size=scalars.step_size,
             inv_bc2_sqrt=scalars.inv_bc2_sqrt, weight_decay=scalars.weight_decay,
             decay_factor=scalars.decay_factor, decoupled=self._decoupled, block_size=group["block_size"],
+            variant=self.kernel_variant,
         )
 
     # -- checkpoints -------------------------------------------------------------------------------------
@@ -326,6 +339,8 @@ class AdamW8bit(_Adam8bitBase):
         block_size: elements per absmax block, a power of two >= 16 (default 256).
         min_8bit_size: tensors with fewer elements keep fp32 state (default 4096).
         backend: "auto" (fused Triton kernel on CUDA, torch elsewhere), "torch" or "triton".
+        kernel_variant: tiling of the fused kernel, a name of ``lowbit.kernels.adam8bit.VARIANTS`` (default
+            "default"); all variants give the same bits, ``lowbit bench optim`` times them.
         amsgrad, maximize, foreach, fused, capturable, differentiable: accepted only at their defaults; other
             values raise ValueError.
     """

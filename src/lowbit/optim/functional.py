@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import functools
 import math
+import struct
 from dataclasses import dataclass
 
 import torch
 
 from lowbit.quant.codebook import dequantize_blockwise, dynamic_map, quantize_blockwise
+
+_F32 = struct.Struct("f")
 
 __all__ = [
     "AdamScalars",
@@ -42,8 +45,9 @@ __all__ = [
 
 
 def _f32(x: float) -> float:
-    """x rounded to the nearest fp32 value (returned as a Python float)."""
-    return float(torch.tensor(x, dtype=torch.float64).to(torch.float32))
+    """x rounded to the nearest fp32 value (returned as a Python float): the C double -> float conversion,
+    round to nearest even, as torch's; about 100x cheaper than a tensor round trip (it runs every step)."""
+    return _F32.unpack(_F32.pack(x))[0]
 
 
 @dataclass(frozen=True)
