@@ -172,3 +172,82 @@ def test_bad_inputs():
         layer.pack(torch.int8)
     with pytest.raises(ValueError, match="latent_scale"):
         layer.pack().unpack(latent_scale=0)
+
+
+# ---------------------------------------------------------------------- packed forward through the kernel
+
+
+def _kernel_device(device, monkeypatch):
+    """CUDA as is; on the CPU the kernels run only in the Triton interpreter (tests/conftest.py sets it)."""
+    import lowbit.kernels.onebit as kernels
+    import lowbit.onebit.layer as layer_mod
+
+    if device == "cpu":
+        if not kernels._INTERPRETED:
+            pytest.skip("the kernels are compiled for CUDA in this process (no interpreter)")
+        monkeypatch.setattr(layer_mod, "KERNEL_DEVICES", ("cpu",))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("layer_norm", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_kernel_forward_equals_unpacked_within_bound(device, m, layer_norm, dtype, monkeypatch):
+    """Under no_grad the packed layer runs onebit_matmul; the training form runs the reference math. Both are
+    within the derived bound of the exact (fp64) output, hence within the sum of the bounds of each other:
+    pre-LN |Δy| <= (3K + 2)·2^-24·|h|·Σ|x g| (fp32 sums; the training form's x ⊙ g and matmul are covered by
+    the same γ) plus, for 16-bit outputs, u_out·|y| per rounding; after the LN, Δ propagates as
+    2·Δ/σ·(1 + |z|) + 4·N·2^-24·(1 + |z|) + u_out·|z| (tests/kernels/test_onebit.py derives it)."""
+    _kernel_device(device, monkeypatch)
+    in_f, out_f = 70, 24
+    _, layer = _layer(in_f, out_f, layer_norm=layer_norm, seed=m)
+    layer.pack(dtype).unpack()  # g, h, bias rounded to dtype; the training form again
+    layer.to(device)
+    x = torch.randn(m, in_f, generator=_gen(m)).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        y_train = layer(x)
+        layer.pack()
+        y_kernel = layer(x)
+    assert y_kernel.dtype == y_train.dtype and y_kernel.shape == y_train.shape
+    s = layer.signs().double().cpu()
+    g, h, b = (t.detach().double().cpu() for t in (layer.g, layer.h, layer.bias))
+    xg = x.double().cpu() * g
+    y_exact = (xg @ s.t()) * h
+    terms = (xg.abs() @ torch.ones_like(s).t()) * h.abs()
+    u_out = {torch.float32: 0.0, torch.bfloat16: 2.0**-8}[dtype]
+    gamma = (3 * in_f + 2) * U32 * terms
+    # kernel: fp32 sums, y rounded once to dtype; training form in dtype: x ⊙ g rounded (u·terms), the
+    # matmul's result and the product with h each rounded (u·|y| each, to first order)
+    d_y = {"kernel": gamma + u_out * y_exact.abs(),
+           "train": gamma + u_out * (terms + 2 * y_exact.abs()) * (1 + 4 * u_out)}
+    bounds = {}
+    for path, d in d_y.items():
+        if layer_norm:
+            z = F.layer_norm(y_exact, (out_f,), eps=layer.eps)
+            sigma = (y_exact.var(-1, unbiased=False, keepdim=True) + layer.eps).sqrt()
+            eps_y = d.amax(-1, keepdim=True)
+            bounds[path] = (2 * eps_y / sigma + 4 * out_f * U32) * (1 + z.abs()) + u_out * (z.abs() + b.abs())
+            exact = z + b
+        else:
+            bounds[path] = d + u_out * (y_exact + b).abs()
+            exact = y_exact + b
+    for y, path in ((y_kernel, "kernel"), (y_train, "train")):
+        assert bool(((y.double().cpu() - exact).abs() <= bounds[path]).all()), path
+    diff = (y_kernel.double() - y_train.double()).abs().cpu()
+    assert bool((diff <= bounds["kernel"] + bounds["train"]).all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_forward_with_grad_uses_reference(device, monkeypatch):
+    """With gradients needed (training), the packed layer takes the reference path: bit-identical to the
+    training form, and g/h receive gradients."""
+    _kernel_device(device, monkeypatch)
+    _, layer = _layer(33, 8, seed=3)
+    layer.to(device)
+    x = torch.randn(2, 33, generator=_gen(8)).to(device)
+    y_train = layer(x)
+    layer.pack()
+    y = layer(x)
+    torch.testing.assert_close(y, y_train, rtol=0, atol=0)
+    y.sum().backward()
+    assert layer.h.grad is not None

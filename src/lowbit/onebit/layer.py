@@ -14,8 +14,10 @@ Two forms, the same output bit for bit (the forward is one function; only where 
   weights). g, h and bias are ordinary parameters.
 - packed form: S as bits in the uint8 buffer ``weight_packed`` (out, ceil(in / 8)), 8 signs per byte along
   in_features as ``lowbit.quant.pack_bits`` lays them out, plus g, h (and bias) in any float dtype, e.g.
-  fp16/bf16 after ``pack(torch.float16)``. The forward unpacks S to the activation dtype on every call (no
-  1-bit kernel yet; ``lowbit.quant.binary.onebit_matmul_reference`` is the specification of one).
+  fp16/bf16 after ``pack(torch.float16)``. On CUDA, when no gradient is needed (``torch.no_grad()``,
+  inference) and autocast is off, the forward runs the fused kernel ``lowbit.kernels.onebit.onebit_matmul``
+  (S read as bits, post-LN fused); elsewhere it unpacks S to the activation dtype (the reference math). The
+  two agree within the kernel's derived bound (fp32 summation order and the output rounding).
 
 ``pack()`` / ``unpack()`` switch in place. The LayerNorm runs in fp32 and is cast back to the dtype of the
 product, so low-precision activations do not lose the normalization's accuracy.
@@ -31,6 +33,11 @@ from ..quant.binary import sign_pm1
 from ..quant.packing import pack_bits, unpack_bits
 
 __all__ = ["DEFAULT_LATENT_SCALE", "OneBitLinear", "onebit_linear", "sign_ste"]
+
+#: Device types on which the packed forward uses ``lowbit.kernels.onebit`` (tests add "cpu" when the
+#: kernels run in the Triton interpreter).
+KERNEL_DEVICES: tuple[str, ...] = ("cuda",)
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 #: Magnitude of the latent weight ``unpack()`` rebuilds (the official start checkpoint uses sign(W)·0.01).
 DEFAULT_LATENT_SCALE = 1e-2
@@ -264,9 +271,34 @@ class OneBitLinear(nn.Module):
             self.weight = nn.Parameter(w)
         return self
 
+    def _kernel_usable(self, x: torch.Tensor) -> bool:
+        """The packed forward runs the fused 1-bit kernel when no gradient is needed, x is on CUDA (a device
+        in ``KERNEL_DEVICES``) and autocast is off; elsewhere it unpacks S (the reference math)."""
+        if not self.is_packed or x.device.type not in KERNEL_DEVICES:
+            return False
+        if any(t.dtype not in _KERNEL_DTYPES for t in (x, self.g, self.h)):
+            return False
+        if torch.is_grad_enabled() and (
+            x.requires_grad or any(p is not None and p.requires_grad for p in (self.g, self.h, self.bias))
+        ):
+            return False
+        if torch.is_autocast_enabled(x.device.type):
+            return False
+        from ..kernels.onebit import triton_usable
+
+        return triton_usable(x.device)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input (..., {self.in_features}), got {tuple(x.shape)}")
+        if self._kernel_usable(x):
+            from ..kernels.onebit import onebit_matmul
+
+            # the dtype the reference math gives: promotion of x, g and h (the LN keeps it)
+            out_dtype = torch.promote_types(torch.promote_types(x.dtype, self.g.dtype), self.h.dtype)
+            y = onebit_matmul(x, self.weight_packed, self.g, self.h, self.in_features, out_dtype=out_dtype,
+                              layernorm_eps=self.eps if self.layer_norm else None)
+            return y if self.bias is None else y + self.bias
         if self.is_packed:
             signs = unpack_bits(self.weight_packed, self.in_features, dtype=x.dtype)
         else:
