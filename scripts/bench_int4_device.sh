@@ -7,6 +7,8 @@
 #         benchmark at 16384x4096x4096 with every variant of ours, the per-kernel table and the tile sweeps
 #   full: the benchmark at the other three shapes of the issue (bf16 eager / compiled, torchao float8, ours)
 #   all:  main, then full
+#   one:  the whole issue table in one benchmark run (four shapes, default methods, kernels of the first
+#         shape), no tests: python3 -m lowbit.bench.int4_linear (time budget ONE_BUDGET, default 220 s)
 #
 # torchao comes from a wheel the call carries (.whl, ignored by git); install it first, e.g.
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -37,16 +39,23 @@ if [[ $PHASE == main || $PHASE == all ]]; then
 
     echo "== benchmark, main shape ($(($(date +%s) - T0)) s)"
     python3 -m lowbit.bench.int4_linear --shapes 16384,4096,4096 \
-        --methods bf16-eager,ours,ours-fp8dw,torchao-float8-compiled,bf16-compiled,ours-nolss,ours-cublas-dx \
+        --methods "${MAIN_METHODS:-bf16-eager,torchao-float8-compiled,bf16-compiled,ours-hq,ours-hq-lss,ours-hq-lss+fp8dw,ours-rtn,ours-hq+tensor,ours-hq-lss+tensor+fp8dw,ours-hq-lss+fp8dw+dx=fp8x2,ours-hq+dx=cublas}" \
         --kernels first --sweep --time-budget "${MAIN_BUDGET:-140}" --json "$OUT/bench_main.json" \
         >"$OUT/bench_main.log" 2>&1
+    echo "bench exit $?"
+fi
+
+if [[ $PHASE == one ]]; then
+    echo "== benchmark, one run ($(($(date +%s) - T0)) s)"
+    python3 -m lowbit.bench.int4_linear --time-budget "${ONE_BUDGET:-220}" --json "$OUT/bench_one.json" \
+        >"$OUT/bench_one.log" 2>&1
     echo "bench exit $?"
 fi
 
 if [[ $PHASE == full || $PHASE == all ]]; then
     echo "== benchmark, all shapes ($(($(date +%s) - T0)) s)"
     python3 -m lowbit.bench.int4_linear --shapes "16384,4096,11008;8192,8192,8192;16384,2048,2048" \
-        --methods bf16-eager,ours,ours-fp8dw,torchao-float8-compiled,bf16-compiled \
+        --methods "${FULL_METHODS:-bf16-eager,torchao-float8-compiled,bf16-compiled,ours-hq,ours-hq-lss,ours-hq-lss+fp8dw,ours-rtn}" \
         --kernels none --time-budget "${FULL_BUDGET:-150}" --json "$OUT/bench_full.json" \
         >"$OUT/bench_full.log" 2>&1
     echo "bench exit $?"

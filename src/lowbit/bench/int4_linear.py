@@ -2,8 +2,14 @@
 
 For each shape M × K × N (tokens × D_in × D_out) it times one ``y = x·wᵀ`` forward and the backward to
 ∇x and ∇w (``torch.autograd.grad``, nothing accumulated) for: bf16 eager, bf16 under torch.compile, torchao
-float8 training (tensorwise, compiled; when torchao is importable) and ours (``lowbit.kernels.int4_linear``,
-the "hq-lss" recipe by default), all in this run, on Gaussian bf16 data. For the first shape it also times
+float8 training (tensorwise, compiled; when torchao is importable) and variants of ours
+(``lowbit.kernels.int4_linear``), all in this run, on Gaussian bf16 data.
+
+A variant of ours is named ``ours-<recipe>[+option...]``: recipe "hq-lss", "hq" or "rtn" (the fields of
+``lowbit.int4.RECIPES``: hq / hq-lss block 32, per-row scales, bit splitting per token; rtn per tensor, no
+rotation); options "tensor" / "row" (forward scale granularity), "fp8dw" (``grad_weight_fp8``),
+"dx=triton|cublas|fp8x2" (``grad_x_backend``), "keep=0.25" (LSS keep ratio), "block=64". E.g.
+``--methods bf16-eager,ours-hq-lss,ours-hq-lss+fp8dw,ours-hq+dx=fp8x2``. For the first shape it also times
 every kernel of ours alone, with its bytes or FLOPs, against a device-to-device copy and the library
 products measured in the same run. Prints a table; writes everything to a JSON file.
 """
@@ -25,8 +31,52 @@ import torch.nn.functional as F
 __all__ = ["DEFAULT_SHAPES", "add_arguments", "run"]
 
 DEFAULT_SHAPES = ((16384, 4096, 4096), (16384, 4096, 11008), (8192, 8192, 8192), (16384, 2048, 2048))
-METHODS = ("bf16-eager", "bf16-compiled", "torchao-float8-compiled", "ours", "ours-nolss", "ours-cublas-dx",
-           "ours-fp8dw")
+BASELINES = ("bf16-eager", "bf16-compiled", "torchao-float8-compiled")
+#: Old names of variants of ours (the per-tensor forward scales of the first runs).
+ALIASES = {"ours": "ours-hq-lss+tensor", "ours-nolss": "ours-hq+tensor",
+           "ours-cublas-dx": "ours-hq-lss+tensor+dx=cublas", "ours-fp8dw": "ours-hq-lss+tensor+fp8dw"}
+DEFAULT_METHODS = ("bf16-eager,bf16-compiled,torchao-float8-compiled,ours-hq,ours-hq-lss,ours-hq-lss+fp8dw,"
+                   "ours-rtn")
+METHODS = BASELINES + tuple(ALIASES)  # plus any ours-<recipe>[+option...]
+
+
+def parse_ours(name: str, block_size: int = 32, keep_ratio: float = 0.5) -> dict:
+    """Keyword arguments of ``int4_linear_triton`` for the variant ``name`` (module docstring)."""
+    spec = ALIASES.get(name, name)
+    if not spec.startswith("ours-"):
+        raise ValueError(f"not a variant of ours: {name!r}")
+    recipe, *opts = spec[len("ours-"):].split("+")
+    if recipe in ("hq", "hq-lss"):
+        kw = {"block_size": block_size, "granularity": "row", "grad_quantizer": "bit_split",
+              "grad_granularity": "token", "lss_keep_ratio": keep_ratio if recipe == "hq-lss" else None}
+    elif recipe == "rtn":
+        kw = {"block_size": None, "granularity": "tensor", "grad_quantizer": "rtn",
+              "grad_granularity": "tensor", "lss_keep_ratio": None}
+    else:
+        raise ValueError(f"unknown recipe {recipe!r} in {name!r}: hq-lss, hq or rtn")
+    kw.update(grad_weight_fp8=False, grad_x_backend="triton")
+    for opt in opts:
+        key, _, val = opt.partition("=")
+        if opt in ("tensor", "row"):
+            kw["granularity"] = opt
+        elif opt == "fp8dw":
+            kw["grad_weight_fp8"] = True
+        elif key == "dx" and val in ("triton", "cublas", "fp8x2"):
+            kw["grad_x_backend"] = val
+        elif key == "keep" and recipe == "hq-lss":
+            kw["lss_keep_ratio"] = float(val)
+        elif key == "block" and recipe != "rtn":
+            kw["block_size"] = int(val)
+        else:
+            raise ValueError(f"unknown option {opt!r} in {name!r}")
+    if kw["grad_weight_fp8"] and kw["lss_keep_ratio"] is None:
+        raise ValueError(f"{name!r}: fp8dw needs sampling (hq-lss)")
+    return kw
+
+
+def _check_method(name: str, args) -> None:
+    if name not in BASELINES:
+        parse_ours(name, args.block_size, args.keep_ratio)
 
 
 def _parse_shapes(text: str) -> list[tuple[int, int, int]]:
@@ -43,8 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``lowbit bench int4-linear``."""
     parser.add_argument("--shapes", type=_parse_shapes, default=list(DEFAULT_SHAPES),
                         help="M,K,N;M,K,N;... (default: the four shapes of the issue)")
-    parser.add_argument("--methods", default="bf16-eager,bf16-compiled,torchao-float8-compiled,ours",
-                        help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--methods", default=DEFAULT_METHODS,
+                        help=f"comma-separated: {','.join(BASELINES)} and ours-<recipe>[+option...] "
+                             "(module docstring); default: %(default)s")
     parser.add_argument("--block-size", type=int, default=32, help="Hadamard block of ours (default 32)")
     parser.add_argument("--keep-ratio", type=float, default=0.5, help="LSS keep ratio of ours (default 0.5)")
     parser.add_argument("--kernels", choices=("first", "all", "none"), default="first",
@@ -53,8 +104,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also try tile configurations of the Triton kernels (first shape)")
     parser.add_argument("--warmup-ms", type=float, default=25.0)
     parser.add_argument("--rep-ms", type=float, default=100.0)
-    parser.add_argument("--time-budget", type=float, default=0.0,
-                        help="seconds; skip what is left once passed (0: no limit)")
+    parser.add_argument("--time-budget", type=float, default=220.0,
+                        help="seconds; skip what is left once passed (0: no limit; default %(default)s)")
     parser.add_argument("--json", default="runs/bench_int4_linear.json", help="where to write the results")
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # "cpu": interpreter smoke run
 
@@ -122,23 +173,11 @@ def _step_fn(method: str, x, w, gy, args):
     if method.startswith("ours"):
         from lowbit.kernels import int4_linear as lin4
 
-        keep = None if method == "ours-nolss" else args.keep_ratio
-        fp8dw = method == "ours-fp8dw"
+        kw = parse_ours(method, args.block_size, args.keep_ratio)
         gen = torch.Generator(device=x.device).manual_seed(0)
-        if method == "ours-cublas-dx":
-            def fn(a, b):
-                y, saved = lin4.int4_linear_fwd(a, b, block_size=args.block_size)
-                return y, saved
-
-            def step():
-                y, saved = fn(x, w)
-                return lin4.int4_linear_bwd(gy, saved, lss_keep_ratio=keep, generator=gen, x_dtype=x.dtype,
-                                            w_dtype=w.dtype, grad_x_backend="cublas")
-            return step
 
         def step():
-            y = lin4.int4_linear_triton(x, w, block_size=args.block_size, lss_keep_ratio=keep, generator=gen,
-                                        grad_weight_fp8=fp8dw)
+            y = lin4.int4_linear_triton(x, w, generator=gen, **kw)
             return torch.autograd.grad(y, (x, w), gy)
         return step
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
@@ -239,6 +278,33 @@ def _kernel_rows(m, k, n, x, w, gy, args, budget, on_row=None) -> list[dict]:
         note="plus a pass adding the two bf16 products (not timed)")
     add("ref: FP8 _scaled_mm M×N×K (INT4 data)", lambda: mm.int4_mm(bs.hi_f8, w_codes_t_f8, one, one),
         flops=2 * m * n * k)
+    add("alt ∇X: two FP8 products in one Triton kernel + scales + rotation (dx=fp8x2)",
+        lambda: mm.bit_split_fp8_mm(bs.hi_f8, bs.lo_f8, w_codes_t_f8, bs.scale_lo, qw.scale,
+                                    hadamard_block=b),
+        flops=4 * m * n * k)
+
+    # per-row forward scales (the recipes' default): ∇X has the per-channel W scale on its inner dimension
+    qwr = hq.hadamard_quantize(w, b, granularity="row", transposed_dtype=torch.int8)
+    norm_w = lin4._pow2_normalizer(qwr.scale)
+    w_scaled = (qwr.codes_t.float() * (qwr.scale.reshape(1, n) / norm_w)).to(torch.float16)
+    add("row: ∇X int8 v × fp16 s_w·W codes + scales + rotation (Triton)", lambda: mm.int8_scaled_mm(
+        bs.v, w_scaled, bs.scale_lo, norm_w, hadamard_block=b), flops=2 * m * n * k)
+    add("row, old: v → fp16, cuBLAS fp16 (fp32 out), rotation pass", lambda: hq.hadamard_rows(
+        lin4._mm_fp32(bs.v.to(torch.float16), w_scaled.t()), b, row_scale=bs.scale_lo, scale=norm_w),
+        flops=2 * m * n * k)
+
+    # rtn: all three products on FP8, transposed codes written by the quantizer passes
+    add("rtn fwd: HQ(X) per tensor, codes + transposed FP8 (no rotation)", lambda: hq.hadamard_quantize(
+        x, None, granularity="tensor", transposed_dtype=f8), bytes_=6 * m * k,
+        note="bytes = 2 reads + 2 writes")
+    add("rtn bwd: ∇Y per tensor, codes + transposed FP8", lambda: hq.hadamard_quantize(
+        gy, None, granularity="tensor", transposed_dtype=f8), bytes_=6 * m * n)
+    qg = hq.hadamard_quantize(gy, None, granularity="tensor", transposed_dtype=f8)
+    qxt = hq.hadamard_quantize(x, None, granularity="tensor", transposed_dtype=f8)
+    add("rtn bwd: ∇W FP8 _scaled_mm over the tokens (fp32 out)", lambda: mm.int4_mm(
+        qg.codes_t, qxt.codes_t, one, one, out_dtype=torch.float32), flops=2 * m * n * k)
+    add("rtn bwd: ∇X FP8 _scaled_mm", lambda: mm.int4_mm(qg.codes, w_codes_t_f8, one, one),
+        flops=2 * m * n * k)
 
     if args.sweep:
         for cfg in ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
@@ -246,6 +312,18 @@ def _kernel_rows(m, k, n, x, w, gy, args, budget, on_row=None) -> list[dict]:
             tag = "x".join(str(v) for v in cfg.values())
             add(f"sweep ∇X int8 GEMM + rotation {tag}", lambda cfg=cfg: mm.int8_scaled_mm(
                 bs.v, qw.codes_t, bs.scale_lo, qw.scale, hadamard_block=b, config=cfg), flops=2 * m * n * k)
+        for cfg in ({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+                    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
+                    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3}):
+            tag = "x".join(str(v) for v in cfg.values())
+            add(f"sweep row ∇X int8×fp16 + rotation {tag}", lambda cfg=cfg: mm.int8_scaled_mm(
+                bs.v, w_scaled, bs.scale_lo, norm_w, hadamard_block=b, config=cfg), flops=2 * m * n * k)
+        for cfg in ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
+                    {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}):
+            tag = "x".join(str(v) for v in cfg.values())
+            add(f"sweep ∇X two FP8 + rotation {tag}", lambda cfg=cfg: mm.bit_split_fp8_mm(
+                bs.hi_f8, bs.lo_f8, w_codes_t_f8, bs.scale_lo, qw.scale, hadamard_block=b, config=cfg),
+                flops=4 * m * n * k)
         for rows_, chunk, warps in ((32, 512, 4), (64, 1024, 4), (128, 512, 8), (64, 256, 4)):
             add(f"sweep HQ(X) quantize pass rows={rows_} chunk={chunk} warps={warps}",
                 lambda r_=rows_, c_=chunk, w_=warps: hq.hadamard_quantize(
@@ -326,8 +404,7 @@ def run(args: argparse.Namespace) -> dict:
         raise RuntimeError("lowbit bench int4-linear needs a CUDA GPU")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        _check_method(m, args)
     budget = _Budget(args.time_budget)
     import triton
 
@@ -370,7 +447,7 @@ def format_table(result: dict) -> str:
     ver = result["versions"]
     lines = [f"{result['date']}, {result['device']}, torch {ver.get('torch')}, triton {ver.get('triton')}, "
              f"torchao {ver.get('torchao', '-')}", ""]
-    methods = sorted({m for e in result["shapes"] for m in e["methods"]}, key=METHODS.index)
+    methods = list(dict.fromkeys(m for e in result["shapes"] for m in e["methods"]))
     lines.append("| M×K×N | " + " | ".join(methods) + " |")
     lines.append("|---|" + "---|" * len(methods))
     for e in result["shapes"]:
