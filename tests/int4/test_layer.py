@@ -71,14 +71,6 @@ def test_bad_configs_raise_clear_errors(kwargs, match):
         Int4TrainingConfig(**kwargs)
 
 
-def test_triton_backend_not_available_yet():
-    with pytest.raises(NotImplementedError, match="Triton backend"):
-        Int4Linear(64, 8, config=Int4TrainingConfig(backend="triton"))
-
-
-# ---------------------------------------------------------------------------------------------- layer
-
-
 def test_bad_inputs():
     with pytest.raises(ValueError, match="D_in=48 is not a multiple of the Hadamard block_size=32"):
         Int4Linear(48, 8)

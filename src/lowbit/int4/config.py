@@ -29,6 +29,7 @@ __all__ = [
     "Int4TrainingConfig",
     "RECIPES",
     "SCALE_MODES",
+    "TRITON_MAX_BLOCK",
 ]
 
 #: The paper's typical Hadamard block (Sec. 4.1).
@@ -47,6 +48,8 @@ GRANULARITIES = ("tensor", "row")
 #: Scale of the bit-split gradient: one per token (row of ∇Y) or one per tensor.
 GRAD_GRANULARITIES = ("token", "tensor")
 BACKENDS = ("auto", "emulate", "triton")
+#: Largest Hadamard block the Triton kernels rotate (lowbit.kernels.hadamard_quant).
+TRITON_MAX_BLOCK = 128
 
 # recipe -> field defaults (None in a field means "take the recipe's value").
 RECIPES: dict[str, dict[str, Any]] = {
@@ -107,8 +110,11 @@ class Int4TrainingConfig:
         lss_keep_ratio: expected fraction of the 2N stacked rows kept, in (0, 1]; 0.5 keeps N rows, the
             cost of one INT4 product of N rows (the paper's choice).
         seed: base seed of the per-layer generators of the backward pass (stochastic rounding, sampling).
-        backend: "auto" (default; "emulate" until the Triton kernels land), "emulate" (PyTorch, exact
-            integer products on float tensors) or "triton" (not available yet).
+        backend: "auto" (default: "triton" for a layer on CUDA when Triton is installed and the kernels
+            support its shape, "emulate" otherwise; the layer's repr says which and why), "emulate" (PyTorch,
+            exact integer products on float tensors) or "triton" (``lowbit.kernels.int4_linear``: fused
+            quantizers, FP8 / int8 tensor cores; CUDA, or the CPU under TRITON_INTERPRET=1; a block_size
+            above 128, or a layer the kernels cannot run, raises ValueError naming the field).
         hadamard, grad_quantizer: implied by the recipe ("bit_split" or "rtn"); not meant to be set.
     """
 
@@ -185,6 +191,11 @@ class Int4TrainingConfig:
             raise ValueError(f"Int4TrainingConfig.seed must be an int, got {self.seed!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"Int4TrainingConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend == "triton" and self.hadamard and _is_int(bs) and bs > TRITON_MAX_BLOCK:
+            raise ValueError(
+                f"Int4TrainingConfig.block_size={bs} with backend='triton': the Triton kernels rotate "
+                f"Hadamard blocks of at most {TRITON_MAX_BLOCK}"
+            )
 
     @classmethod
     def named(cls, recipe: str, **overrides: Any) -> Int4TrainingConfig:

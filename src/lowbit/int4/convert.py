@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch.nn as nn
 
 from .config import Int4TrainingConfig
-from .function import resolve_backend
+from .function import resolve_backend, triton_unsupported_reason
 from .layer import Int4Linear, invalid_block_reason
 
 __all__ = ["Int4ConversionReport", "convert_to_int4_training", "layer_seed"]
@@ -71,7 +71,8 @@ def convert_to_int4_training(
         module_filter_fn: ``fn(module, qualified_name) -> bool`` for each ``nn.Linear``; True converts.
             Default: convert all but the output head (``lm_head``, ``model.get_output_embeddings()``) and any
             Linear whose weight is an embedding's weight (tied). Either way, a layer whose D_in has no valid
-            Hadamard block for ``config`` is kept in full precision.
+            Hadamard block for ``config`` is kept in full precision, and so is, with ``backend="triton"``, a
+            layer the Triton kernels cannot run (D_in, D_out not multiples of 16; the report says which).
 
     Returns:
         :class:`Int4ConversionReport` (also logged at INFO): converted names and kept names with the reason.
@@ -117,6 +118,9 @@ def convert_to_int4_training(
             report.skipped.append((name, f"weight tied to embedding {embedding_weights[id(module.weight)]}"))
             continue
         reason = invalid_block_reason(module.in_features, config)
+        if reason is None and config.backend == "triton":
+            reason = triton_unsupported_reason(config, module.in_features, module.out_features)
+            reason = None if reason is None else f"backend='triton': {reason}"
         if reason is not None:
             report.skipped.append((name, reason))
             continue

@@ -54,7 +54,7 @@ from ..quant import (
     quantize,
     quantize_with_scale,
 )
-from .config import Int4TrainingConfig
+from .config import TRITON_MAX_BLOCK, Int4TrainingConfig
 
 __all__ = [
     "GradCodes",
@@ -72,6 +72,8 @@ __all__ = [
     "quantize_grad_output",
     "resolve_backend",
     "select_block_size",
+    "triton_device_reason",
+    "triton_unsupported_reason",
     "weight_grad_product",
 ]
 
@@ -355,14 +357,16 @@ def select_block_size(
     scale_mode: str = "absmax",
     granularity: str = "tensor",
     max_rows: int = 4096,
+    max_block: int | None = None,
 ) -> int:
     """The Hadamard block with the smallest output error ‖Q(X·H)·Q(W·H)ᵀ - X·Wᵀ‖_F (the paper picks the block
     that minimizes the quantization error), among :func:`block_size_candidates` of D_in; ties go to the
     smaller block. ``x`` (N, K): the first ``max_rows`` rows are used. ``scale_mode`` "lsq" scores each block
-    with LSQ's initial scale, "absmax" with the absmax scale. One device sync (the comparison).
+    with LSQ's initial scale, "absmax" with the absmax scale. ``max_block``: only blocks up to it (the Triton
+    kernels rotate blocks of at most 128). One device sync (the comparison).
     """
     k = x.shape[-1]
-    cands = block_size_candidates(k)
+    cands = [b for b in block_size_candidates(k) if max_block is None or b <= max_block]
     if not cands:
         raise ValueError(f"D_in={k} has no power-of-two block size >= 2 for the Hadamard transform")
     x32 = x.detach().reshape(-1, k)[:max_rows].float()
@@ -474,15 +478,215 @@ class _Int4Linear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, grad_sx, grad_sw, None, None, None
 
 
-def resolve_backend(backend: str) -> str:
-    """ "auto" -> "emulate" (until Triton kernels land); "emulate" as is; "triton": NotImplementedError."""
-    if backend in ("auto", "emulate"):
+# -------------------------------------------------------------------------------------------- Triton backend
+
+#: cuBLAS FP8 products need every dimension a multiple of 16: D_in and D_out are checked, the token count is
+#: padded with zero rows (zero codes; they add nothing to the products and have zero leverage scores).
+_TRITON_ALIGN = 16
+
+
+def _triton_kernels():
+    """``lowbit.kernels.int4_linear`` (imported on first use: importing Triton must wait until a test has set
+    TRITON_INTERPRET), or None where Triton is not installed."""
+    try:
+        from ..kernels import int4_linear as kernels
+    except ImportError:  # pragma: no cover - exercised where Triton is absent
+        return None
+    from ..kernels.hadamard_quant import HAS_TRITON
+
+    return kernels if HAS_TRITON else None
+
+
+def triton_unsupported_reason(
+    config: Int4TrainingConfig, in_features: int, out_features: int, block_size: int | None = None
+) -> str | None:
+    """Why the Triton kernels cannot run a layer of this config and shape (naming the field), or None.
+
+    ``block_size``: the layer's resolved block (None: ``config.block_size``, or not chosen yet for "auto").
+    The kernels need D_in and D_out multiples of 16 (cuBLAS FP8), a Hadamard block of at most 128 and, with a
+    rotation, D_in < 128 or a multiple of 128 (the ∇X product rotates 128-column tiles in its epilogue).
+    """
+    block = block_size if block_size is not None else config.block_size
+    block = block if config.hadamard and isinstance(block, int) else None
+    return _triton_shape_reason(block, in_features, out_features, config.hadamard, "Int4TrainingConfig.")
+
+
+def _triton_shape_reason(
+    block: int | None, d_in: int, d_out: int, rotated: bool, prefix: str = ""
+) -> str | None:
+    if block is not None and block > TRITON_MAX_BLOCK:
+        return (f"{prefix}block_size={block}: the Triton kernels rotate Hadamard blocks of at most "
+                f"{TRITON_MAX_BLOCK}")
+    if d_in % _TRITON_ALIGN:
+        return f"in_features={d_in} is not a multiple of {_TRITON_ALIGN} (cuBLAS FP8 products)"
+    if d_out % _TRITON_ALIGN:
+        return f"out_features={d_out} is not a multiple of {_TRITON_ALIGN} (cuBLAS FP8 products)"
+    if rotated and d_in > TRITON_MAX_BLOCK and d_in % TRITON_MAX_BLOCK:
+        return (f"in_features={d_in} is not a multiple of {TRITON_MAX_BLOCK} (the Triton ∇X product rotates "
+                f"{TRITON_MAX_BLOCK}-column tiles)")
+    return None
+
+
+def triton_device_reason(device: torch.device | str) -> str | None:
+    """Why the Triton kernels cannot run on ``device`` (no Triton; not CUDA and no TRITON_INTERPRET=1)."""
+    kernels = _triton_kernels()
+    if kernels is None:
+        return "Triton is not installed (pip install 'lowbit[triton]')"
+    device = torch.device(device)
+    if device.type != "cuda":
+        from ..kernels.hadamard_quant import interpreting
+
+        if not interpreting():
+            return f"the Triton kernels run on CUDA (or on the CPU with TRITON_INTERPRET=1), got {device}"
+    return None
+
+
+def resolve_backend(
+    backend: str, device: torch.device | str | None = None, unsupported: str | None = None
+) -> str:
+    """The backend that runs: "emulate" or "triton".
+
+    "emulate" as is. "triton": ``unsupported`` (a reason from :func:`triton_unsupported_reason`) raises
+    ValueError, a missing Triton or a device it cannot run on (``device`` given) raises RuntimeError.
+    "auto": "triton" when ``device`` is CUDA, Triton is installed and ``unsupported`` is None, else
+    "emulate" (:func:`auto_backend_reason` says why). An unknown name raises ValueError.
+    """
+    if backend == "emulate":
         return "emulate"
     if backend == "triton":
-        raise NotImplementedError(
-            "the Triton backend of INT4 training is not implemented yet; use backend='emulate' or 'auto'"
-        )
+        if unsupported is not None:
+            raise ValueError(f"backend='triton': {unsupported}; use backend='auto' or 'emulate'")
+        if _triton_kernels() is None:
+            raise RuntimeError("backend='triton' needs Triton: pip install 'lowbit[triton]'")
+        if device is not None:
+            reason = triton_device_reason(device)
+            if reason is not None:
+                raise RuntimeError(f"backend='triton': {reason}")
+        return "triton"
+    if backend == "auto":
+        return "triton" if auto_backend_reason(device, unsupported) is None else "emulate"
     raise ValueError(f"backend must be one of ('auto', 'emulate', 'triton'), got {backend!r}")
+
+
+def auto_backend_reason(device: torch.device | str | None, unsupported: str | None = None) -> str | None:
+    """Why backend "auto" emulates on ``device`` (None: it runs the Triton kernels)."""
+    if device is None or torch.device(device).type != "cuda":
+        return f"not on CUDA ({device})"
+    if unsupported is not None:
+        return unsupported
+    return triton_device_reason(device)
+
+
+class _Int4LinearTriton(torch.autograd.Function):
+    """The autograd Function of :func:`int4_linear` on the Triton / FP8 path (``lowbit.kernels.int4_linear``),
+    the same math as :class:`_Int4Linear`; LSQ runs the kernels' backward without the rotation back
+    (``rotate_back=False``), applies the clip mask and the step-size gradient, then rotates."""
+
+    @staticmethod
+    def forward(ctx, x2d, weight, bias, x_scale, w_scale, spec: Int4Spec, generator, out_dtype, ref_draws):
+        kernels = _triton_kernels()
+        n = x2d.shape[0]
+        pad = -n % _TRITON_ALIGN
+        with torch.autocast(x2d.device.type, enabled=False):
+            x_in = x2d if x2d.stride(-1) == 1 or x2d.shape[-1] <= 1 else x2d.contiguous()
+            if pad:
+                x_in = torch.nn.functional.pad(x_in, (0, 0, 0, pad))
+            s_x = s_w = None
+            if spec.lsq:
+                s_x = x_scale.detach().float().abs().clamp_min(1e-12).reshape(1, 1)
+                s_w = w_scale.detach().float().abs().clamp_min(1e-12).reshape(1, 1)
+            y, saved = kernels.int4_linear_fwd(
+                x_in, weight.contiguous(), bias, block_size=spec.block_size, granularity=spec.granularity,
+                x_scale=s_x, w_scale=s_w, out_dtype=out_dtype,
+            )
+        tensors = list(saved[:5])
+        if spec.lsq:  # the clip masks need the rotated input (kept in its dtype) and the weight
+            tensors += [hadamard_rotate(x2d, spec.block_size).to(x2d.dtype), weight]
+        ctx.save_for_backward(*tensors)
+        ctx.spec, ctx.generator, ctx.n, ctx.reference_draws = spec, generator, n, ref_draws
+        ctx.dtypes = (x2d.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return y[:n] if pad else y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        kernels = _triton_kernels()
+        spec: Int4Spec = ctx.spec
+        saved_t = ctx.saved_tensors
+        saved = kernels.Int4LinearSaved(*saved_t[:5], spec.block_size)
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        need_x, need_w, need_b, need_sx, need_sw = ctx.needs_input_grad[:5]
+        grad_x = grad_w = grad_b = grad_sx = grad_sw = None
+        n = ctx.n
+        n_pad = saved.x_codes.shape[0]
+        with torch.autocast(grad_y.device.type, enabled=False):
+            g = grad_y.contiguous()
+            noise = row_weights = None
+            if ctx.reference_draws:
+                noise, row_weights = _reference_draws(g, saved, spec, ctx.generator)
+            if n_pad != n:
+                g_in = torch.nn.functional.pad(g, (0, 0, 0, n_pad - n))
+                if noise is not None:
+                    noise = torch.nn.functional.pad(noise, (0, 0, 0, n_pad - n))
+                if row_weights is not None:
+                    row_weights = torch.nn.functional.pad(row_weights, (0, n_pad - n))
+            else:
+                g_in = g
+            keep = None
+            if spec.lss_keep_ratio is not None and row_weights is None and n > 0:
+                keep = spec.lss_keep_ratio * n / n_pad  # the same expected number of rows as without padding
+            gx, gw = kernels.int4_linear_bwd(
+                g_in, saved, grad_quantizer=spec.grad_quantizer, grad_granularity=spec.grad_granularity,
+                lss_keep_ratio=keep, generator=ctx.generator, need_grad_x=need_x or need_sx,
+                need_grad_w=need_w or need_sw, x_dtype=x_dtype, w_dtype=w_dtype, rotate_back=not spec.lsq,
+                noise=noise, row_weights=row_weights,
+            )
+            if gx is not None and n_pad != n:
+                gx = gx[:n]
+            if spec.lsq:
+                v_x, weight = saved_t[5], saved_t[6]
+                if gx is not None:
+                    gx, grad_sx = lsq_grad(gx, v_x, saved.x_scale)
+                    gx = hadamard_rotate(gx, spec.block_size).to(x_dtype)
+                if gw is not None:
+                    v_w = hadamard_rotate(weight, spec.block_size)
+                    gw, grad_sw = lsq_grad(gw, v_w, saved.w_scale)
+                    gw = hadamard_rotate(gw, spec.block_size).to(w_dtype)
+            grad_x = gx if need_x else None
+            grad_w = gw if need_w else None
+            if need_b:
+                grad_b = g.float().sum(0).to(b_dtype)
+        if not need_sx:
+            grad_sx = None
+        if not need_sw:
+            grad_sw = None
+        return grad_x, grad_w, grad_b, grad_sx, grad_sw, None, None, None, None
+
+
+def _reference_draws(g: torch.Tensor, saved, spec: Int4Spec, generator: torch.Generator | None):
+    """The random draws of the emulated backward, from ``generator`` in the same order: the (N, M) uniform
+    noise of bit splitting's lo rounding and, with sampling, the (2, N) weights 1/p or 0 of
+    :func:`lss_row_weights` (scored on the kernels' codes). (None, None) for "rtn" (no randomness)."""
+    if spec.grad_quantizer != "bit_split":
+        return None, None
+    n = g.shape[0]
+    state = None if generator is None else generator.get_state()
+    noise = torch.rand(g.shape, generator=generator, dtype=torch.float32, device=g.device)
+    if spec.lss_keep_ratio is None or n == 0:
+        return noise, None
+    if generator is None:
+        raise ValueError("reference draws with leverage-score sampling need a generator")
+    generator.set_state(state)  # draw the same noise again inside the emulated bit split
+    gq = quantize_grad_output(g.float(), "bit_split", spec.grad_granularity, generator)
+    x_codes = saved.x_codes[:n].float()
+    x_scale = saved.x_scale[:n] if saved.x_scale.numel() != 1 else saved.x_scale
+    weights = lss_row_weights(gq, x_codes, x_scale, spec.lss_keep_ratio, generator)
+    return noise, weights.reshape(2, n)
+
+
+@torch.compiler.disable
+def _apply_triton(*args):
+    # An opaque call for torch.compile: the launchers pick tile shapes and sync for the number of kept rows.
+    return _Int4LinearTriton.apply(*args)
 
 
 def int4_linear(
@@ -494,6 +698,8 @@ def int4_linear(
     input_scale: torch.Tensor | None = None,
     weight_scale: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    backend: str = "emulate",
+    reference_draws: bool = False,
 ) -> torch.Tensor:
     """INT4 fully quantized ``x · weightᵀ + bias`` (module docstring), differentiable in x, weight, bias and
     the LSQ scales.
@@ -505,6 +711,14 @@ def int4_linear(
         input_scale, weight_scale: learned positive 0-dim scales, required when ``spec.lsq`` (else unused).
         generator: random source of the backward pass (stochastic rounding, sampling), on x's device;
             None uses the global generator.
+        backend: "emulate" (PyTorch, this module's math) or "triton" (``lowbit.kernels.int4_linear``: FP8 /
+            int8 tensor cores, fused quantizers; CUDA, or the CPU under TRITON_INTERPRET=1). The Triton
+            path equals the emulation up to rounding (docs/int4.md); its random numbers come from Triton's
+            Philox seeded from ``generator``, unless ``reference_draws``.
+        reference_draws: Triton backend only: draw the backward's randomness from ``generator`` exactly as
+            the emulation does (the lo-rounding noise with ``torch.rand``; the sampling weights with
+            :func:`lss_row_weights`), so that both backends follow the same trajectory up to rounding.
+            Slower (one more bit split in PyTorch with sampling); for tests and debugging.
 
     Returns:
         (..., M) in x's dtype, or in the autocast dtype when autocast is enabled for x's device (as
@@ -532,5 +746,16 @@ def int4_linear(
     else:
         out_dtype = x.dtype
     x2d = x.reshape(-1, k)
-    y = _Int4Linear.apply(x2d, weight, bias, input_scale, weight_scale, spec, generator, out_dtype)
+    if backend == "triton":
+        reason = _triton_shape_reason(spec.block_size, k, weight.shape[0], spec.block_size is not None)
+        if reason is None:
+            reason = triton_device_reason(x.device)
+        if reason is not None:
+            raise ValueError(f"int4_linear(backend='triton'): {reason}")
+        y = _apply_triton(x2d, weight, bias, input_scale, weight_scale, spec, generator, out_dtype,
+                          bool(reference_draws))
+    elif backend == "emulate":
+        y = _Int4Linear.apply(x2d, weight, bias, input_scale, weight_scale, spec, generator, out_dtype)
+    else:
+        raise ValueError(f"int4_linear: backend must be 'emulate' or 'triton', got {backend!r}")
     return y.reshape(*x.shape[:-1], weight.shape[0])

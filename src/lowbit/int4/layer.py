@@ -7,7 +7,12 @@ every step. Per-layer state beyond the parameters:
   ``config.scale_mode == "lsq"``, initialized at the first forward from that batch (2·mean|v|/sqrt(7)).
 - the Hadamard block size (``config.block_size``, or chosen at the first forward for "auto").
 - a ``torch.Generator`` per device for the backward pass, seeded with ``seed`` (``convert_to_int4_training``
-  derives one seed per layer from ``config.seed`` and the layer's name).
+  derives one seed per layer from ``config.seed`` and the layer's name) mixed with the process's rank when
+  ``torch.distributed`` is initialized (:func:`rank_seed`), so data-parallel ranks draw different streams.
+
+Backend ("emulate", "triton", "auto"; ``config.backend``): "auto" is decided per device at the forward call
+(Triton on CUDA when it is installed and the kernels support the layer, else the emulation); the reason is
+logged at DEBUG and shown by ``repr(layer)``.
 
 All of it is in ``state_dict`` (the block size, initialization flag and generator states as extra
 state), so a checkpoint round trip continues the same trajectory.
@@ -15,23 +20,29 @@ state), so a checkpoint round trip continues the same trajectory.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
-from .config import Int4TrainingConfig
+from .config import TRITON_MAX_BLOCK, Int4TrainingConfig
 from .function import (
     Int4Spec,
+    auto_backend_reason,
     block_size_candidates,
     hadamard_rotate,
     int4_linear,
     lsq_init_scale,
     resolve_backend,
     select_block_size,
+    triton_unsupported_reason,
 )
 
-__all__ = ["Int4Linear"]
+__all__ = ["Int4Linear", "rank_seed"]
+
+logger = logging.getLogger(__name__)
 
 _EXTRA_STATE_VERSION = 1
 
@@ -46,7 +57,12 @@ class Int4Linear(nn.Linear):
 
     Input (..., in_features) of any leading shape, fp32 / bf16 / fp16 (also under ``torch.autocast``);
     output (..., out_features) in the input's dtype (the autocast dtype under autocast). A non-float input
-    raises TypeError; an ``in_features`` with no valid Hadamard block raises ValueError at construction.
+    raises TypeError; an ``in_features`` with no valid Hadamard block raises ValueError at construction, and
+    so does a shape the Triton kernels cannot run under ``backend="triton"`` (D_in, D_out multiples of 16).
+
+    Attribute ``reference_draws`` (default False): on the Triton backend, draw the backward's random numbers
+    from this layer's generator exactly as the emulation does (``int4_linear``), so both backends follow
+    the same trajectory up to rounding; slower, for tests and debugging.
     """
 
     def __init__(
@@ -67,12 +83,18 @@ class Int4Linear(nn.Linear):
         config = Int4TrainingConfig() if config is None else config
         if not isinstance(config, Int4TrainingConfig):
             raise TypeError(f"config must be an Int4TrainingConfig, got {type(config).__name__}")
-        self.backend = resolve_backend(config.backend)
         self.config = config
         self.seed = config.seed if seed is None else int(seed)
         reason = invalid_block_reason(self.in_features, config)
         if reason is not None:
             raise ValueError(reason)
+        self._triton_reason = triton_unsupported_reason(config, self.in_features, self.out_features)
+        if config.backend == "triton":
+            resolve_backend("triton", unsupported=self._triton_reason)  # raises what the kernels lack
+        self.reference_draws = False
+        # (device, block size) -> (backend, why "auto" emulates or None); decided at the first call.
+        self._backends: dict[tuple[str, int | None], tuple[str, str | None]] = {}
+        self._last_backend: tuple[str, str | None] | None = None
         self.block_size: int | None = config.block_size if isinstance(config.block_size, int) else None
         self.scales_initialized = not config.uses_lsq
         if config.uses_lsq:
@@ -110,12 +132,13 @@ class Int4Linear(nn.Linear):
         return Int4Spec.from_config(self.config, self.block_size)
 
     def generator(self, device: torch.device) -> torch.Generator:
-        """This layer's backward generator on ``device`` (created on first use, seeded with ``self.seed``)."""
+        """This layer's backward generator on ``device`` (created on first use, seeded with
+        ``rank_seed(self.seed)``: each distributed rank draws its own stream)."""
         key = str(device)
         gen = self._generators.get(key)
         if gen is None:
             gen = torch.Generator(device=device)
-            gen.manual_seed(self.seed)
+            gen.manual_seed(rank_seed(self.seed))
             pending = self._pending_rng.pop(key, None)
             if pending is not None:
                 gen.set_state(pending)
@@ -130,6 +153,7 @@ class Int4Linear(nn.Linear):
             "block_size": self.block_size,
             "scales_initialized": self.scales_initialized,
             "seed": self.seed,
+            "rank": _rank(),
             "rng": rng,
         }
 
@@ -147,17 +171,42 @@ class Int4Linear(nn.Linear):
         self.scales_initialized = bool(state["scales_initialized"])
         self.seed = int(state["seed"])
         self._generators = {}
-        self._pending_rng = {k: v.cpu() for k, v in state.get("rng", {}).items()}
+        # A generator state belongs to the rank that saved it: a rank loading another rank's state (one
+        # checkpoint written by rank 0, read by all) starts its own stream instead of replaying rank 0's.
+        same_rank = int(state.get("rank", 0)) == _rank()
+        self._pending_rng = {k: v.cpu() for k, v in state.get("rng", {}).items()} if same_rank else {}
 
     # ------------------------------------------------------------------------------------------ forward
+
+    def backend_for(self, device: torch.device) -> str:
+        """The backend of a call on ``device``: "emulate" or "triton" (``config.backend`` resolved; module
+        docstring). Decided once per device and block size; "auto"'s choice is logged at DEBUG."""
+        key = (str(device), self.block_size)
+        found = self._backends.get(key)
+        if found is None:
+            unsupported = triton_unsupported_reason(
+                self.config, self.in_features, self.out_features, self.block_size
+            )
+            backend = resolve_backend(self.config.backend, device, unsupported)
+            why = auto_backend_reason(device, unsupported) if self.config.backend == "auto" else None
+            found = self._backends[key] = (backend, why)
+            logger.debug("Int4Linear(%d, %d) on %s: backend %s -> %s%s", self.in_features, self.out_features,
+                         device, self.config.backend, backend, f" ({why})" if why else "")
+        self._last_backend = found
+        return found[0]
 
     @torch.no_grad()
     def _first_step(self, x2d: torch.Tensor) -> None:
         """Choose the "auto" block and initialize the LSQ scales from the first batch."""
         cfg = self.config
         if cfg.hadamard and self.block_size is None:
+            # The Triton kernels rotate blocks of at most 128: keep "auto" within them where they may run.
+            triton_possible = cfg.backend == "triton" or (
+                cfg.backend == "auto" and auto_backend_reason(x2d.device, self._triton_reason) is None
+            )
             self.block_size = select_block_size(
-                x2d, self.weight, scale_mode=cfg.scale_mode, granularity=cfg.granularity
+                x2d, self.weight, scale_mode=cfg.scale_mode, granularity=cfg.granularity,
+                max_block=TRITON_MAX_BLOCK if triton_possible else None,
             )
         if not self.scales_initialized:
             self.input_scale.copy_(lsq_init_scale(hadamard_rotate(x2d, self.block_size)))
@@ -180,14 +229,39 @@ class Int4Linear(nn.Linear):
             input_scale=self.input_scale,
             weight_scale=self.weight_scale,
             generator=self.generator(x.device),
+            backend=self.backend_for(x.device),
+            reference_draws=self.reference_draws,
         )
 
     def extra_repr(self) -> str:
         block = self.block_size if self.block_size is not None else self.config.block_size
+        backend = self.config.backend
+        if self._last_backend is not None:  # what the last call ran, and why "auto" emulated
+            ran, why = self._last_backend
+            if backend == "auto":
+                backend += f" -> {ran}" + (f" ({why})" if why else "")
+        elif backend == "auto" and self._triton_reason is not None:
+            backend += f" -> emulate ({self._triton_reason})"
         return (
             f"{super().extra_repr()}, recipe={self.config.recipe}, block_size={block}, "
-            f"scale_mode={self.config.scale_mode}"
+            f"scale_mode={self.config.scale_mode}, backend={backend}"
         )
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def rank_seed(seed: int) -> int:
+    """``seed`` mixed with this process's ``torch.distributed`` rank (``seed`` itself on rank 0 and without
+    distributed), so that every data-parallel rank draws its own stochastic rounding and sampling: ranks
+    sharing one stream would make their rounding errors correlated, and averaging the gradients would not
+    shrink them."""
+    rank = _rank()
+    if rank == 0:
+        return seed
+    # xor with an odd multiple of the rank (golden ratio, 64 bits): distinct ranks give distinct seeds.
+    return (seed ^ (rank * 0x9E37_79B9_7F4A_7C15)) & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def invalid_block_reason(d_in: int, config: Int4TrainingConfig) -> str | None:

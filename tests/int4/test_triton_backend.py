@@ -1,0 +1,215 @@
+"""Int4Linear's backend switch: the Triton kernels (lowbit.kernels.int4_linear) against the emulation.
+
+On the CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py) on tiny shapes; the `gpu` cases
+run the same checks at full shapes. Bounds:
+
+- one layer, same random draws (``reference_draws``): the kernels' own roundings (lowbit.kernels.int4_linear:
+  per-channel weight scales and the ∇W operand rounded to fp16, relative U16 = 2^-11 per term), so the
+  gradients agree to a few U16 of the largest term;
+- a few training steps of a GPT: codes may flip at .5 ties between the two rotations (the kernels' contract
+  allows it), and after a flip the trajectories differ by discrete events (a code, a stochastic rounding, a
+  kept row), like two draws of the randomness. Step 0 has no randomness: a tie flip moves one code of
+  thousands, so the loss gap stays under 1% of the forward quantization error |L_int4 - L_fp32|. Later
+  steps: within 5 standard deviations of the spread of the emulated loss over seeds (at step t), times
+  sqrt(1 + 1/S) for S seeds.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+import torch
+
+from lowbit.int4 import Int4Linear, Int4TrainingConfig, convert_to_int4_training
+from lowbit.int4 import layer as layer_mod
+from lowbit.models import GPT, GPTConfig
+
+triton = pytest.importorskip("triton", reason="the Triton backend needs Triton (lowbit[triton])")
+
+U16 = 2.0**-11
+CPU = pytest.param("cpu", id="cpu")
+GPU = pytest.param("cuda", marks=pytest.mark.gpu, id="cuda")
+
+
+def _emulated(cfg: Int4TrainingConfig) -> Int4TrainingConfig:
+    return Int4TrainingConfig(**{**cfg.to_dict(), "backend": "emulate"})
+
+
+def _pair(d_in, d_out, cfg, device, seed=3):
+    torch.manual_seed(0)
+    tri = Int4Linear(d_in, d_out, config=cfg, seed=seed).to(device)
+    emu = Int4Linear(d_in, d_out, config=_emulated(cfg), seed=seed).to(device)
+    emu.load_state_dict(tri.state_dict())
+    tri.reference_draws = True
+    return tri, emu
+
+
+def _step(layer, x, g):
+    xr = x.clone().requires_grad_(True)
+    y = layer(xr)
+    y.backward(g)
+    grads = {n: p.grad for n, p in layer.named_parameters()}
+    return y.detach(), xr.grad, grads
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"recipe": "hq"}, {"recipe": "rtn"}, {"scale_mode": "lsq"},
+     {"granularity": "tensor", "block_size": 16}],
+    ids=["hq-lss", "hq", "rtn", "lsq", "tensor-b16"],
+)
+def test_layer_matches_the_emulation_with_the_same_draws(overrides):
+    cfg = Int4TrainingConfig(backend="triton", **overrides)
+    tri, emu = _pair(64, 32, cfg, "cpu")
+    # 21 tokens: not a multiple of 16, so the kernels' zero-row padding is exercised too.
+    x = torch.randn(3, 7, 64) * torch.logspace(-1, 1, 7)[:, None]
+    g = torch.randn(3, 7, 32)
+    y_t, gx_t, gr_t = _step(tri, x, g)
+    y_e, gx_e, gr_e = _step(emu, x, g)
+    assert "backend=triton" in repr(tri) and y_t.shape == y_e.shape == (3, 7, 32)
+    # Forward: the same codes here (no tie), the scales applied in one rounding instead of two.
+    torch.testing.assert_close(y_t, y_e, rtol=1e-5, atol=1e-6)
+    # Backward: fp16 operands (relative U16 per term) in the products; a few U16 of the largest entry.
+    torch.testing.assert_close(gx_t, gx_e, rtol=0, atol=8 * U16 * float(gx_e.abs().max()))
+    assert gr_t.keys() == gr_e.keys()
+    for name in gr_t:
+        tol = 8 * U16 * float(gr_e[name].abs().max()) + 1e-7
+        torch.testing.assert_close(gr_t[name], gr_e[name], rtol=0, atol=tol, msg=name)
+
+
+def test_unsupported_combinations_name_the_field():
+    with pytest.raises(ValueError, match="out_features=24 is not a multiple of 16"):
+        Int4Linear(64, 24, config=Int4TrainingConfig(backend="triton"))
+    with pytest.raises(ValueError, match="in_features=40 is not a multiple of 16"):
+        Int4Linear(40, 32, config=Int4TrainingConfig.named("rtn", backend="triton"))
+    with pytest.raises(ValueError, match="block_size=256 with backend='triton'"):
+        Int4TrainingConfig(block_size=256, backend="triton")
+    with pytest.raises(ValueError, match="in_features=320 is not a multiple of 128"):
+        Int4Linear(320, 32, config=Int4TrainingConfig(backend="triton", block_size=64))
+    # "auto" never raises for the kernels' sake: it emulates and says why.
+    auto = Int4Linear(64, 24)
+    assert "backend=auto -> emulate (out_features=24 is not a multiple of 16" in repr(auto)
+    auto(torch.randn(4, 64))
+    assert auto.backend_for(torch.device("cpu")) == "emulate"
+    assert "backend=auto -> emulate (not on CUDA" in repr(auto)
+    # convert keeps in full precision what the kernels cannot run under "triton", and says so.
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 24))
+    report = convert_to_int4_training(model, Int4TrainingConfig(backend="triton"))
+    assert report.converted == ["0"]
+    assert report.skipped == [("1", "backend='triton': out_features=24 is not a multiple of 16 (cuBLAS FP8 "
+                                     "products)")]
+
+
+def test_auto_block_stays_within_the_kernels_blocks():
+    torch.manual_seed(0)
+    layer = Int4Linear(512, 16, config=Int4TrainingConfig(block_size="auto", backend="triton"))
+    layer(torch.randn(16, 512))
+    assert layer.block_size <= 128
+
+
+def test_generator_seed_mixes_in_the_distributed_rank(monkeypatch):
+    layer = Int4Linear(64, 16, seed=11)
+    draw0 = torch.rand(4, generator=layer.generator(torch.device("cpu")))
+    assert layer_mod.rank_seed(11) == 11  # no process group: the plain seed
+    state = layer.state_dict()
+    monkeypatch.setattr(layer_mod.dist, "is_initialized", lambda: True)
+    ranks = {}
+    for rank in range(4):
+        monkeypatch.setattr(layer_mod.dist, "get_rank", lambda group=None, r=rank: r)
+        fresh = Int4Linear(64, 16, seed=11)
+        ranks[rank] = (layer_mod.rank_seed(11), torch.rand(4, generator=fresh.generator(torch.device("cpu"))))
+    assert ranks[0][0] == 11 and torch.equal(ranks[0][1], draw0)
+    assert len({seed for seed, _ in ranks.values()}) == 4
+    assert not any(torch.equal(ranks[r][1], draw0) for r in (1, 2, 3))
+    # A generator state saved by rank 0 is not replayed by rank 3: it keeps its own stream.
+    other = Int4Linear(64, 16, seed=11)
+    other.load_state_dict(state)
+    assert torch.equal(torch.rand(4, generator=other.generator(torch.device("cpu"))), ranks[3][1])
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def _gpt_losses(device, size, cfg, *, seed, steps, batch, reference_draws=True, precision=None):
+    torch.manual_seed(0)
+    vocab = 64
+    model = GPT(GPTConfig.named("tiny", vocab, **size)).to(device)
+    if cfg is not None:
+        convert_to_int4_training(model, Int4TrainingConfig(**{**cfg.to_dict(), "seed": seed}))
+        for m in model.modules():
+            if isinstance(m, Int4Linear):
+                m.reference_draws = reference_draws
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    data = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(0, vocab, (batch, size["block_size"] + 1), generator=data).to(device)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            _, loss = model(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    if cfg is not None and cfg.backend == "triton":
+        assert all(m.backend_for(torch.device(device)) == "triton" for m in model.modules()
+                   if isinstance(m, Int4Linear))
+    return losses
+
+
+def _check_same_training(device, size, recipe, *, steps, batch, seeds, precision, kernel_rng):
+    cfg = Int4TrainingConfig.named(recipe, backend="triton")
+    kw = {"steps": steps, "batch": batch, "precision": precision}
+    fp = _gpt_losses(device, size, None, seed=0, **kw)
+    emu = [_gpt_losses(device, size, _emulated(cfg), seed=s, **kw) for s in range(seeds)]
+    tri = _gpt_losses(device, size, cfg, seed=0, reference_draws=not kernel_rng, **kw)
+    assert all(math.isfinite(v) for v in tri)
+    # Step 0: no randomness yet; tie flips move single codes (see the module docstring).
+    assert abs(tri[0] - emu[0][0]) <= 0.01 * abs(emu[0][0] - fp[0]) + 1e-6, (tri[0], emu[0][0], fp[0])
+    for t in range(1, steps):
+        spread = statistics.stdev(run[t] for run in emu)
+        bound = 5 * spread * math.sqrt(1 + 1 / seeds)
+        assert abs(tri[t] - emu[0][t]) <= bound, (t, tri, [run[t] for run in emu], bound)
+    return tri, emu
+
+
+def test_gpt_training_loss_matches_the_emulation_cpu():
+    # hq-lss only on the CPU (the interpreter is slow); the GPU case runs hq too.
+    size = {"n_layer": 1, "n_head": 2, "n_embd": 64, "block_size": 16}
+    _check_same_training("cpu", size, "hq-lss", steps=3, batch=2, seeds=6, precision=None, kernel_rng=False)
+
+
+def test_gpt_training_loss_with_in_kernel_randomness_cpu():
+    # Philox draws inside the kernels: another sample of the same noise, within the seed spread.
+    size = {"n_layer": 1, "n_head": 2, "n_embd": 64, "block_size": 16}
+    _check_same_training("cpu", size, "hq-lss", steps=3, batch=2, seeds=6, precision=None, kernel_rng=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel_rng", [False, True], ids=["same-draws", "kernel-rng"])
+@pytest.mark.parametrize("recipe", ["hq-lss", "hq"])
+def test_gpt_training_loss_matches_the_emulation_gpu(recipe, kernel_rng):
+    # GPT "small" (6 x 384, context 256), batch 8 x 256 tokens, bf16 autocast.
+    size = {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256}
+    _check_same_training("cuda", size, recipe, steps=6, batch=8, seeds=6, precision="bf16",
+                         kernel_rng=kernel_rng)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("overrides", [{}, {"scale_mode": "lsq"}, {"recipe": "rtn"}],
+                         ids=["hq-lss", "lsq", "rtn"])
+def test_layer_matches_the_emulation_gpu(overrides):
+    cfg = Int4TrainingConfig(backend="triton", **overrides)
+    tri, emu = _pair(4096, 4096, cfg, "cuda")
+    x = torch.randn(4, 4000, 4096, device="cuda")  # 16000 tokens: padded to a multiple of 16
+    g = torch.randn(4, 4000, 4096, device="cuda")
+    y_t, gx_t, gr_t = _step(tri, x, g)
+    y_e, gx_e, gr_e = _step(emu, x, g)
+    # Codes may flip at rounding ties between the two rotations (at most 1% of codes, each by one step):
+    # compare in norm, to U16-level relative error plus the tie flips' share.
+    for got, want, what in [(y_t, y_e, "y"), (gx_t, gx_e, "grad_x")] + [
+        (gr_t[n], gr_e[n], n) for n in gr_t
+    ]:
+        rel = float((got.float() - want.float()).norm() / want.float().norm())
+        assert rel <= 1e-2, (what, rel)
