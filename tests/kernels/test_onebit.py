@@ -140,7 +140,32 @@ def _dispatch(mod, *a, **kw):
     return mod.onebit_matmul(*a, **kw)
 
 
-PATHS = {"core": _core, "tc_gemv": _tc_gemv, "tc_swap": _tc_swap, "tc_gemm": _tc_gemm, "dispatch": _dispatch}
+def _planes(mod, *a, **kw):
+    cfg = mod.PlanesConfig(block_n=16, block_kw=2, split_k=kw.pop("split_k", 2))
+    return mod.onebit_gemv(*a, config=cfg, **kw)
+
+
+def _lut(mod, *a, **kw):
+    cfg = mod.LutConfig(block_n=16, block_kw=2, split_k=kw.pop("split_k", 2))
+    return mod.onebit_gemv(*a, config=cfg, **kw)
+
+
+def _unpack_mm(mod, *a, **kw):
+    kw.pop("split_k", None)
+    kw.pop("fuse_layernorm", None)
+    return mod.onebit_matmul(*a, config=mod.UnpackMMConfig(block_n=16, block_k=64, fp32_acc=True), **kw)
+
+
+def _unpack_mm16(mod, *a, **kw):  # cuBLAS result rounded to x's dtype before h (the fast bf16 variant)
+    kw.pop("split_k", None)
+    kw.pop("fuse_layernorm", None)
+    return mod.onebit_matmul(*a, config=mod.UnpackMMConfig(block_n=16, block_k=64), **kw)
+
+
+PATHS = {"core": _core, "tc_gemv": _tc_gemv, "tc_swap": _tc_swap, "tc_gemm": _tc_gemm, "dispatch": _dispatch,
+         "planes": _planes, "lut": _lut, "unpack_mm": _unpack_mm}
+# The rounding of the cuBLAS result to x's dtype before h: one more u_x·|y| in the bound (u_x of x's dtype).
+U_MID = {"unpack_mm16": True}
 
 
 # -------------------------------------------------------------------------------------- CPU (interpreter)
@@ -149,7 +174,7 @@ PATHS = {"core": _core, "tc_gemv": _tc_gemv, "tc_swap": _tc_swap, "tc_gemm": _tc
 # One ragged shape per path (M by the path's regime; the core GEMV is one token per program and slow in the
 # interpreter); K is not a multiple of 32 and N not of the tile, so every tail is exercised.
 SHAPES = {"core": (2, 100, 33), "tc_gemv": (3, 100, 33), "tc_swap": (5, 77, 40), "tc_gemm": (17, 130, 40),
-          "dispatch": (17, 130, 19)}
+          "dispatch": (17, 130, 19), "planes": (3, 100, 33), "lut": (2, 100, 33), "unpack_mm": (6, 130, 40)}
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
@@ -202,7 +227,9 @@ def test_equals_reference_function():
 
 
 LN_CASES = [("core", True, torch.bfloat16), ("core", False, torch.float32), ("tc_gemv", True, torch.float32),
-            ("tc_gemv", False, torch.bfloat16), ("dispatch", None, torch.bfloat16)]
+            ("tc_gemv", False, torch.bfloat16), ("dispatch", None, torch.bfloat16),
+            ("planes", True, torch.bfloat16), ("planes", False, torch.float32), ("lut", True, torch.float32),
+            ("unpack_mm", None, torch.bfloat16)]
 
 
 @pytest.mark.parametrize("path,fuse,out_dtype", LN_CASES)
@@ -230,7 +257,8 @@ def test_split_k_is_deterministic_and_matches_unsplit():
     x, s, g, h = _problem(m, k, n_out, torch.bfloat16, seed=3, integer=True)
     w = pack_bits_int32(s)
     ys = [PATHS[p](_interp, x, w, g, h, k, out_dtype=torch.float32, split_k=sk)
-          for p, sk in (("core", 1), ("core", 5), ("tc_gemv", 1), ("tc_gemv", 3))]
+          for p, sk in (("core", 1), ("core", 5), ("tc_gemv", 1), ("tc_gemv", 3), ("planes", 1),
+                        ("planes", 4), ("lut", 1), ("lut", 3))]
     for y in ys[1:]:
         torch.testing.assert_close(y, ys[0], rtol=0, atol=0)
 
@@ -302,11 +330,58 @@ def test_errors():
 
 
 def test_select_config_regimes():
-    one = _interp.select_config(1, 4096, 4096)
-    assert isinstance(one, _interp.GemvConfig if _interp.GEMV_CORE_MAX_M >= 1 else _interp.MMConfig)
-    cfg = _interp.select_config(16, 4096, 4096)
-    assert isinstance(cfg, _interp.MMConfig) and cfg.block_m == 16
-    assert _interp.select_config(4096, 4096, 4096).block_m >= 64
+    mod = _interp
+    assert isinstance(mod.select_config(1, 4096, 4096), mod.PlanesConfig)
+    cfg = mod.select_config(16, 4096, 4096)
+    assert isinstance(cfg, mod.MMConfig) and cfg.block_m == 16
+    assert isinstance(mod.select_config(mod.UNPACK_MM_MIN_M - 1, 4096, 4096), mod.MMConfig)
+    assert isinstance(mod.select_config(4096, 4096, 4096), mod.UnpackMMConfig)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_unpack_mm_16bit_accumulator_within_widened_bound(dtype):
+    """UnpackMMConfig(fp32_acc=False): cuBLAS rounds the fp32 sum to x's dtype before h, one more rounding:
+    |y - y_exact| <= γ·terms + u_x·|y_exact|·(1 + u_out) + u_out·|y_exact| (first order in u)."""
+    m, k, n_out = 4, 130, 40
+    x, s, g, h = _problem(m, k, n_out, dtype, seed=21)
+    y_exact, terms = _exact(x, s, g, h)
+    y = _unpack_mm16(_interp, x, pack_bits_int32(s), g, h, k, out_dtype=dtype)
+    u_x = U_OUT[dtype]
+    bound = _bound(k, terms, y_exact, dtype) + u_x * (1 + u_x) * (terms * U32 * (3 * k + 2) + y_exact.abs())
+    _assert_within(y, y_exact, bound)
+
+
+def test_unpack_weight_is_exact():
+    k, n_out = 77, 10
+    _, s, g, _ = _problem(1, k, n_out, torch.bfloat16, seed=4)
+    for dtype, gd in ((torch.bfloat16, g), (torch.float32, g), (torch.float32, g.float())):
+        wd = _interp.unpack_weight(pack_bits(s), gd, k, dtype)
+        assert wd.dtype == dtype and wd.shape == (n_out, k)
+        torch.testing.assert_close(wd, (s.to(dtype) * gd.to(dtype)[None, :]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", list(onebit_mod.VARIANTS))
+def test_every_named_variant_is_exact_on_integers(name):
+    """Each entry of VARIANTS (the probe's list), at its smallest token count, on a ragged shape."""
+    lo, _ = _interp.VARIANT_M_RANGE[name]
+    m, k, n_out = max(lo, 1 if lo < 17 else 17), 100, 21
+    x, s, g, h = _problem(m, k, n_out, torch.bfloat16, seed=m + 1, integer=True)
+    y_exact, _ = _exact(x, s, g, h)
+    y = _interp.onebit_matmul(x, pack_bits_int32(s), g, h, k, out_dtype=torch.float32, config=name)
+    cfg = _interp.VARIANTS[name]
+    if isinstance(cfg, _interp.UnpackMMConfig) and not cfg.fp32_acc:  # the sum is rounded to bf16 first
+        bound = U_OUT[torch.bfloat16] * y_exact.abs()
+        _assert_within(y, y_exact, bound)
+    else:
+        torch.testing.assert_close(y.double(), y_exact, rtol=0, atol=0)
+
+
+def test_config_argument_errors():
+    x, s, g, h = _problem(1, 64, 8, torch.bfloat16, seed=0)
+    with pytest.raises(ValueError, match="config must be a name"):
+        _interp.onebit_matmul(x, pack_bits_int32(s), g, h, 64, config="nope")
+    with pytest.raises(ValueError, match="M <= 16"):
+        _interp.onebit_matmul(x.expand(17, 64), pack_bits_int32(s), g, h, 64, config="planes_n64_kw32")
 
 
 # ------------------------------------------------------------------------------------------------ GPU
@@ -326,9 +401,30 @@ def test_gpu_dispatch_within_bound(dtype, m, out_dtype):
     k, n_out = 1000, 300  # ragged K (not a multiple of 32) and N
     x, s, g, h = _problem(m, k, n_out, dtype, seed=m, device="cuda")
     y_exact, terms = _exact(x.cpu(), s.cpu(), g.cpu(), h.cpu())
+    bound = _bound(k, terms, y_exact, out_dtype)
+    if m >= onebit_mod.UNPACK_MM_MIN_M and dtype != torch.float32 and out_dtype == dtype:
+        u_x = U_OUT[dtype]  # unpack-then-cuBLAS rounds the sum to x's dtype before h (documented)
+        bound = bound + u_x * (1 + u_x) * ((3 * k + 2) * U32 * terms + y_exact.abs())
     for layout in ("int32", "uint8"):
         y = onebit_mod.onebit_matmul(x, _pack(s, layout), g, h, k, out_dtype=out_dtype)
-        _assert_within(y, y_exact, _bound(k, terms, y_exact, out_dtype))
+        _assert_within(y, y_exact, bound)
+
+
+@CUDA
+@pytest.mark.parametrize("name", list(onebit_mod.VARIANTS))
+def test_gpu_every_named_variant(name):
+    """Every VARIANTS entry at both ends of its token range, K = 4096 and a ragged N: bit-exact on integer
+    data (the 16-bit-accumulator unpack variant within u_bf16·|y|)."""
+    lo, hi = onebit_mod.VARIANT_M_RANGE[name]
+    cfg = onebit_mod.VARIANTS[name]
+    for m in sorted({lo, min(hi, 300)}):
+        x, s, g, h = _problem(m, 4096, 1000, torch.bfloat16, seed=m, integer=True, device="cuda")
+        y = onebit_mod.onebit_matmul(x, pack_bits_int32(s), g, h, 4096, out_dtype=torch.float32, config=name)
+        y_exact = _exact(x.cpu(), s.cpu(), g.cpu(), h.cpu())[0]
+        if isinstance(cfg, onebit_mod.UnpackMMConfig) and not cfg.fp32_acc:
+            _assert_within(y, y_exact, U_OUT[torch.bfloat16] * y_exact.abs())
+        else:
+            torch.testing.assert_close(y.double().cpu(), y_exact, rtol=0, atol=0)
 
 
 @CUDA
