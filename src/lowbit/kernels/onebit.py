@@ -986,12 +986,18 @@ def unpack_weight(signs_packed: torch.Tensor, g: torch.Tensor, n: int, dtype: to
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b with the fp32 accumulator returned unrounded (cuBLAS out_dtype overload where it exists;
     else the same exact products in fp32)."""
-    if a.dtype != torch.float32 and a.is_cuda:
+    global _MM_OUT_DTYPE
+    if a.dtype != torch.float32 and a.is_cuda and _MM_OUT_DTYPE is not False:
         try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):
-            pass
+            y = torch.mm(a, b, out_dtype=torch.float32)
+            _MM_OUT_DTYPE = True
+            return y
+        except (TypeError, RuntimeError):  # decided once (outside any graph capture: the first call)
+            _MM_OUT_DTYPE = False
     return torch.mm(a.float(), b.float())
+
+
+_MM_OUT_DTYPE: bool | None = None  # does this torch have torch.mm(..., out_dtype=) on CUDA?
 
 
 def _launch_unpack_mm(p: _Problem, cfg: UnpackMMConfig, eps: float | None) -> torch.Tensor:
