@@ -378,7 +378,7 @@ def decode_benchmark(tokens: int, context: int, seed: int, device: torch.device)
         elif kind == "onebit":
             def make(i, o, gen=gen):
                 return _PackedOneBitLinear(i, o, dtype, device, gen)
-        else:  # lowbit.onebit's OneBitLinear in packed form: whatever its forward does (measured as is)
+        else:  # lowbit.onebit's OneBitLinear in packed form (no grad: its forward calls onebit_matmul)
             try:
                 from lowbit.onebit.layer import OneBitLinear
             except ImportError as exc:
@@ -396,10 +396,8 @@ def decode_benchmark(tokens: int, context: int, seed: int, device: torch.device)
         try:
             model = _Decoder(SMOLLM2_135M, make, dtype, device, context, gen)
             eager_rate, eager_tokens = _decode_rate(model, min(tokens, 64), graph=False)
-            if kind == "onebit_module":  # eager only: its forward is not ours to make graph-safe
-                graph_rate, graph_tokens = float("nan"), eager_tokens
-            else:
-                graph_rate, graph_tokens = _decode_rate(model, tokens, graph=True)
+            # every model, OneBitLinear included (its packed no-grad forward is onebit_matmul), in a graph
+            graph_rate, graph_tokens = _decode_rate(model, tokens, graph=True)
         except Exception as exc:
             if kind != "onebit_module":
                 raise
