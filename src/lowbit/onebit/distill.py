@@ -385,6 +385,8 @@ def distill(
         result = train(val_batcher=val_data, extra=extra, **kwargs)
     except _StopTraining:
         result = _finish_early(student, val_data, config, budget)
+    if env is not None:  # rank 0's checkpoint and metrics are complete when any rank returns
+        torch.distributed.barrier()
     student.eval()
     return result
 

@@ -181,6 +181,8 @@ def train_lm(
         kwargs = parallel_train_kwargs(model, train_b, config, parallel=parallel, optimizer=optimizer,
                                        callbacks=callbacks, resume=resume)
     result = train(val_batcher=val_b, extra=extra, **kwargs)
+    if env is not None:  # rank 0's checkpoint and metrics are complete when any rank returns
+        torch.distributed.barrier()
     model.eval()
     return LMRun(result=result, model=model, data=lm_data)
 
