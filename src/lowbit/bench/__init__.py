@@ -15,6 +15,7 @@ __all__ = ["SUITES", "get_suite"]
 #: Suite name -> module path. Imported lazily by `get_suite`.
 SUITES: dict[str, str] = {
     "int4-linear": "lowbit.bench.int4_linear",
+    "int4-train": "lowbit.bench.int4_train",
     "onebit": "lowbit.bench.onebit",
     "optim": "lowbit.bench.optim",
 }

@@ -595,11 +595,16 @@ class _Int4LinearTriton(torch.autograd.Function):
             if spec.lsq:
                 s_x = x_scale.detach().float().abs().clamp_min(1e-12).reshape(1, 1)
                 s_w = w_scale.detach().float().abs().clamp_min(1e-12).reshape(1, 1)
+            # As lowbit.kernels.int4_linear.Int4LinearTriton: a per-tensor "rtn" gradient runs all three
+            # products on FP8 (X's codes also saved transposed, W's as FP8); bit splitting wants int8 W codes.
+            rtn = spec.grad_quantizer == "rtn"
             y, saved = kernels.int4_linear_fwd(
                 x_in, weight.contiguous(), bias, block_size=spec.block_size, granularity=spec.granularity,
                 x_scale=s_x, w_scale=s_w, out_dtype=out_dtype,
+                save_x_codes_t=rtn and spec.grad_granularity == "tensor" and spec.granularity == "tensor",
+                w_codes_t_dtype=torch.float8_e4m3fn if rtn else torch.int8,
             )
-        tensors = list(saved[:5])
+        tensors = [*saved[:5], saved.x_codes_t]
         if spec.lsq:  # the clip masks need the rotated input (kept in its dtype) and the weight
             tensors += [hadamard_rotate(x2d, spec.block_size).to(x2d.dtype), weight]
         ctx.save_for_backward(*tensors)
@@ -612,7 +617,7 @@ class _Int4LinearTriton(torch.autograd.Function):
         kernels = _triton_kernels()
         spec: Int4Spec = ctx.spec
         saved_t = ctx.saved_tensors
-        saved = kernels.Int4LinearSaved(*saved_t[:5], spec.block_size)
+        saved = kernels.Int4LinearSaved(*saved_t[:5], spec.block_size, x_codes_t=saved_t[5])
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         need_x, need_w, need_b, need_sx, need_sw = ctx.needs_input_grad[:5]
         grad_x = grad_w = grad_b = grad_sx = grad_sw = None
@@ -643,7 +648,7 @@ class _Int4LinearTriton(torch.autograd.Function):
             if gx is not None and n_pad != n:
                 gx = gx[:n]
             if spec.lsq:
-                v_x, weight = saved_t[5], saved_t[6]
+                v_x, weight = saved_t[6], saved_t[7]
                 if gx is not None:
                     gx, grad_sx = lsq_grad(gx, v_x, saved.x_scale)
                     gx = hadamard_rotate(gx, spec.block_size).to(x_dtype)
