@@ -213,3 +213,16 @@ def test_layer_matches_the_emulation_gpu(overrides):
     ]:
         rel = float((got.float() - want.float()).norm() / want.float().norm())
         assert rel <= 1e-2, (what, rel)
+
+
+def test_bf16_autocast_reads_the_input_in_bf16():
+    torch.manual_seed(0)
+    layer = Int4Linear(64, 32, config=Int4TrainingConfig(backend="triton"))
+    x = torch.randn(2, 8, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32
+    # The kernels quantize bf16(x), as F.linear under autocast would multiply it.
+    torch.testing.assert_close(y, layer(x.to(torch.bfloat16)), rtol=0, atol=0)

@@ -757,6 +757,10 @@ def int4_linear(
             reason = triton_device_reason(x.device)
         if reason is not None:
             raise ValueError(f"int4_linear(backend='triton'): {reason}")
+        if out_dtype != x2d.dtype and torch.is_autocast_enabled(device_type):
+            # As F.linear under autocast: the kernels read the input in the autocast dtype (half the bytes of
+            # fp32; under torch.compile the cast fuses into the producer, e.g. the LayerNorm).
+            x2d = x2d.to(out_dtype)
         y = _apply_triton(x2d, weight, bias, input_scale, weight_scale, spec, generator, out_dtype,
                           bool(reference_draws))
     elif backend == "emulate":
