@@ -1,7 +1,8 @@
 """Resuming an INT4 run from its checkpoint on CUDA continues the same trajectory (bf16 autocast).
 
 The 5000-step proof run of recipe "rtn" went NaN right after it resumed from its step-4000 checkpoint on the
-H100 (docs/int4.md), while resuming is exact on the CPU (tests/trainer). This pins the CUDA case for every recipe.
+H100 (docs/int4.md), while resuming is exact on the CPU (tests/trainer). This pins the CUDA case for
+every recipe.
 """
 
 from __future__ import annotations
