@@ -640,8 +640,11 @@ class UnpackMMConfig:
     fp32_acc: bool = False
 
 
-#: Number of tokens up to which the bit-plane CUDA-core GEMV is used.
-GEMV_CORE_MAX_M = 2
+#: Number of tokens up to which the CUDA-core GEMVs are used (measured: M = 1 only; tc16 wins from M = 4).
+GEMV_CORE_MAX_M = 1
+#: Weights of at most this many elements (N·K) take the plain CUDA-core GEMV at M = 1 (measured faster than
+#: the bit-plane kernel at 576×1536 and 1536×576, whose split-K and plane pass cost more than they save).
+GEMV_SMALL_WEIGHT = 1 << 20
 #: Number of tokens up to which the tensor-core kernel runs with BLOCK_M = 16 and split-K (GEMV regime).
 GEMV_TC_MAX_M = 16
 #: Number of tokens from which the unpack-then-cuBLAS path is used (below: the Triton tensor-core GEMM).
@@ -682,12 +685,25 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT_DEFAULT
 
 
-def select_config(m: int, n_out: int, k: int):
-    """The kernel and tile :func:`onebit_matmul` uses for ``m`` tokens, ``n_out`` outputs and K = ``k``."""
+def select_config(m: int, n_out: int, k: int, sm_count: int = _SM_COUNT_DEFAULT):
+    """The kernel and tile :func:`onebit_matmul` uses for ``m`` tokens, ``n_out`` outputs and K = ``k``.
+
+    The rule comes from the H100 measurements in docs/kernels-onebit.md ("Dispatch rule"):
+
+    - M = 1: the CUDA-core GEMVs. Small weights (N·K <= 2^20, SmolLM2's projections) ``core_n32_kw8``;
+      K > N ``planes_n32_kw32``; else ``planes_n64_kw32``.
+    - 2 <= M <= 16: tensor cores, 16-row tiles. ``tc16_n64_k256_swap``, unless its 64-row tiles alone fill
+      the GPU (cdiv(N, 64) >= SMs: no split-K, 1.3 waves at N = 11008), then ``tc16_n128_k128``.
+    - 17 <= M < UNPACK_MM_MIN_M: ``tc_m64_n128_k64``; from UNPACK_MM_MIN_M: unpack, then cuBLAS.
+    """
     if m <= GEMV_CORE_MAX_M:
-        return VARIANTS["planes_n64_kw32"]
+        if n_out * k <= GEMV_SMALL_WEIGHT:
+            return VARIANTS["core_n32_kw8"]
+        return VARIANTS["planes_n32_kw32" if k > n_out else "planes_n64_kw32"]
     if m <= GEMV_TC_MAX_M:
-        return VARIANTS["tc16_n64_k256"]
+        if -(-n_out // 64) >= sm_count:
+            return VARIANTS["tc16_n128_k128"]
+        return VARIANTS["tc16_n64_k256_swap"]
     if m < UNPACK_MM_MIN_M:
         return VARIANTS["tc_m64_n128_k64"]
     return VARIANTS["unpack_mm"]
@@ -1000,6 +1016,41 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 _MM_OUT_DTYPE: bool | None = None  # does this torch have torch.mm(..., out_dtype=) on CUDA?
 
 
+def _mm_16_one_rounding(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in a's 16-bit dtype with the fp32 sum rounded once to that dtype.
+
+    PyTorch lets cuBLAS reduce split-K partials in the 16-bit output type by default
+    (``torch.backends.cuda.matmul.allow_{bf16,fp16}_reduced_precision_reduction``), and optionally accumulate
+    fp16 in fp16 (``allow_fp16_accumulation``): extra roundings of unknown number that the documented error
+    bound (one rounding of the fp32 sum) does not cover; they are switched off for this one call and
+    restored. (Host-side flags, read when cuBLAS is called: also right under CUDA-graph capture.)"""
+    mm = torch.backends.cuda.matmul
+    tag = "bf16" if a.dtype == torch.bfloat16 else "fp16"
+    attr = f"allow_{tag}_reduced_precision_reduction"
+    saved = {}
+    for name, off in ((attr, False), ("allow_fp16_accumulation", False)):
+        if name == "allow_fp16_accumulation" and tag != "fp16":
+            continue
+        try:
+            cur = getattr(mm, name)
+        except AttributeError:  # an older torch without the flag: nothing to switch
+            continue
+        if cur != off:
+            if name == attr:  # keep the split-K sub-flag of newer torch as it was
+                try:
+                    saved[name] = (cur, getattr(mm, f"{attr}_split_k"))
+                except AttributeError:
+                    saved[name] = cur
+            else:
+                saved[name] = cur
+            setattr(mm, name, off)
+    try:
+        return torch.mm(a, b)
+    finally:
+        for name, value in saved.items():
+            setattr(mm, name, value)
+
+
 def _launch_unpack_mm(p: _Problem, cfg: UnpackMMConfig, eps: float | None) -> torch.Tensor:
     x2 = p.x2
     same16 = x2.dtype in (torch.bfloat16, torch.float16) and p.g.dtype == x2.dtype
@@ -1009,7 +1060,7 @@ def _launch_unpack_mm(p: _Problem, cfg: UnpackMMConfig, eps: float | None) -> to
     elif cfg.fp32_acc:
         acc = _mm_fp32(x2, wd.t())
     else:
-        acc = torch.mm(x2, wd.t())  # fp32 accumulation in cuBLAS, result rounded once to x's dtype
+        acc = _mm_16_one_rounding(x2, wd.t())  # fp32 accumulation in cuBLAS, rounded once to x's dtype
     del wd  # the transient dense weight is freed before the row pass
     out = torch.empty((p.m, p.n_out), dtype=p.out_dtype, device=x2.device)
     if eps is not None:
@@ -1093,7 +1144,7 @@ def onebit_matmul(
     p = _prepare(x, signs_packed, g, h, n, out_dtype)
     eps = _check_eps(layernorm_eps)
     if cfg is None:
-        cfg = select_config(p.m, p.n_out, p.k)
+        cfg = select_config(p.m, p.n_out, p.k, _sm_count(p.x2.device))
         if isinstance(cfg, UnpackMMConfig) and (eps is not None or p.out_dtype != p.x2.dtype):
             cfg = VARIANTS["unpack_mm_f32acc"]
     return _run(p, cfg, eps, None)
