@@ -165,8 +165,10 @@ def test_bf16_autocast_on_cpu():
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
     assert x.grad.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32
-    # Inside, the codes and products are fp32 whatever autocast says: only the output is cast.
-    assert torch.equal(y, layer(x).to(torch.bfloat16))
+    # The input is read in bf16, as F.linear under autocast reads it (both backends: the same input to
+    # quantize); inside, the codes and products are fp32 whatever autocast says, and the output is cast.
+    assert torch.equal(y, layer(x.to(torch.bfloat16)).to(torch.bfloat16))
+    assert not torch.equal(x, x.to(torch.bfloat16).float())  # (the cast is not a no-op here)
 
 
 def test_extra_repr_and_bad_extra_state():

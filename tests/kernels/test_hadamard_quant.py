@@ -369,3 +369,27 @@ def test_hadamard_rows_matches_fp64_transform(device, in_dtype, block, monkeypat
     out_bf16 = hq.hadamard_rows(x, block, row_scale=rs, scale=sc, out_dtype=torch.bfloat16)
     # then one rounding to bf16: unit roundoff 2^-8 of the fp32 value
     assert bool(((out_bf16.double() - ref).abs() <= tol + 2.0**-8 * (ref.abs() + tol)).all())
+
+
+@pytest.mark.parametrize("device", [CPU, GPU])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("block", [None, 32])
+@pytest.mark.parametrize("granularity", ["row", "tensor"])
+def test_fp8_transposed_codes_equal_the_codes(device, dtype, block, granularity):
+    # FP8 codes and their transposed copy (the operands of the all-FP8 "rtn" backward), against the int8
+    # codes of the same launch: the same integers, in E4M3 bytes (H100 run 4: transposed FP8 tiles held
+    # bytes that were no code at all, e.g. 32.0 and NaN).
+    shape = (48, 256) if device == "cpu" else (4096, 4096)
+    x = _rows(*shape, dtype, device, seed=3, spread=3.0)
+    f8 = hq.hadamard_quantize(x, block, granularity=granularity, codes_dtype=F8, transposed_dtype=F8)
+    i8 = hq.hadamard_quantize(x, block, granularity=granularity, codes_dtype=torch.int8)
+    want = i8.codes.float()
+    for what, got in (("codes", f8.codes.float()), ("codes_t.T", f8.codes_t.t().float())):
+        bad = got != want
+        assert not bool(bad.any()), (
+            f"{what}: {int(bad.sum())} of {bad.numel()} differ; first at {bad.nonzero()[0].tolist()}; "
+            f"values there {got[bad][:8].tolist()} vs {want[bad][:8].tolist()}")
+    # The E4M3 bytes are the ones torch's conversion gives (+0 for a zero code).
+    ref = want.to(F8).view(torch.uint8)
+    ref = torch.where(want == 0, torch.zeros_like(ref), ref)
+    assert torch.equal(f8.codes.view(torch.uint8), ref)

@@ -751,16 +751,17 @@ def int4_linear(
     else:
         out_dtype = x.dtype
     x2d = x.reshape(-1, k)
+    if out_dtype != x2d.dtype and torch.is_autocast_enabled(device_type):
+        # As F.linear under autocast: both backends quantize the input in the autocast dtype (the kernels
+        # read half the bytes of fp32; under torch.compile the cast fuses into the producer, e.g. the
+        # LayerNorm). The same input on both sides: the backends differ only by their roundings.
+        x2d = x2d.to(out_dtype)
     if backend == "triton":
         reason = _triton_shape_reason(spec.block_size, k, weight.shape[0], spec.block_size is not None)
         if reason is None:
             reason = triton_device_reason(x.device)
         if reason is not None:
             raise ValueError(f"int4_linear(backend='triton'): {reason}")
-        if out_dtype != x2d.dtype and torch.is_autocast_enabled(device_type):
-            # As F.linear under autocast: the kernels read the input in the autocast dtype (half the bytes of
-            # fp32; under torch.compile the cast fuses into the producer, e.g. the LayerNorm).
-            x2d = x2d.to(out_dtype)
         y = _apply_triton(x2d, weight, bias, input_scale, weight_scale, spec, generator, out_dtype,
                           bool(reference_draws))
     elif backend == "emulate":

@@ -10,7 +10,9 @@ writes the GEMM operand directly. Contracts (x of shape (R, C), b the Hadamard b
     ``quantize_with_scale``), which is ``lowbit.int4.function.hq_quantize``; ``round_rotated=True`` rounds
     x̂ to x's dtype first, as ``quantize(hadamard_transform(x, b), ...)`` does.
     Codes are written as FP8 E4M3 (every integer in [-7, 7] is exact in E4M3) or int8, optionally also
-    transposed ((C, R), the K-major layout a product over R needs).
+    transposed ((C, R), the K-major layout a product over R needs). FP8 codes are stored as their E4M3
+    bytes, built by integer operations: on the H100 (triton 3.6) Triton's fp32 -> fp8 conversion wrote
+    wrong bytes into transposed FP8 tiles (fp32 input without rotation, bf16 input with rotation).
 ``bit_split_quantize(g)``
     the halves of ``lowbit.quant.bit_split(g)``: hi = round(g / s_hi), lo = floor((g - hi·s_hi) / s_lo + u),
     written as v = 14·hi + lo (int8, |v| <= 105: g = v·s_lo up to the lo rounding, one INT8 operand) and/or
@@ -182,6 +184,23 @@ if HAS_TRITON:
             tl.store(ptrs, value.to(ptrs.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _store_codes(ptrs, q, mask):
+        """Store integer codes q (fp32 holding integers, |q| <= 15) in the pointer's dtype.
+
+        A uint8 pointer is an FP8 E4M3 tensor viewed as bytes: it gets the E4M3 bit pattern, built from q's
+        fp32 bits by integer operations (sign; exponent rebiased 127 -> 7; the top three mantissa bits, which
+        hold every integer up to 15 exactly; 0 for ±0). This sidesteps the fp32 -> fp8 conversion, which
+        wrote wrong bytes on the H100 (triton 3.6) when the tile was stored transposed (module docstring).
+        """
+        if ptrs.dtype.element_ty == tl.uint8:
+            b = q.to(tl.int32, bitcast=True)
+            bits = ((b >> 24) & 0x80) | ((((b >> 23) & 0xFF) - 120) << 3) | ((b >> 20) & 7)
+            bits = tl.where(q == 0.0, 0, bits)
+            tl.store(ptrs, bits.to(tl.uint8), mask=mask)
+        else:
+            tl.store(ptrs, q.to(ptrs.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _round_to_input(y, ROUND: tl.constexpr):
         """fp32 y rounded to the input dtype and back (hadamard_transform returns x's dtype)."""
         if ROUND == 1:
@@ -295,11 +314,10 @@ if HAS_TRITON:
                 q = _rint7(tl.math.div_rn(y, scale[:, None]))
                 ssq += tl.sum(q * q, axis=1)
                 if WRITE_OUT:
-                    out_ptrs = out_ptr + rows64[:, None] * stride_or + cols[None, :]
-                    tl.store(out_ptrs, q.to(out_ptr.dtype.element_ty), mask=mask)
+                    _store_codes(out_ptr + rows64[:, None] * stride_or + cols[None, :], q, mask)
                 if WRITE_T:
                     t_ptrs = out_t_ptr + cols.to(tl.int64)[None, :] * stride_tc + rows64[:, None]
-                    tl.store(t_ptrs, q.to(out_t_ptr.dtype.element_ty), mask=mask)
+                    _store_codes(t_ptrs, q, mask)
             if SPLIT:
                 tl.atomic_add(sumsq_ptr + rows, ssq, mask=row_ok)
             else:
@@ -667,6 +685,9 @@ def _launch_hq(x, b, mode, *, scale_in=None, row_scale=None, out=None, out_t=Non
     br = max(16 if rotate else 1, min(br, max(16, triton.next_power_of_2(n_rows))))
     n_chunks = triton.cdiv(n_cols, cols_per_prog)
     round_mode = _round_mode(x.dtype) if round_rotated and mode != _TRANSFORM else _ROUND_NONE
+    if mode != _TRANSFORM:  # FP8 codes are written as their E4M3 bytes (_store_codes)
+        out, out_t = (t.view(torch.uint8) if t is not None and t.dtype == torch.float8_e4m3fn else t
+                      for t in (out, out_t))
     _hq_kernel[(triton.cdiv(n_rows, br), n_chunks)](
         x, s, scale_in if scale_in is not None else dummy, row_scale if row_scale is not None else dummy,
         out if out is not None else dummy, out_t if out_t is not None else dummy,
