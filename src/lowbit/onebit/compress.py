@@ -170,7 +170,7 @@ def _sync(device: torch.device) -> None:
 
 def _encode_prefix(tokenizer: Any, text: str, n_tokens: int) -> torch.Tensor:
     """The first ``n_tokens`` tokens of ``text``, encoding a growing prefix instead of the whole text."""
-    from .evaluate import encode_text
+    from ..eval import encode_text
 
     chars = max(4 * n_tokens, 1000)
     while True:
@@ -294,6 +294,7 @@ def _table(rows: list[dict[str, Any]], teacher_ppl: float) -> str:
 def run_compress(config: CompressConfig) -> dict[str, Any]:
     """Run the whole pipeline (see the module docstring); returns the dict written to ``results.json``."""
     from ..data import HFTokenizer, TokenBatcher, load_corpus
+    from ..eval import WindowBatches, text_perplexity
     from ..models import load_causal_lm
     from ..trainer import TrainConfig, resolve_device
     from .checkpoint import load_onebit, onebit_bits_per_weight, save_onebit, size_report
@@ -305,7 +306,6 @@ def run_compress(config: CompressConfig) -> dict[str, Any]:
         select_linears,
     )
     from .distill import DistillConfig, DistillLoss, distill, set_trainable
-    from .evaluate import WindowBatches, text_perplexity
     from .synthetic import MixedBatcher, generate_synthetic_corpus
 
     if not isinstance(config, CompressConfig):
@@ -586,9 +586,9 @@ def evaluate_model_dir(
     ``max_tokens`` tokens of the split (None: all), as the pipeline's table. Precision defaults to bf16
     autocast on CUDA and fp32 on the CPU."""
     from ..data import load_corpus
+    from ..eval import text_perplexity
     from ..trainer import resolve_device
     from .checkpoint import load_onebit, load_onebit_tokenizer
-    from .evaluate import text_perplexity
 
     if split not in ("val", "train"):
         raise ValueError(f"split must be 'val' or 'train', got {split!r}")
