@@ -526,3 +526,17 @@ def test_duck_typed_callback_with_fewer_parameters():
     train(model, *_batchers(), _config(steps=3), callbacks=[guard])
     assert guard.seen == [1, 2, 3]
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_tokens_count_the_global_batch_of_a_data_parallel_batcher():
+    """A RankSlicedBatcher (world_size W) gives this rank 1/W of each global batch: tokens count all W."""
+    from lowbit.trainer.distributed import RankSlicedBatcher
+
+    tr, va = _batchers(batch_size=4)
+    sliced = RankSlicedBatcher(tr, rank=0, world_size=2)  # this rank sees 2 of the 4 rows
+    torch.manual_seed(0)
+    res = train(TinyLM(), sliced, va, _config(steps=3, eval_every=0))
+    assert res.tokens == 3 * 4 * 8
+    torch.manual_seed(0)
+    res1 = train(TinyLM(), _batchers(batch_size=4)[0], va, _config(steps=3, eval_every=0))
+    assert res1.tokens == 3 * 4 * 8

@@ -589,6 +589,9 @@ def train(
     last_eval_step = -1
     tokens = resumed_tokens if resumed_tokens is not None else start_step * config.tokens_per_step
     run_tokens, run_time = 0, 0.0
+    # A data-parallel batcher (lowbit.trainer.distributed.RankSlicedBatcher) hands this rank 1/world_size of
+    # each global batch; tokens and tokens/s count the global batch.
+    data_parallel = int(getattr(train_batcher, "world_size", 1) or 1)
     interval_losses: list[float] = []
     interval_tokens, interval_time = 0, 0.0
     t_call = time.perf_counter()
@@ -637,7 +640,7 @@ def train(
             step_tokens = 0
             for _ in range(config.grad_accum):
                 batch = _to_device(train_batcher.sample(), device)
-                step_tokens += _batch_tokens(batch, config.batch_size * config.block_size)
+                step_tokens += _batch_tokens(batch, config.batch_size * config.block_size) * data_parallel
                 with autocast:
                     loss = loss_fn(model, batch)
                 scaler.scale(loss / config.grad_accum).backward()
