@@ -52,7 +52,7 @@ elif [ "$STAGE" = B ]; then
     PYTHONPATH=$PYTHONPATH:/tmp/peers ONE_BUDGET=${INT4_S:-100} OUT=$OUT timeout 150 bash scripts/bench_int4_device.sh one \
         | tail -40
     t "onebit bench"
-    timeout "${ONEBIT_S:-120}" ${ONEBIT_CMD:-python3 -m lowbit.cli bench onebit} >"$OUT/bench_onebit.log" 2>&1
+    timeout "${ONEBIT_S:-120}" ${ONEBIT_CMD:-python3 -m lowbit.bench.onebit --json-out $OUT/bench_onebit.json} >"$OUT/bench_onebit.log" 2>&1
     echo "exit $?"; tail -30 "$OUT/bench_onebit.log"
 fi
 t "stage $STAGE done"
