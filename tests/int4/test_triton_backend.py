@@ -226,3 +226,24 @@ def test_bf16_autocast_reads_the_input_in_bf16():
     assert x.grad.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32
     # The kernels quantize bf16(x), as F.linear under autocast would multiply it.
     torch.testing.assert_close(y, layer(x.to(torch.bfloat16)), rtol=0, atol=0)
+
+
+def test_compiled_gpt_does_not_recompile_per_layer():
+    # H100 run 4 (lowbit bench int4-train, 24 layers): creating and seeding each layer's generator inside
+    # the compiled forward specialized on the layer's seed (an int attribute: static), one recompile per
+    # layer until Dynamo's limit. Compiled from the first call (the generators are made under compile), a
+    # 2-layer GPT has 8 INT4 layers with 8 seeds: with a limit of 4 compilations per frame, made an error,
+    # any per-layer specialization fails here.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.named("tiny", 64, n_layer=2, n_head=2, n_embd=64, block_size=16))
+    convert_to_int4_training(model, Int4TrainingConfig(backend="triton"))
+    idx = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(1))
+    try:
+        with torch._dynamo.config.patch(recompile_limit=4, fail_on_recompile_limit_hit=True):
+            _, loss = torch.compile(model, backend="eager")(idx[:, :-1], idx[:, 1:])
+            loss.backward()
+    finally:
+        torch._dynamo.reset()
+    assert math.isfinite(float(loss))
+    assert all(len(m._generators) == 1 for m in model.modules() if isinstance(m, Int4Linear))

@@ -8,7 +8,8 @@ float8 training (tensorwise, compiled; when torchao is importable) and variants 
 A variant of ours is named ``ours-<recipe>[+option...]``: recipe "hq-lss", "hq" or "rtn" (the fields of
 ``lowbit.int4.RECIPES``: hq / hq-lss block 32, per-row scales, bit splitting per token; rtn per tensor, no
 rotation); options "tensor" / "row" (forward scale granularity), "fp8dw" (``grad_weight_fp8``),
-"dx=triton|cublas|fp8x2" (``grad_x_backend``), "keep=0.25" (LSS keep ratio), "block=64". E.g.
+"dx=auto|triton|cublas|fp8x2" (``grad_x_backend``, default auto), "keep=0.25" (LSS keep ratio),
+"block=64". E.g.
 ``--methods bf16-eager,ours-hq-lss,ours-hq-lss+fp8dw,ours-hq+dx=fp8x2``. For the first shape it also times
 every kernel of ours alone, with its bytes or FLOPs, against a device-to-device copy and the library
 products measured in the same run. Prints a table; writes everything to a JSON file.
@@ -54,14 +55,14 @@ def parse_ours(name: str, block_size: int = 32, keep_ratio: float = 0.5) -> dict
               "grad_granularity": "tensor", "lss_keep_ratio": None}
     else:
         raise ValueError(f"unknown recipe {recipe!r} in {name!r}: hq-lss, hq or rtn")
-    kw.update(grad_weight_fp8=False, grad_x_backend="triton")
+    kw.update(grad_weight_fp8=False, grad_x_backend="auto")
     for opt in opts:
         key, _, val = opt.partition("=")
         if opt in ("tensor", "row"):
             kw["granularity"] = opt
         elif opt == "fp8dw":
             kw["grad_weight_fp8"] = True
-        elif key == "dx" and val in ("triton", "cublas", "fp8x2"):
+        elif key == "dx" and val in ("auto", "triton", "cublas", "fp8x2"):
             kw["grad_x_backend"] = val
         elif key == "keep" and recipe == "hq-lss":
             kw["lss_keep_ratio"] = float(val)

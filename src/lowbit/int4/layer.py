@@ -134,15 +134,20 @@ class Int4Linear(nn.Linear):
     def generator(self, device: torch.device) -> torch.Generator:
         """This layer's backward generator on ``device`` (created on first use, seeded with
         ``rank_seed(self.seed)``: each distributed rank draws its own stream)."""
+        gen = self._generators.get(str(device))
+        return gen if gen is not None else self._new_generator(device)
+
+    @torch.compiler.disable
+    def _new_generator(self, device: torch.device) -> torch.Generator:
+        # Outside any compiled graph: Dynamo cannot trace Generator creation, and tracing the seeding would
+        # specialize on self.seed (an int attribute: static), one recompile per layer. Once per device.
         key = str(device)
-        gen = self._generators.get(key)
-        if gen is None:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(rank_seed(self.seed))
-            pending = self._pending_rng.pop(key, None)
-            if pending is not None:
-                gen.set_state(pending)
-            self._generators[key] = gen
+        gen = torch.Generator(device=device)
+        gen.manual_seed(rank_seed(self.seed))
+        pending = self._pending_rng.pop(key, None)
+        if pending is not None:
+            gen.set_state(pending)
+        self._generators[key] = gen
         return gen
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -221,6 +226,9 @@ class Int4Linear(nn.Linear):
             )
         if (self.config.hadamard and self.block_size is None) or not self.scales_initialized:
             self._first_step(x.reshape(-1, self.in_features))
+        backend = self.backend_for(x.device)
+        if backend == "triton":
+            return self._forward_triton(x)
         return int4_linear(
             x,
             self.weight,
@@ -229,7 +237,24 @@ class Int4Linear(nn.Linear):
             input_scale=self.input_scale,
             weight_scale=self.weight_scale,
             generator=self.generator(x.device),
-            backend=self.backend_for(x.device),
+            backend=backend,
+            reference_draws=self.reference_draws,
+        )
+
+    @torch.compiler.disable
+    def _forward_triton(self, x: torch.Tensor) -> torch.Tensor:
+        # The kernels' call is opaque to torch.compile anyway (launch configurations, a sync for the number
+        # of kept rows): taking the generator here too keeps the layer's Generator and seed out of compiled
+        # frames, so the layers of a model share one compiled forward instead of recompiling per layer.
+        return int4_linear(
+            x,
+            self.weight,
+            self.bias,
+            spec=self.spec,
+            input_scale=self.input_scale,
+            weight_scale=self.weight_scale,
+            generator=self.generator(x.device),
+            backend="triton",
             reference_draws=self.reference_draws,
         )
 
