@@ -231,7 +231,8 @@ def test_bf16_autocast_reads_the_input_in_bf16():
     torch.testing.assert_close(y, layer(x.to(torch.bfloat16)), rtol=0, atol=0)
 
 
-def test_compiled_gpt_does_not_recompile_per_layer():
+@pytest.mark.parametrize("device", [CPU, GPU])
+def test_compiled_gpt_does_not_recompile_per_layer(device):
     # H100 run 4 (lowbit bench int4-train, 24 layers): creating and seeding each layer's generator inside
     # the compiled forward specialized on the layer's seed (an int attribute: static), one recompile per
     # layer until Dynamo's limit. Compiled from the first call (the generators are made under compile), a
@@ -239,9 +240,9 @@ def test_compiled_gpt_does_not_recompile_per_layer():
     # any per-layer specialization fails here.
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = GPT(GPTConfig.named("tiny", 64, n_layer=2, n_head=2, n_embd=64, block_size=16))
+    model = GPT(GPTConfig.named("tiny", 64, n_layer=2, n_head=2, n_embd=64, block_size=16)).to(device)
     convert_to_int4_training(model, Int4TrainingConfig(backend="triton"))
-    idx = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(1))
+    idx = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(1)).to(device)
     try:
         with torch._dynamo.config.patch(recompile_limit=4, fail_on_recompile_limit_hit=True):
             _, loss = torch.compile(model, backend="eager")(idx[:, :-1], idx[:, 1:])
