@@ -193,6 +193,20 @@ def test_train_int4_then_eval_ppl_reconverts(text_file, tmp_path, capsys):
     capsys.readouterr()
     # eval rebuilds the model, converts it to INT4 again and gets the training's own validation loss
     # (same windows; the forward pass is deterministic: rounding, no sampling) up to summation order.
+    # INT4 training evaluates under bf16 autocast with the lowbit.amp fp32 islands (norms, embeddings,
+    # lm_head): eval ppl must apply the same policy, or the head runs in bf16 (~3e-5 relative off).
+    assert main(["eval", "ppl", "--checkpoint", str(out / "checkpoint.pt"), "--json", "--device", "cpu"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["loss"] == pytest.approx(final["val_loss"], rel=1e-5)
+
+
+def test_train_bf16_then_eval_ppl_matches(text_file, tmp_path, capsys):
+    # As above without INT4: a bf16 run's evaluation keeps norms, embeddings and lm_head in fp32 (precision
+    # policy); eval ppl of its checkpoint runs the same computation (a bf16 head was ~5e-5 relative off).
+    out = tmp_path / "bf16"
+    assert main(_train_argv(text_file, out, 3, "--precision", "bf16")) == 0
+    final = [r for r in read_metrics(out / "metrics.jsonl") if "val_ppl" in r][-1]
+    capsys.readouterr()
     assert main(["eval", "ppl", "--checkpoint", str(out / "checkpoint.pt"), "--json", "--device", "cpu"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert got["loss"] == pytest.approx(final["val_loss"], rel=1e-5)
