@@ -221,6 +221,7 @@ def evaluate_checkpoint(
     the evaluation the trainer ran. ``max_batches=None`` uses every window; -1 (default) the checkpoint's
     ``eval_batches``. Returns a ``lowbit.eval.PerplexityResult``.
     """
+    from ..amp import apply_precision_policy
     from ..data import TokenBatcher, encode_corpus, load_corpus
     from ..eval import perplexity
 
@@ -238,6 +239,9 @@ def evaluate_checkpoint(
     block_size = cfg.get("block_size", model.config.block_size) if block_size is None else block_size
     max_batches = cfg.get("eval_batches") if max_batches == -1 else max_batches
     precision = cfg.get("precision", "fp32") if precision is None else precision
+    # The trainer evaluates under its precision policy (lowbit.amp: norms, embeddings and the output head are
+    # fp32 islands outside autocast); without it the head would run in bf16/fp16 under autocast.
+    apply_precision_policy(model, precision)
     batcher = TokenBatcher(tokens, batch_size, block_size)
     return perplexity(
         model, batcher.eval_batches(max_batches), device=resolve_device(device), precision=precision
