@@ -89,7 +89,7 @@ def test_unsupported_combinations_name_the_field():
     with pytest.raises(ValueError, match="in_features=320 is not a multiple of 128"):
         Int4Linear(320, 32, config=Int4TrainingConfig(backend="triton", block_size=64))
     # "auto" never raises for the kernels' sake: it emulates and says why.
-    auto = Int4Linear(64, 24)
+    auto = Int4Linear(64, 24, config=Int4TrainingConfig(backend="auto"))
     assert "backend=auto -> emulate (out_features=24 is not a multiple of 16" in repr(auto)
     auto(torch.randn(4, 64))
     assert auto.backend_for(torch.device("cpu")) == "emulate"
