@@ -1,23 +1,19 @@
 """The fused 8-bit Adam kernel (lowbit.kernels.adam8bit) equals its references bit for bit.
 
-Without CUDA the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set before triton is imported),
+Without CUDA the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set by tests/conftest.py),
 so shapes stay tiny: three blocks and a partial one. Large shapes: tests/optim/test_adam8bit_gpu.py.
 """
 
 import math
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 pytest.importorskip("triton", reason="Triton is not installed")
 
-from lowbit.kernels import adam8bit as K  # noqa: E402
-from lowbit.optim.functional import adam8bit_reference_step, adam_reference_step, adam_scalars  # noqa: E402
-from lowbit.quant.codebook import decision_boundaries, dynamic_map, quantize_blockwise  # noqa: E402
+from lowbit.kernels import adam8bit as K
+from lowbit.optim.functional import adam8bit_reference_step, adam_reference_step, adam_scalars
+from lowbit.quant.codebook import decision_boundaries, dynamic_map, quantize_blockwise
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(3 * 256 + 17,), (20, 50), (300,)]  # 3 blocks + partial; 1000 elements; one partial block

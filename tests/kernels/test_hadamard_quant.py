@@ -1,18 +1,14 @@
 """lowbit.kernels.hadamard_quant against lowbit.quant: HQ codes, bit splitting, LSS gather, rotation back.
 
-On the CPU the kernels run under TRITON_INTERPRET=1, on small shapes: it is set here, and must be set before
-triton is first imported in the process (triton decorates its own library functions at import); the
-gpu-marked tests run full shapes on CUDA.
+On the CPU the kernels run under TRITON_INTERPRET=1 (set by tests/conftest.py before triton is first
+imported), on small shapes; the gpu-marked tests run full shapes on CUDA.
 """
 
 import math
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton", reason="the kernels need Triton (lowbit[triton])")
 
 import lowbit.kernels.hadamard_quant as hq  # noqa: E402
@@ -23,15 +19,6 @@ from lowbit.quant import (  # noqa: E402
     quantize,
     quantize_with_scale,
 )
-
-if not torch.cuda.is_available():
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(hq._hq_kernel, InterpretedFunction):
-        raise RuntimeError(
-            "the Triton kernels were decorated before TRITON_INTERPRET=1 was set: without CUDA, set it "
-            "before triton is first imported in the process (e.g. in tests/conftest.py)"
-        )
 
 CPU = pytest.param("cpu", id="cpu-interpret")
 GPU = pytest.param("cuda", marks=pytest.mark.gpu, id="cuda")
