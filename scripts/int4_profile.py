@@ -1,0 +1,276 @@
+"""Where the time of the INT4 Triton path goes (issue 4), and why its step-0 loss differs from the emulation.
+
+Run on the GPU machine from the repository root: ``PYTHONPATH=src python3 scripts/int4_profile.py --out DIR``.
+Parts (``--parts``, comma-separated; default all):
+
+- ``layer``: one fwd+bwd of ``int4_linear_triton`` per recipe and shape: GPU time (do_bench), host time to
+  enqueue one step (after a sync, no sync at the end), cProfile of the host side (top functions by own
+  time) and torch.profiler's kernel table.
+- ``launch``: host time of one launch of a tiny Triton kernel and of one tiny cuBLAS call (the floor).
+- ``onebit``: host time of one eager ``onebit_matmul`` at M = 1 (4096 x 11008), with its cProfile.
+- ``e2e``: GPT 350m, bf16 vs INT4 hq, eager: step time, host enqueue time and the profiler's top ops.
+- ``agree``: GPT small under bf16 autocast, both backends on the same inputs of every INT4 layer at step 0:
+  per layer the relative output gap and the fraction of X / W codes that differ.
+Everything printed and written to ``DIR/profile.json`` (+ ``*.txt`` tables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import time
+from pathlib import Path
+
+import torch
+
+
+def _cprofile(fn, n=10, top=25) -> str:
+    torch.cuda.synchronize()
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    pr.disable()
+    s = io.StringIO()
+    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(top)
+    return s.getvalue()
+
+
+def _host_ms(fn, n=20) -> float:
+    """Mean host milliseconds to enqueue one call of fn, starting from an idle GPU each time."""
+    times = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    times.sort()
+    return 1000 * times[len(times) // 2]
+
+
+def _kernel_table(fn, n=3, rows=30) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows)
+
+
+def part_layer(args, out: dict, outdir: Path) -> None:
+    import triton.testing
+
+    from lowbit.bench.int4_linear import parse_ours
+    from lowbit.kernels import int4_linear as lin4
+
+    res = out.setdefault("layer", [])
+    for shape in [(8192, 1024, 4096), (16384, 2048, 2048), (16384, 4096, 4096)]:
+        m, k, n = shape
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        gy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+
+        def bf16(x=x, w=w, gy=gy):
+            y = torch.nn.functional.linear(x, w)
+            return torch.autograd.grad(y, (x, w), gy)
+
+        variants = {"bf16": bf16}
+        for name in ("ours-rtn", "ours-hq", "ours-hq-lss", "ours-hq+tensor", "ours-hq-lss+tensor"):
+            kw = parse_ours(name)
+            gen = torch.Generator(device="cuda").manual_seed(0)
+
+            def step(kw=kw, gen=gen, x=x, w=w, gy=gy):
+                y = lin4.int4_linear_triton(x, w, generator=gen, **kw)
+                return torch.autograd.grad(y, (x, w), gy)
+            variants[name] = step
+        for name, fn in variants.items():
+            fn()
+            gpu = float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
+            host = _host_ms(fn)
+            row = {"shape": shape, "variant": name, "do_bench_ms": gpu, "host_enqueue_ms": host}
+            res.append(row)
+            print(f"layer {shape} {name:<20} do_bench {gpu:7.3f} ms  host enqueue {host:7.3f} ms", flush=True)
+            if shape == (8192, 1024, 4096) and name in ("ours-hq-lss", "ours-rtn"):
+                text = _cprofile(fn)
+                (outdir / f"cprofile_{name}.txt").write_text(text)
+                print(text[:6000])
+                tab = _kernel_table(fn)
+                (outdir / f"kernels_{name}.txt").write_text(tab)
+                print(tab[:8000])
+
+
+def part_launch(args, out: dict, outdir: Path) -> None:
+    from lowbit.kernels import hadamard_quant as hq
+
+    x = torch.randn(16, 64, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(16, 16, device="cuda", dtype=torch.bfloat16)
+    r = {}
+    r["hadamard_quantize_tiny_ms"] = _host_ms(lambda: hq.hadamard_quantize(x, 32, granularity="row",
+                                                                       codes_dtype=torch.float8_e4m3fn), 50)
+    r["torch_mm_tiny_ms"] = _host_ms(lambda: a @ a, 50)
+    r["torch_add_tiny_ms"] = _host_ms(lambda: a + a, 50)
+    print("launch floors", r, flush=True)
+    text = _cprofile(lambda: hq.hadamard_quantize(x, 32, granularity="row", codes_dtype=torch.float8_e4m3fn),
+                     n=200, top=20)
+    (outdir / "cprofile_hadamard_quantize.txt").write_text(text)
+    print(text[:4000])
+    out["launch"] = r
+
+
+def part_onebit(args, out: dict, outdir: Path) -> None:
+    from lowbit.kernels import onebit as ob
+    from lowbit.quant import pack_bits
+
+    k, n = 4096, 11008
+    signs = torch.randint(0, 2, (n, k), device="cuda", dtype=torch.bool)
+    packed = pack_bits(signs)
+    g = torch.randn(k, device="cuda", dtype=torch.bfloat16)
+    h = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+
+    def call():
+        return ob.onebit_matmul(x, packed, g, h, n=k)
+    try:
+        call()
+        r = {"host_enqueue_ms": _host_ms(call, 50)}
+        text = _cprofile(call, n=200, top=25)
+        (outdir / "cprofile_onebit.txt").write_text(text)
+        print("onebit", r, flush=True)
+        print(text[:5000])
+        out["onebit"] = r
+    except Exception as exc:  # noqa: BLE001
+        out["onebit"] = {"error": repr(exc)}
+        print("onebit failed", repr(exc))
+
+
+def part_e2e(args, out: dict, outdir: Path) -> None:
+    from lowbit.int4 import Int4TrainingConfig, convert_to_int4_training
+    from lowbit.models import GPT, GPTConfig
+
+    res = out.setdefault("e2e", {})
+    for method in ("bf16", "int4-hq"):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig.named("350m", 50304)).cuda()
+        if method != "bf16":
+            convert_to_int4_training(model, Int4TrainingConfig.named(method[5:], backend="triton"))
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
+        idx = torch.randint(0, 50304, (8, 1025), device="cuda")
+
+        def step(model=model, opt=opt, idx=idx):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                _, loss = model(idx[:, :-1], idx[:, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        step_ms = 1000 * (time.perf_counter() - t0) / 5
+        host = _host_ms(step, 3)
+        res[method] = {"step_ms": step_ms, "host_enqueue_ms": host}
+        print(f"e2e {method}: step {step_ms:.1f} ms, host enqueue {host:.1f} ms", flush=True)
+        tab = _kernel_table(step, n=1, rows=40)
+        (outdir / f"e2e_{method}.txt").write_text(tab)
+        print(tab[:9000])
+        if method != "bf16":
+            text = _cprofile(step, n=2, top=30)
+            (outdir / "cprofile_e2e.txt").write_text(text)
+            print(text[:7000])
+        del step
+        torch.cuda.empty_cache()
+
+
+def part_agree(args, out: dict, outdir: Path) -> None:
+    from lowbit.int4 import Int4Linear, Int4TrainingConfig, convert_to_int4_training
+    from lowbit.int4.function import (
+        _quant_granularity,
+        compute_scale,
+        hadamard_rotate,
+        quantize_with_scale,
+    )
+    from lowbit.kernels import int4_linear as lin4
+    from lowbit.models import GPT, GPTConfig
+
+    res = out.setdefault("agree", {})
+    for recipe in ("hq", "rtn"):
+        torch.manual_seed(0)
+        size = {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256}
+        model = GPT(GPTConfig.named("tiny", 64, **size)).cuda()
+        convert_to_int4_training(model, Int4TrainingConfig.named(recipe, backend="emulate"))
+        inputs = {}
+        for name, mod in model.named_modules():
+            if isinstance(mod, Int4Linear):
+                mod.register_forward_pre_hook(
+                    lambda m, a, name=name, inputs=inputs: inputs.__setitem__(name, a[0].detach()))
+        idx = torch.randint(0, 64, (8, 257), generator=torch.Generator().manual_seed(1)).cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss_e = model(idx[:, :-1], idx[:, 1:])
+        rows = []
+        for name, mod in model.named_modules():
+            if not isinstance(mod, Int4Linear):
+                continue
+            x2d = inputs[name].reshape(-1, mod.in_features).to(torch.bfloat16)
+            spec = mod.spec
+            with torch.autocast("cuda", enabled=False):
+                y_t, saved = lin4.int4_linear_fwd(x2d, mod.weight.contiguous(), None,
+                                                  block_size=spec.block_size, granularity=spec.granularity,
+                                                  out_dtype=torch.bfloat16)
+                vx, vw = hadamard_rotate(x2d, spec.block_size), hadamard_rotate(mod.weight, spec.block_size)
+                sx = compute_scale(vx, 4, _quant_granularity(spec.granularity, "x"))
+                sw = compute_scale(vw, 4, _quant_granularity(spec.granularity, "w"))
+                qx, qw = quantize_with_scale(vx, sx, 4), quantize_with_scale(vw, sw, 4)
+                y_e = ((qx.float() @ qw.float().t()) * sx * sw.reshape(1, -1)).to(torch.bfloat16)
+            tx = saved.x_codes.float()
+            tw = saved.w_codes_t.float().t()
+            row = {
+                "layer": name,
+                "x_code_diff_frac": float((tx != qx.float()).float().mean()),
+                "w_code_diff_frac": float((tw != qw.float()).float().mean()),
+                "x_scale_rel": float(((saved.x_scale.reshape(-1) - sx.reshape(-1)).abs()
+                                      / sx.reshape(-1)).max()),
+                "w_scale_rel": float(((saved.w_scale.reshape(-1) - sw.reshape(-1)).abs()
+                                      / sw.reshape(-1)).max()),
+                "y_rel": float((y_t.float() - y_e.float()).norm() / y_e.float().norm()),
+            }
+            rows.append(row)
+            print("agree", recipe, row, flush=True)
+        res[recipe] = {"loss_emulated": float(loss_e), "layers": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="runs/profile")
+    ap.add_argument("--parts", default="agree,launch,layer,onebit,e2e")
+    args = ap.parse_args()
+    outdir = Path(args.out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    parts = {"layer": part_layer, "launch": part_launch, "onebit": part_onebit, "e2e": part_e2e,
+             "agree": part_agree}
+    for p in args.parts.split(","):
+        t0 = time.perf_counter()
+        try:
+            parts[p](args, out, outdir)
+        except Exception as exc:  # noqa: BLE001 - report and go on with the next part
+            import traceback
+
+            traceback.print_exc()
+            out[p + "_error"] = repr(exc)
+        print(f"== part {p}: {time.perf_counter() - t0:.1f} s", flush=True)
+        (outdir / "profile.json").write_text(json.dumps(out, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
