@@ -252,6 +252,57 @@ def test_gather_scaled_rows_matches_index_and_multiply(device, out_dtype):
     assert a0.shape == (0, 96) and b0.shape == (0, 80)
 
 
+@pytest.mark.parametrize("device", [CPU, GPU])
+@pytest.mark.parametrize("transposed", [False, True], ids=["rows", "transposed"])
+def test_gather_with_a_device_count_zeroes_the_rows_after_it(device, transposed):
+    g = _rows(40, 96, torch.float32, device, seed=2)
+    bs = hq.bit_split_quantize(g, seed=1, write_packed=True)
+    x_codes = torch.randint(-7, 8, (40, 80), device=device).to(F8)
+    # The rows after the count hold garbage (out-of-range indices, NaN factors): they must not be read.
+    src = torch.tensor([0, 3, 3, 39, 17, 10**6, -5, 10**9], device=device)
+    half = torch.tensor([0, 0, 1, 1, 0, 7, 7, 7], device=device)
+    factor = torch.tensor([1e-3, 2e-3, 3e-3, 4e-3, 5e-3, float("nan"), float("inf"), 1.0], device=device)
+    for kept in (0, 3, 5):
+        count = torch.tensor([kept], dtype=torch.int32, device=device)
+        a, b = hq.gather_scaled_rows(bs.hl, x_codes, src, factor, half=half, out_dtype=torch.float16,
+                                     transposed=transposed, count=count)
+        want_a, want_b = hq.gather_scaled_rows(bs.hl, x_codes, src[:kept], factor[:kept], half=half[:kept],
+                                               out_dtype=torch.float16, transposed=transposed)
+        if transposed:
+            a, b = a.t(), b.t()
+            want_a, want_b = want_a.t(), want_b.t()
+        assert a.shape == (8, 96) and b.shape == (8, 80)
+        torch.testing.assert_close(a[:kept], want_a, rtol=0, atol=0)
+        torch.testing.assert_close(b[:kept], want_b, rtol=0, atol=0)
+        assert not a[kept:].any() and not b[kept:].any()
+
+
+@pytest.mark.parametrize("device", [CPU, GPU])
+def test_leverage_sample_with_a_capacity_does_not_sync_and_keeps_the_same_rows(device):
+    n = 40 if device == "cpu" else 16384
+    ssq_hi, ssq_lo, s_hi, s_lo, x_ssq, sx = _lss_inputs(n, device)
+    synced = hq.leverage_sample_compact(ssq_hi, ssq_lo, s_hi, s_lo, x_ssq, sx, 0.5, seed=3)
+    cap = hq.lss_capacity(2 * n, 0.5)
+    free = hq.leverage_sample_compact(ssq_hi, ssq_lo, s_hi, s_lo, x_ssq, sx, 0.5, seed=3, capacity=cap)
+    assert free.count == cap and free.src.numel() == cap and int(free.kept) == synced.count <= cap
+    r = synced.count
+    assert torch.equal(free.src[:r], synced.src) and torch.equal(free.half[:r], synced.half)
+    assert torch.equal(free.factor[:r], synced.factor) and torch.equal(free.factor_max, synced.factor_max)
+
+
+def test_lss_capacity_bound():
+    # k + 8 sqrt(k) + 16 rounded up to 16, never more than the rows; Chernoff: P(overflow) < e^-32.
+    assert hq.lss_capacity(0, 0.5) == 0
+    assert hq.lss_capacity(32, 0.5) == 32
+    for rows, keep in [(2 * 16384, 0.5), (2 * 8192, 0.25), (160, 0.5), (10**6, 0.1)]:
+        cap = hq.lss_capacity(rows, keep)
+        k = keep * rows
+        t = cap - k
+        assert cap % 16 == 0 or cap == rows
+        assert t >= 8 * math.sqrt(k) + 16 or cap == rows
+        assert cap == rows or math.exp(-t * t / (2 * (k + t / 3))) < math.exp(-32)
+
+
 # ---------------------------------------------------------------------------------------------- sampling
 
 

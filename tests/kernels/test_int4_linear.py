@@ -235,18 +235,49 @@ def test_autograd_function(device):
     x, w, gy = _problem(device, seed=6)
     b = torch.randn(w.shape[0], device=device)
     xr, wr, br = (t.detach().clone().requires_grad_(True) for t in (x, w, b))
-    y = lin.int4_linear_triton(xr.reshape(2, -1, x.shape[1]), wr, br,
-                               generator=torch.Generator(device=device).manual_seed(5))
+    seed = torch.tensor([12345], device=device)
+    y = lin.int4_linear_triton(xr.reshape(2, -1, x.shape[1]), wr, br, seed=seed)
     assert y.shape == (2, x.shape[0] // 2, w.shape[0]) and y.dtype == x.dtype
     y.backward(gy.reshape(y.shape))
+    # The custom ops are the kernel-level pair: the backward samples into a static capacity (sync-free).
     y2, saved = lin.int4_linear_fwd(x, w, b, block_size=32)
-    gen = torch.Generator(device=device).manual_seed(5)
-    gx, gw = lin.int4_linear_bwd(gy, saved, lss_keep_ratio=0.5, generator=gen, x_dtype=x.dtype,
+    gx, gw = lin.int4_linear_bwd(gy, saved, lss_keep_ratio=0.5, seed=seed, sync_free=True, x_dtype=x.dtype,
                                  w_dtype=w.dtype)
     torch.testing.assert_close(y.reshape(y2.shape), y2, rtol=0, atol=0)
     torch.testing.assert_close(xr.grad, gx, rtol=0, atol=0)
     torch.testing.assert_close(wr.grad, gw, rtol=0, atol=0)
     torch.testing.assert_close(br.grad, gy.float().sum(0), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", [CPU, GPU])
+def test_sync_free_sampling_equals_the_synced_one(device):
+    # The same seed keeps the same rows; the static capacity only appends zero rows to the ∇W product, so
+    # the results agree up to the product's summation order (fp32, 4·U32 of the sum of |terms|).
+    x, w, gy = _problem(device, seed=8)
+    _, saved = lin.int4_linear_fwd(x, w, block_size=32, granularity="row")
+    seed = torch.tensor([99], device=device)
+    gx0, gw0 = lin.int4_linear_bwd(gy, saved, lss_keep_ratio=0.5, seed=seed, x_dtype=torch.float32)
+    gx1, gw1 = lin.int4_linear_bwd(gy, saved, lss_keep_ratio=0.5, seed=seed, sync_free=True,
+                                   x_dtype=torch.float32)
+    torch.testing.assert_close(gx1, gx0, rtol=0, atol=0)
+    bound = x.shape[0] * U32 * float(gw0.abs().max()) * 4
+    torch.testing.assert_close(gw1, gw0, rtol=0, atol=bound)
+    gx2, gw2 = lin.int4_linear_bwd(gy, saved, lss_keep_ratio=0.5, seed=seed + 1, sync_free=True,
+                                   x_dtype=torch.float32)
+    assert not torch.equal(gw2, gw1)  # another seed, other rows
+
+
+def test_custom_ops_pass_opcheck():
+    # Fake (meta) shapes and the autograd registration of lowbit::int4_linear_fwd (opcheck's test_schema
+    # multiplies the outputs, which CPU torch cannot do for FP8).
+    x, w, gy = _problem("cpu", seed=9)
+    seed = torch.tensor([5])
+    for args in [(x, w, None, seed, 32, "row", "bit_split", "token", 0.5, "auto", False, torch.float32),
+                 (x, w, None, seed, 0, "tensor", "rtn", "tensor", 0.0, "auto", False, torch.float32)]:
+        torch.library.opcheck(torch.ops.lowbit.int4_linear_fwd.default,
+                              (args[0].clone().requires_grad_(True), args[1].clone().requires_grad_(True),
+                               *args[2:]),
+                              test_utils=("test_faketensor", "test_autograd_registration"))
 
 
 def test_argument_errors():
@@ -314,10 +345,10 @@ def test_autograd_function_options(device, options):
     xr, wr = (t.detach().clone().requires_grad_(True) for t in (x, w))
     block = None if grad_quantizer == "rtn" else 32
     gran = "tensor" if grad_quantizer == "rtn" else "row"
+    seed = torch.tensor([777], device=device)
     y = lin.int4_linear_triton(xr, wr, block_size=block, granularity=gran, grad_quantizer=grad_quantizer,
                                grad_granularity="tensor" if grad_quantizer == "rtn" else "token",
-                               lss_keep_ratio=None, grad_x_backend=backend,
-                               generator=torch.Generator(device=device).manual_seed(5))
+                               lss_keep_ratio=None, grad_x_backend=backend, seed=seed)
     y.backward(gy)
     rtn = grad_quantizer == "rtn"  # the Function saves what the all-FP8 backward needs
     wt_dtype = torch.float8_e4m3fn if rtn or backend == "fp8x2" else torch.int8
@@ -329,8 +360,7 @@ def test_autograd_function_options(device, options):
         torch.testing.assert_close(xr.grad, gx, rtol=0, atol=0)
         torch.testing.assert_close(wr.grad, gw, rtol=0, atol=0)
     else:
-        gen = torch.Generator(device=device).manual_seed(5)
-        gx, gw = lin.int4_linear_bwd(gy, saved, generator=gen, x_dtype=x.dtype, w_dtype=w.dtype,
+        gx, gw = lin.int4_linear_bwd(gy, saved, seed=seed, x_dtype=x.dtype, w_dtype=w.dtype,
                                      grad_x_backend=backend)
         torch.testing.assert_close(xr.grad, gx, rtol=0, atol=0)
         torch.testing.assert_close(wr.grad, gw, rtol=0, atol=0)

@@ -69,6 +69,7 @@ __all__ = [
     "hadamard_rows",
     "interpreting",
     "leverage_sample_compact",
+    "lss_capacity",
     "row_absmax",
     "sign_matrix",
     "unpack_hi_lo",
@@ -545,27 +546,34 @@ if HAS_TRITON:
     @triton.jit
     def _gather_kernel(
         src_idx_ptr, half_ptr, factor_ptr, g_ptr, x_ptr, a_out_ptr, b_out_ptr, fmax_ptr, seed_ptr, t_ptr,
-        R_OUT, N, K, stride_gr, stride_xr, stride_ar, stride_br,
+        count_ptr, R_OUT, N, K, stride_gr, stride_xr, stride_ar, stride_br,
         BR: tl.constexpr, BC: tl.constexpr, G_PACKED: tl.constexpr, TRANS: tl.constexpr, POW2: tl.constexpr,
+        COUNTED: tl.constexpr,
     ):
         """Row j of the outputs: a_out[j] = codes of g row src_idx[j] (the hi or lo half when packed),
         b_out[j] = factor[j] · x[src_idx[j]]; both rounded to the outputs' dtype (bf16: RNE). TRANS: the
-        outputs are stored transposed, a_out[:, j] and b_out[:, j] (stride_ar, stride_br: row strides)."""
+        outputs are stored transposed, a_out[:, j] and b_out[:, j] (stride_ar, stride_br: row strides).
+        COUNTED: only rows j < count_ptr[0] are live (read); the rows after them, up to R_OUT, are zeros."""
         pid = tl.program_id(0)
         rows = pid * BR + tl.arange(0, BR)
         row_ok = rows < R_OUT
+        if COUNTED:
+            live = row_ok & (rows < tl.load(count_ptr))
+        else:
+            live = row_ok
         rows64 = rows.to(tl.int64)
-        src = tl.load(src_idx_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-        f = tl.load(factor_ptr + rows, mask=row_ok, other=0.0)
+        src = tl.load(src_idx_ptr + rows, mask=live, other=0).to(tl.int64)
+        f = tl.load(factor_ptr + rows, mask=live, other=0.0)
         if POW2:
             f = _pow2_factor(f, rows, R_OUT, fmax_ptr, seed_ptr, t_ptr, pid)
         cols0 = tl.arange(0, BC)
         if G_PACKED:
-            half = tl.load(half_ptr + rows, mask=row_ok, other=0)  # 0: hi, 1: lo
+            half = tl.load(half_ptr + rows, mask=live, other=0)  # 0: hi, 1: lo
         for c0 in range(0, N, BC):
             cols = c0 + cols0
             mask = row_ok[:, None] & (cols[None, :] < N)
-            c = tl.load(g_ptr + src[:, None] * stride_gr + cols[None, :], mask=mask, other=0).to(tl.int32)
+            c = tl.load(g_ptr + src[:, None] * stride_gr + cols[None, :], mask=live[:, None] & mask,
+                        other=0).to(tl.int32)
             if G_PACKED:
                 hi = c >> 4
                 lo = ((c & 15) ^ 8) - 8
@@ -578,7 +586,8 @@ if HAS_TRITON:
         for c0 in range(0, K, BC):
             cols = c0 + cols0
             mask = row_ok[:, None] & (cols[None, :] < K)
-            xq = tl.load(x_ptr + src[:, None] * stride_xr + cols[None, :], mask=mask).to(tl.float32)
+            xq = tl.load(x_ptr + src[:, None] * stride_xr + cols[None, :], mask=live[:, None] & mask)
+            xq = tl.where(live[:, None], xq.to(tl.float32), 0.0)
             if TRANS:
                 b_ptrs = b_out_ptr + cols.to(tl.int64)[None, :] * stride_br + rows64[:, None]
             else:
@@ -954,6 +963,7 @@ def gather_scaled_rows(
     block_rows: int | None = None,
     block_cols: int | None = None,
     num_warps: int = 4,
+    count: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Compacted operands of a row-sampled product Σ_j a_jᵀ b_j (the ∇W product of LSS).
 
@@ -976,6 +986,9 @@ def gather_scaled_rows(
             factor[j] / t, t = 2^(ceil(log2 factor_max) - 6) (``factor_max`` >= every factor, a one-element
             tensor). Then every b entry, an INT4 code times a power of two in [2^-9, 2^6], is exact in
             E4M3, and E[t · b[j]] = factor[j] · x_codes[src_idx[j]]. Returns t as a third output.
+        count: optional one-element int32 tensor on the device: only the first ``count`` of the R rows are
+            live (their ``src_idx``, ``factor``, ``half`` are read); rows count..R are written as zeros. The
+            sync-free form of a sampled product: R is a static capacity, the number kept stays on the GPU.
 
     Returns:
         (a, b): (R', N) and (R', K) of ``out_dtype``, or (N, R') and (K, R') when transposed; plus the
@@ -1025,11 +1038,13 @@ def gather_scaled_rows(
         extra = (factor_max.reshape(1).float(), seed_t, t_out)
     else:
         extra = (factor, factor, factor)
+    counted = count is not None
+    count_t = count.reshape(1).to(torch.int32) if counted else src_idx
     _gather_kernel[(triton.cdiv(n_out, block_rows),)](
-        src_idx, half_t, factor, g_codes, x_codes, a, b, *extra,
+        src_idx, half_t, factor, g_codes, x_codes, a, b, *extra, count_t,
         R_OUT=n_out, N=n, K=k, stride_gr=g_codes.stride(0), stride_xr=x_codes.stride(0),
         stride_ar=a.stride(0), stride_br=b.stride(0),
-        BR=block_rows, BC=block_cols, G_PACKED=half is not None, TRANS=transposed, POW2=pow2,
+        BR=block_rows, BC=block_cols, G_PACKED=half is not None, TRANS=transposed, POW2=pow2, COUNTED=counted,
         num_warps=num_warps, **_launch_options(dev),
     )
     if pow2:
@@ -1040,7 +1055,9 @@ def gather_scaled_rows(
 class LssSample(NamedTuple):
     """Result of :func:`leverage_sample_compact` for N tokens (2N stacked rows [hi; lo]).
 
-    count: the number R of kept rows (a Python int: reading it is the one device sync).
+    count: the number R of kept rows (a Python int: reading it is the one device sync); with a ``capacity``
+        the capacity instead (no sync), and ``kept`` the one-element int32 device tensor of the number kept,
+        of which the first min(kept, capacity) entries of src / half / factor are valid.
     src: (R,) int32 token of each kept row, in increasing stacked order; half: (R,) int32, 0 = hi, 1 = lo.
     factor: (R,) fp32 s_h · s_x / p of each kept row. p: (2N,) fp32 keep probabilities.
     factor_max: one-element fp32 tensor, the largest factor (0 when none kept), for ``pow2_round``.
@@ -1052,6 +1069,7 @@ class LssSample(NamedTuple):
     factor: torch.Tensor
     p: torch.Tensor
     factor_max: torch.Tensor
+    kept: torch.Tensor | None = None
 
 
 def leverage_sample_compact(
@@ -1067,6 +1085,7 @@ def leverage_sample_compact(
     block: int = 2048,
     iters: int = 40,
     num_warps: int = 8,
+    capacity: int | None = None,
 ) -> LssSample:
     """Leverage-score sampling of the 2N stacked bit-split rows in one single-program kernel.
 
@@ -1080,6 +1099,9 @@ def leverage_sample_compact(
         x_code_sumsq: (N,) Σ q_x² per token; x_scale: (N, 1) or one-element scale of q_x.
         keep_ratio: in (0, 1]: Σ p = keep_ratio · 2N (or every row with a nonzero score, if fewer).
         seed: int or one-element int64 tensor on the device.
+        capacity: None (read the number kept: one device sync) or a static number of rows R
+            (:func:`lss_capacity`): src / half / factor are returned with R entries and the number kept stays
+            on the device (``kept``), for :func:`gather_scaled_rows`'s ``count`` (CUDA-graph capturable).
 
     Returns:
         :class:`LssSample`.
@@ -1120,5 +1142,23 @@ def leverage_sample_compact(
         ITERS=iters, num_warps=num_warps,
         **_launch_options(dev),
     )
+    if capacity is not None:
+        r = min(int(capacity), 2 * n)
+        return LssSample(r, src[:r], half[:r], factor[:r], p, fmax, count)
     r = int(count.item())  # the one sync: the size of the compacted operands
-    return LssSample(r, src[:r], half[:r], factor[:r], p, fmax)
+    return LssSample(r, src[:r], half[:r], factor[:r], p, fmax, count)
+
+
+def lss_capacity(rows: int, keep_ratio: float) -> int:
+    """Static number of compacted rows for sampling ``rows`` rows with Σ p = k = keep_ratio · rows: k plus
+    8·sqrt(k) + 16, rounded up to a multiple of 16, at most ``rows``.
+
+    The number kept is a sum of independent Bernoulli draws with mean <= k; by Chernoff's bound
+    P(count >= k + t) <= exp(-t² / (2(k + t/3))), which for t = 8·sqrt(k) + 16 is below e^-32 (1e-14) for
+    every k. Rows kept beyond the capacity (that improbable event) would be dropped.
+    """
+    if rows <= 0:
+        return 0
+    k = keep_ratio * rows
+    cap = int(math.ceil(k + 8.0 * math.sqrt(k) + 16.0))
+    return min(rows, -(-cap // 16) * 16)

@@ -48,6 +48,7 @@ from .hadamard_quant import (
     hadamard_quantize,
     hadamard_rows,
     leverage_sample_compact,
+    lss_capacity,
 )
 from .int4_matmul import bit_split_fp8_mm, int4_mm, int8_scaled_mm
 
@@ -132,6 +133,19 @@ def int4_linear_fwd(
     return y, saved
 
 
+def _seeds(seed: torch.Tensor | None, generator: torch.Generator | None, device, needed: bool
+           ) -> torch.Tensor:
+    """Three int64 seeds in [0, 2^31 - 1) on ``device`` (bit splitting, sampling, power-of-two rounding):
+    derived on the device from ``seed`` (no host round trip), else drawn from ``generator``."""
+    if seed is None:
+        if not needed:
+            return torch.zeros(3, dtype=torch.int64, device=device)
+        return torch.randint(0, 2**31 - 1, (3,), generator=generator, device=device, dtype=torch.int64)
+    base = seed.reshape(1).to(device=device, dtype=torch.int64)
+    steps = torch.tensor([0, 1_000_003, 2_000_029], dtype=torch.int64, device=device)
+    return (base + steps) % (2**31 - 1)
+
+
 #: Whether ``torch.mm(..., out_dtype=torch.float32)`` works for fp16 operands here (None: not tried yet).
 MM_FP32_OUT: bool | None = None
 
@@ -188,6 +202,8 @@ def int4_linear_bwd(
     row_weights: torch.Tensor | None = None,
     grad_x_backend: str = "auto",
     grad_weight_fp8: bool = False,
+    seed: torch.Tensor | None = None,
+    sync_free: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(∇X, ∇W) of ``int4_linear_fwd`` for the output gradient ``grad_y`` (module docstring).
 
@@ -215,6 +231,11 @@ def int4_linear_bwd(
             s_h · s_x / p is rounded to a power of two, stochastically and unbiased (``gather_scaled_rows``'s
             ``pow2_round``), so that the product is exact; E[∇W] is unchanged, each row's factor gets a
             relative standard deviation of at most 1/sqrt(8) (0.35). Default off: fp16 operands.
+        seed: optional one-element int64 tensor on grad_y's device in [0, 2^31 - 1): the random source
+            instead of ``generator`` (the in-kernel Philox streams are derived from it on the device).
+        sync_free: with sampling, compact the kept rows into a static capacity (``lss_capacity``) and keep
+            their number on the device: no host synchronization, so the call can be captured in a CUDA
+            graph. Rows past the capacity (probability below 1e-14 per call) would be dropped.
 
     Returns:
         (∇X (N, K) or None, ∇W (M, K) or None).
@@ -243,10 +264,10 @@ def int4_linear_bwd(
     if grad_x_backend == "auto":
         grad_x_backend = "triton" if w_per_tensor else "cublas"
     fp8_dw = False
+    # (given noise and sampling weights, only the power-of-two rounding of grad_weight_fp8 draws)
+    seeds = _seeds(seed, generator, dev, grad_quantizer == "bit_split" and (noise is None or grad_weight_fp8))
     if grad_quantizer == "bit_split":
-        seed = None
-        if noise is None:
-            seed = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=dev, dtype=torch.int64)
+        seed = seeds[0:1] if noise is None else None
         dual = need_grad_x and grad_x_backend == "fp8x2" and w_per_tensor
         write_v = (need_grad_x and not dual) or (need_grad_w and not sample)
         bs = bit_split_quantize(grad_y, granularity=grad_granularity, seed=seed if seed is not None else 0,
@@ -312,12 +333,14 @@ def int4_linear_bwd(
         if grad_weight_fp8 and not sample:
             raise ValueError("grad_weight_fp8 needs leverage-score sampling (INT4 halves as the operand)")
         t_scale = None
+        live = None  # with sync_free: the number of kept rows, on the device
         if sample and row_weights is None:
-            seeds = torch.randint(0, 2**31 - 1, (2,), generator=generator, device=dev, dtype=torch.int64)
+            capacity = lss_capacity(2 * n, lss_keep_ratio) if sync_free else None
             lss = leverage_sample_compact(bs.sumsq_hi, bs.sumsq_lo, bs.scale_hi, bs.scale_lo, x_sumsq,
-                                          x_scale, lss_keep_ratio, seeds[0])
+                                          x_scale, lss_keep_ratio, seeds[1:2], capacity=capacity)
             src, half, factor, fmax = lss.src, lss.half, lss.factor, lss.factor_max
             g_src, half_arg = bs.hl, half
+            live = lss.kept if sync_free else None
         elif sample:
             wts = row_weights.reshape(2 * n).float()
             kept = torch.nonzero(wts > 0).squeeze(1)  # one device sync: the number kept
@@ -325,7 +348,6 @@ def int4_linear_bwd(
             s_half = torch.stack((bs.scale_hi.reshape(-1).expand(n), bs.scale_lo.reshape(-1).expand(n)))
             factor = s_half[half, src] * wts[kept] * x_scale_rows[src]
             fmax = factor.amax().reshape(1) if factor.numel() else torch.zeros(1, device=dev)
-            seeds = torch.randint(0, 2**31 - 1, (2,), generator=generator, device=dev, dtype=torch.int64)
             g_src, half_arg = bs.hl, half
         else:
             src = torch.arange(n, device=dev)
@@ -334,14 +356,16 @@ def int4_linear_bwd(
         if grad_weight_fp8:
             # INT4 codes against codes times powers of two: exact on FP8 tensor cores (K-major operands).
             a_t, b_t, t_scale = gather_scaled_rows(g_src, x_codes, src, factor, half=half_arg, out_dtype=_F8,
-                                                   transposed=True, pad_to=16, pow2_round=(fmax, seeds[1]))
+                                                   transposed=True, pad_to=16, pow2_round=(fmax, seeds[2:3]),
+                                                   count=live)
             one = torch.ones(1, device=dev)
             prod = int4_mm(a_t, b_t, one, t_scale, out_dtype=torch.float32)
             norm = one
         else:
-            norm = _pow2_normalizer(factor)
+            # (with a device count, the entries past it are not factors: normalize by the kept maximum)
+            norm = _pow2_normalizer(factor if live is None else fmax)
             a, b = gather_scaled_rows(g_src, x_codes, src, factor / norm, half=half_arg,
-                                      out_dtype=torch.float16)
+                                      out_dtype=torch.float16, count=live)
             if a.shape[0] == 0:
                 prod = torch.zeros(m, k, dtype=torch.float32, device=dev)
             else:
@@ -351,47 +375,97 @@ def int4_linear_bwd(
     return grad_x, grad_w
 
 
-class Int4LinearTriton(torch.autograd.Function):
-    """Autograd Function over :func:`int4_linear_fwd` / :func:`int4_linear_bwd` (absmax scales).
+# ---------------------------------------------------------------------------------------------- custom ops
+# The forward and the backward as two torch.library custom ops: torch.compile traces a layer as one node
+# each (no graph break), and with the sampled rows compacted into a static capacity (``sync_free``) and the
+# randomness seeded from a device tensor, nothing syncs with the host: a compiled training step can run
+# under CUDA graphs (``mode="reduce-overhead"``), which removes the launchers' Python time (milliseconds per
+# layer on the H100 machine, more than the kernels themselves at GPT-350m shapes).
 
-    ``apply(x2d, weight, bias, block_size, granularity, grad_quantizer, grad_granularity, lss_keep_ratio,
-    generator, grad_weight_fp8[, grad_x_backend])`` (grad_x_backend default "auto").
-    """
+_OP_SAVED = 6  # x_codes, x_scale, x_code_sumsq, w_codes_t, w_scale, x_codes_t (empty when not saved)
 
-    @staticmethod
-    def forward(ctx, x2d, weight, bias, block_size, granularity, grad_quantizer, grad_granularity,
-                lss_keep_ratio, generator, grad_weight_fp8, *options):
-        grad_x_backend = options[0] if options else "auto"
-        # A per-tensor "rtn" gradient runs all three products on FP8: save X's codes transposed too (same
-        # pass) and W's transposed codes as FP8; the bit-split gradient's ∇X wants int8 W codes.
-        rtn = grad_quantizer == "rtn"
-        save_x_t = rtn and grad_granularity == "tensor" and granularity == "tensor"
-        wt_dtype = _F8 if rtn or grad_x_backend == "fp8x2" else torch.int8
-        y, saved = int4_linear_fwd(x2d, weight, bias, block_size=block_size, granularity=granularity,
-                                   save_x_codes_t=save_x_t, w_codes_t_dtype=wt_dtype)
-        ctx.save_for_backward(*saved[:5], saved.x_codes_t)
-        ctx.args = (block_size, grad_quantizer, grad_granularity, lss_keep_ratio, generator, grad_weight_fp8,
-                    grad_x_backend)
-        ctx.n_options = len(options)
-        ctx.dtypes = (x2d.dtype, weight.dtype, None if bias is None else bias.dtype)
-        return y
 
-    @staticmethod
-    def backward(ctx, grad_y):
-        (block_size, grad_quantizer, grad_granularity, lss_keep_ratio, generator, grad_weight_fp8,
-         grad_x_backend) = ctx.args
-        tensors = ctx.saved_tensors
-        saved = Int4LinearSaved(*tensors[:5], block_size, x_codes_t=tensors[5])
-        x_dtype, w_dtype, b_dtype = ctx.dtypes
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_y = grad_y.contiguous()
-        grad_x, grad_w = int4_linear_bwd(
-            grad_y, saved, grad_quantizer=grad_quantizer, grad_granularity=grad_granularity,
-            lss_keep_ratio=lss_keep_ratio, generator=generator, need_grad_x=need_x, need_grad_w=need_w,
-            x_dtype=x_dtype, w_dtype=w_dtype, grad_weight_fp8=grad_weight_fp8, grad_x_backend=grad_x_backend,
-        )
-        grad_b = grad_y.float().sum(0).to(b_dtype) if need_b else None
-        return (grad_x, grad_w, grad_b) + (None,) * (7 + ctx.n_options)
+def _op_layout(granularity: str, grad_quantizer: str, grad_granularity: str, grad_x_backend: str):
+    """(save_x_codes_t, w_codes_t dtype): a per-tensor "rtn" gradient runs all three products on FP8 (X's
+    codes also saved transposed, W's as FP8); the bit-split gradient's ∇X wants int8 W codes."""
+    rtn = grad_quantizer == "rtn"
+    save_x_t = rtn and grad_granularity == "tensor" and granularity == "tensor"
+    wt_dtype = _F8 if rtn or grad_x_backend == "fp8x2" else torch.int8
+    return save_x_t, wt_dtype
+
+
+@torch.library.custom_op("lowbit::int4_linear_fwd", mutates_args=())
+def _fwd_op(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, seed: torch.Tensor,
+            block_size: int, granularity: str, grad_quantizer: str, grad_granularity: str, keep_ratio: float,
+            grad_x_backend: str, grad_weight_fp8: bool, out_dtype: torch.dtype,
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                       torch.Tensor]:
+    save_x_t, wt_dtype = _op_layout(granularity, grad_quantizer, grad_granularity, grad_x_backend)
+    y, saved = int4_linear_fwd(x2d, weight, bias, block_size=block_size or None, granularity=granularity,
+                               out_dtype=out_dtype, save_x_codes_t=save_x_t, w_codes_t_dtype=wt_dtype)
+    x_t = saved.x_codes_t if saved.x_codes_t is not None else x2d.new_empty(0, dtype=_F8)
+    return (y, *saved[:5], x_t)
+
+
+@_fwd_op.register_fake
+def _(x2d, weight, bias, seed, block_size, granularity, grad_quantizer, grad_granularity, keep_ratio,
+      grad_x_backend, grad_weight_fp8, out_dtype):
+    n, k = x2d.shape
+    m = weight.shape[0]
+    save_x_t, wt_dtype = _op_layout(granularity, grad_quantizer, grad_granularity, grad_x_backend)
+    row = granularity == "row"
+    f32 = torch.float32
+    return (x2d.new_empty(n, m, dtype=out_dtype), x2d.new_empty(n, k, dtype=_F8),
+            x2d.new_empty(n if row else 1, 1, dtype=f32), x2d.new_empty(n, dtype=f32),
+            x2d.new_empty(k, m, dtype=wt_dtype), x2d.new_empty(m if row else 1, 1, dtype=f32),
+            x2d.new_empty(k, n, dtype=_F8) if save_x_t else x2d.new_empty(0, dtype=_F8))
+
+
+@torch.library.custom_op("lowbit::int4_linear_bwd", mutates_args=())
+def _bwd_op(grad_y: torch.Tensor, x_codes: torch.Tensor, x_scale: torch.Tensor, x_sumsq: torch.Tensor,
+            w_codes_t: torch.Tensor, w_scale: torch.Tensor, x_codes_t: torch.Tensor, seed: torch.Tensor,
+            block_size: int, grad_quantizer: str, grad_granularity: str, keep_ratio: float,
+            grad_x_backend: str, grad_weight_fp8: bool, need_x: bool, need_w: bool, x_dtype: torch.dtype,
+            w_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    saved = Int4LinearSaved(x_codes, x_scale, x_sumsq, w_codes_t, w_scale, block_size or None,
+                            x_codes_t=x_codes_t if x_codes_t.numel() else None)
+    gx, gw = int4_linear_bwd(
+        grad_y, saved, grad_quantizer=grad_quantizer, grad_granularity=grad_granularity,
+        lss_keep_ratio=keep_ratio or None, need_grad_x=need_x, need_grad_w=need_w, x_dtype=x_dtype,
+        w_dtype=w_dtype, grad_x_backend=grad_x_backend, grad_weight_fp8=grad_weight_fp8, seed=seed,
+        sync_free=True,
+    )
+    return (gx if gx is not None else grad_y.new_empty(0, dtype=x_dtype),
+            gw if gw is not None else grad_y.new_empty(0, dtype=w_dtype))
+
+
+@_bwd_op.register_fake
+def _(grad_y, x_codes, x_scale, x_sumsq, w_codes_t, w_scale, x_codes_t, seed, block_size, grad_quantizer,
+      grad_granularity, keep_ratio, grad_x_backend, grad_weight_fp8, need_x, need_w, x_dtype, w_dtype):
+    n, k = x_codes.shape
+    m = w_codes_t.shape[1]
+    return (grad_y.new_empty((n, k) if need_x else (0,), dtype=x_dtype),
+            grad_y.new_empty((m, k) if need_w else (0,), dtype=w_dtype))
+
+
+def _fwd_setup(ctx, inputs, output):
+    (x2d, weight, bias, seed, block_size, granularity, grad_quantizer, grad_granularity, keep_ratio,
+     grad_x_backend, grad_weight_fp8, _) = inputs
+    ctx.save_for_backward(*output[1:], seed)
+    ctx.args = (block_size, grad_quantizer, grad_granularity, keep_ratio, grad_x_backend, grad_weight_fp8)
+    ctx.dtypes = (x2d.dtype, weight.dtype, None if bias is None else bias.dtype)
+
+
+def _fwd_backward(ctx, grad_y, *_):
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    x_dtype, w_dtype, b_dtype = ctx.dtypes
+    grad_y = grad_y.contiguous()
+    gx, gw = _bwd_op(grad_y, *ctx.saved_tensors, *ctx.args, need_x, need_w, x_dtype, w_dtype)
+    grad_b = grad_y.float().sum(0).to(b_dtype) if need_b else None
+    return (gx if need_x else None, gw if need_w else None, grad_b) + (None,) * 9
+
+
+_fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup)
 
 
 def int4_linear_triton(
@@ -407,13 +481,18 @@ def int4_linear_triton(
     generator: torch.Generator | None = None,
     grad_weight_fp8: bool = False,
     grad_x_backend: str = "auto",
+    seed: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """INT4 fully quantized ``x · weightᵀ + bias`` on the Triton / FP8 path (differentiable: x, weight, bias).
 
     x: (..., K) bf16 / fp16 / fp32 on CUDA; weight (M, K); bias (M,) or None. Defaults: the "hq-lss" recipe
     of ``lowbit.int4`` (block 32, per-tensor absmax scales, bit splitting per token, keep ratio 0.5);
-    ``grad_weight_fp8``, ``grad_x_backend`` as in :func:`int4_linear_bwd`.
-    Returns (..., M) in x's dtype.
+    ``grad_weight_fp8``, ``grad_x_backend`` as in :func:`int4_linear_bwd`. The backward's randomness comes
+    from ``seed`` (one-element int64 tensor on x's device, in [0, 2^31 - 1)), else from one draw of
+    ``generator``. The forward and backward are the custom ops ``lowbit::int4_linear_fwd`` / ``_bwd``:
+    traceable by torch.compile, and free of host syncs (CUDA graphs).
+    Returns (..., M) in ``out_dtype`` (default x's dtype). x's rows: a multiple of 16 on CUDA.
     """
     k = weight.shape[1]
     if x.shape[-1] != k:
@@ -421,6 +500,8 @@ def int4_linear_triton(
     x2d = x.reshape(-1, k)
     if x2d.stride(1) != 1:
         x2d = x2d.contiguous()
-    y = Int4LinearTriton.apply(x2d, weight, bias, block_size, granularity, grad_quantizer, grad_granularity,
-                               lss_keep_ratio, generator, grad_weight_fp8, grad_x_backend)
+    if seed is None:
+        seed = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=x.device, dtype=torch.int64)
+    y = _fwd_op(x2d, weight, bias, seed, block_size or 0, granularity, grad_quantizer, grad_granularity,
+                lss_keep_ratio or 0.0, grad_x_backend, grad_weight_fp8, out_dtype or x.dtype)[0]
     return y.reshape(*x.shape[:-1], weight.shape[0])
