@@ -35,6 +35,7 @@ Two launches in flight at once on one stream are ordered by the stream, so they 
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -55,13 +56,16 @@ __all__ = [
     "GemvConfig",
     "LutConfig",
     "MMConfig",
+    "OneBitPlan",
     "PlanesConfig",
     "UnpackMMConfig",
     "unpack_weight",
     "LN_FUSE_MAX_ELEMENTS",
     "as_int32_words",
     "onebit_gemv",
+    "onebit_linear_packed",
     "onebit_matmul",
+    "onebit_matmul_plan",
     "onebit_mm",
     "select_config",
     "triton_usable",
@@ -438,6 +442,59 @@ if HAS_TRITON:
                             pid_k, h_ptr, out_ptr, stride_om, stride_on, ypre_ptr,
                             (N + BLOCK_N - 1) // BLOCK_N, ln_eps, LN, LN_BLOCK)
 
+    @triton.jit
+    def _onebit_planesx_kernel(
+        x_ptr, g_ptr, w_ptr, h_ptr, out_ptr, part_ptr, cnt_ptr, ypre_ptr,
+        M, N, K, KW, kw_per_split, split_k,
+        stride_xm, stride_xk, stride_wn, stride_om, stride_on,
+        ln_eps,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+        LN: tl.constexpr, LN_BLOCK: tl.constexpr,
+    ):
+        """The bit-plane GEMV in one launch: as ``_onebit_planes_kernel``, but plane j of x ⊙ g is formed
+        here from x and g (x[32 i + j] · g[32 i + j] in fp32, the same products as ``_xg_planes_kernel``,
+        0 past K) instead of being read from the planes buffer. No pre-kernel and no planes buffer; x and g
+        are read with a stride of 32 elements per plane (the 32 planes of a step touch the same lines, so
+        all but the first hit L1). Same summation order as the planes kernel: the same bits.
+        grid = (cdiv(N, BLOCK_N), split_k); kw_per_split is a multiple of BLOCK_KW."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        w_rows = w_ptr + (offs_n % N).to(tl.int64)[:, None] * stride_wn
+        kw_lo = pid_k * kw_per_split
+        kw_hi = tl.minimum(kw_lo + kw_per_split, KW)
+        offs_w = tl.arange(0, BLOCK_KW)
+        offs_m = tl.arange(0, BLOCK_M)
+        tile = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        for m in range(0, M):
+            x_row = x_ptr + m * stride_xm
+            acc = tl.full((BLOCK_N, BLOCK_KW), 0.0, tl.float32)
+            w = tl.load(w_rows + (kw_lo + offs_w)[None, :], mask=(kw_lo + offs_w < kw_hi)[None, :], other=0)
+            for kw0 in range(kw_lo, kw_hi, BLOCK_KW):
+                nxt = kw0 + BLOCK_KW + offs_w
+                w_next = tl.load(w_rows + nxt[None, :], mask=(nxt < kw_hi)[None, :], other=0)
+                # a block lies inside this split or past KW (splits are whole blocks): k < K masks both
+                k0 = (kw0 + offs_w) * 32
+                for j in tl.static_range(32):
+                    kmask = k0 + j < K
+                    xv = tl.load(x_row + (k0 + j) * stride_xk, mask=kmask, other=0.0).to(tl.float32)
+                    gv = tl.load(g_ptr + k0 + j, mask=kmask, other=0.0).to(tl.float32)
+                    xgj = (xv * gv).to(tl.int32, bitcast=True)
+                    sign = (w << (31 - j)) & -2147483648  # bit j -> the fp32 sign bit
+                    acc += (xgj[None, :] ^ sign).to(tl.float32, bitcast=True)
+                w = w_next
+            y = -tl.reduce(acc, 1, _add)  # (BLOCK_N,): (x_m ⊙ g)·Sᵀ
+            tile = tl.where(offs_m[:, None] == m, y[None, :], tile)
+        m_mask = offs_m < M
+        if split_k == 1:
+            _finish_tile(tile, offs_m, offs_n, m_mask, n_mask, h_ptr, out_ptr, stride_om, stride_on, ypre_ptr,
+                         cnt_ptr, (N + BLOCK_N - 1) // BLOCK_N, M, N, ln_eps, LN, LN_BLOCK)
+        else:
+            _reduce_split_k(tile, pid_n, offs_m, offs_n, m_mask, n_mask, part_ptr, cnt_ptr, M, N, split_k,
+                            pid_k, h_ptr, out_ptr, stride_om, stride_on, ypre_ptr,
+                            (N + BLOCK_N - 1) // BLOCK_N, ln_eps, LN, LN_BLOCK)
+
     # --------------------------------------------------------------------------- LUT GEMV (CUDA cores)
 
     @triton.jit
@@ -613,6 +670,7 @@ class PlanesConfig:
     waves: int = 4
     num_warps: int = 4
     num_stages: int = 1
+    fused_xg: bool = False  # one launch: form x ⊙ g in the main kernel (``_onebit_planesx_kernel``)
 
 
 @dataclass(frozen=True)
@@ -669,6 +727,15 @@ VARIANTS: dict = {
     "tc_m128_n128_k64_w8": MMConfig(block_m=128, block_n=128, block_k=64, num_warps=8),
     "unpack_mm": UnpackMMConfig(),
     "unpack_mm_f32acc": UnpackMMConfig(fp32_acc=True),
+    # Single-launch variants for few tokens (third round, not measured yet): no pre-kernel and, with
+    # split_k = 1, no split-K partials either (h and the fused post-LN are in the same launch).
+    "core1_n32_kw8": GemvConfig(block_n=32, block_kw=8, split_k=1, num_warps=4),
+    "core1_n16_kw8": GemvConfig(block_n=16, block_kw=8, split_k=1, num_warps=4),
+    "core1_n64_kw8_w8": GemvConfig(block_n=64, block_kw=8, split_k=1, num_warps=8),
+    "planesx_n64_kw32": PlanesConfig(block_n=64, block_kw=32, num_warps=4, fused_xg=True),
+    "planesx_n32_kw32": PlanesConfig(block_n=32, block_kw=32, num_warps=4, fused_xg=True),
+    "planesx1_n32_kw32": PlanesConfig(block_n=32, block_kw=32, split_k=1, num_warps=4, fused_xg=True),
+    "planesx1_n16_kw16": PlanesConfig(block_n=16, block_kw=16, split_k=1, num_warps=2, fused_xg=True),
 }
 VARIANT_M_RANGE: dict = {
     "planes_n64_kw32": (1, 16), "planes_n128_kw32_w8": (1, 16), "planes_n32_kw32": (1, 16),
@@ -676,13 +743,16 @@ VARIANT_M_RANGE: dict = {
     "tc16_n64_k256": (2, 16), "tc16_n128_k128": (2, 16), "tc16_n64_k256_swap": (2, 16),
     "tc16_n128_k256_swap_w8": (2, 16), "tc_m64_n128_k64": (17, 1 << 30), "tc_m128_n128_k64_w8": (17, 1 << 30),
     "unpack_mm": (1, 1 << 30), "unpack_mm_f32acc": (1, 1 << 30),
+    "core1_n32_kw8": (1, 2), "core1_n16_kw8": (1, 2), "core1_n64_kw8_w8": (1, 2),
+    "planesx_n64_kw32": (1, 16), "planesx_n32_kw32": (1, 16), "planesx1_n32_kw32": (1, 16),
+    "planesx1_n16_kw16": (1, 16),
 }
 
-
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return _SM_COUNT_DEFAULT
+#: Flip to True (after measuring) to let ``select_config`` pick the single-launch variants at M = 1:
+#: ``SINGLE_LAUNCH_M1`` maps the three M = 1 cases of the rule (small weight, K > N, else) to variant names.
+#: Default False: the measured second-round rule.
+PREFER_SINGLE_LAUNCH_M1 = False
+SINGLE_LAUNCH_M1 = {"small": "core1_n32_kw8", "k_gt_n": "planesx_n32_kw32", "other": "planesx_n64_kw32"}
 
 
 def select_config(m: int, n_out: int, k: int, sm_count: int = _SM_COUNT_DEFAULT):
@@ -697,6 +767,9 @@ def select_config(m: int, n_out: int, k: int, sm_count: int = _SM_COUNT_DEFAULT)
     - 17 <= M < UNPACK_MM_MIN_M: ``tc_m64_n128_k64``; from UNPACK_MM_MIN_M: unpack, then cuBLAS.
     """
     if m <= GEMV_CORE_MAX_M:
+        if PREFER_SINGLE_LAUNCH_M1:
+            case = "small" if n_out * k <= GEMV_SMALL_WEIGHT else "k_gt_n" if k > n_out else "other"
+            return VARIANTS[SINGLE_LAUNCH_M1[case]]
         if n_out * k <= GEMV_SMALL_WEIGHT:
             return VARIANTS["core_n32_kw8"]
         return VARIANTS["planes_n32_kw32" if k > n_out else "planes_n64_kw32"]
@@ -730,23 +803,43 @@ def _auto_split_k(tiles: int, k_steps: int, sm_count: int, max_split: int = 16) 
 # ------------------------------------------------------------------------------------------------ host side
 
 
-class _Counters:
-    """Zeroed int32 counter buffers per (device, stream); kernels leave every counter they use at zero."""
+class _Workspace:
+    """Scratch shared by the launches of one (device, stream), each used only inside one launch: int32
+    counters (every launch leaves those it used at zero), an fp32 buffer for the fused LayerNorm's pre-LN
+    values (written by the tiles, read by the last program of the same launch) and a 1-element dummy for
+    pointer arguments a launch does not use. Launches on one stream are ordered, so they can share it."""
 
-    def __init__(self):
-        self._buffers: dict = {}
+    __slots__ = ("cnt", "ypre", "dummy")
 
-    def get(self, device: torch.device, size: int) -> torch.Tensor:
-        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-        key = (device, stream)
-        buf = self._buffers.get(key)
-        if buf is None or buf.numel() < size:
-            buf = torch.zeros(max(size, 1024), dtype=torch.int32, device=device)
-            self._buffers[key] = buf
-        return buf
+    def __init__(self, device: torch.device, n_cnt: int, n_ypre: int):
+        self.cnt = torch.zeros(max(n_cnt, 1024), dtype=torch.int32, device=device)
+        self.ypre = torch.empty(max(n_ypre, LN_FUSE_MAX_ELEMENTS), dtype=torch.float32, device=device)
+        self.dummy = torch.empty(1, dtype=torch.float32, device=device)
 
 
-_COUNTERS = _Counters()
+_WORKSPACES: dict = {}
+# Replaced workspaces stay alive: a CUDA graph captured with one keeps using its addresses.
+_RETIRED_WORKSPACES: list = []
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def _current_stream_id(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    if _raw_stream is not None:  # what Triton's launcher itself calls: no Stream object
+        return _raw_stream(device.index if device.index is not None else torch.cuda.current_device())
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _workspace(device: torch.device, n_cnt: int, n_ypre: int) -> _Workspace:
+    key = (device, _current_stream_id(device))
+    ws = _WORKSPACES.get(key)
+    if ws is None or ws.cnt.numel() < n_cnt or ws.ypre.numel() < n_ypre:
+        if ws is not None:
+            _RETIRED_WORKSPACES.append(ws)
+            n_cnt, n_ypre = max(n_cnt, ws.cnt.numel()), max(n_ypre, ws.ypre.numel())
+        ws = _WORKSPACES[key] = _Workspace(device, n_cnt, n_ypre)
+    return ws
 
 
 def as_int32_words(signs_packed: torch.Tensor, n: int) -> torch.Tensor:
@@ -834,144 +927,286 @@ def _check_eps(layernorm_eps):
     return float(layernorm_eps)
 
 
-def _buffers(p: _Problem, split_k: int, tiles: int, fuse_ln: bool):
-    dev = p.x2.device
-    part = torch.empty(split_k * p.m * p.n_out if split_k > 1 else 1, dtype=torch.float32, device=dev)
-    ypre = torch.empty(p.m * p.n_out if fuse_ln else 1, dtype=torch.float32, device=dev)
-    cnt = _COUNTERS.get(dev, tiles + 1)
-    return part, ypre, cnt
-
-
-def _finish_unfused(y32: torch.Tensor, p: _Problem, eps: float | None) -> torch.Tensor:
-    if eps is not None:
-        y32 = F.layer_norm(y32, (p.n_out,), eps=eps)
-    return y32.to(p.out_dtype)
-
-
 def _ln_block(n_out: int) -> int:
     return min(1024, triton.next_power_of_2(max(n_out, 16)))
 
 
-def _launch_gemv(p: _Problem, cfg: GemvConfig, eps: float | None, fuse_ln: bool) -> torch.Tensor:
-    out = torch.empty((p.m, p.n_out), dtype=p.out_dtype if fuse_ln or eps is None else torch.float32,
-                      device=p.x2.device)
-    kw_total = p.w.shape[1]
-    n_tiles = triton.cdiv(p.n_out, cfg.block_n)
-    k_steps = triton.cdiv(kw_total, cfg.block_kw)
-    split_k = cfg.split_k or _auto_split_k(p.m * n_tiles, k_steps, _sm_count(p.x2.device))
-    split_k = max(1, min(split_k, k_steps))
-    kw_per_split = triton.cdiv(k_steps, split_k) * cfg.block_kw
-    split_k = triton.cdiv(kw_total, kw_per_split)  # no empty splits
-    part, ypre, cnt = _buffers(p, split_k, p.m * n_tiles, fuse_ln)
-    grid = (p.m * n_tiles, split_k)
-    _onebit_gemv_kernel[grid](
-        p.x2, p.w, p.g, p.h, out, part, cnt, ypre,
-        p.m, p.n_out, p.k, kw_total, kw_per_split, split_k, n_tiles,
-        p.x2.stride(0), p.x2.stride(1), p.w.stride(0), out.stride(0), out.stride(1),
-        eps if eps is not None else 0.0,
-        BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw, LN=fuse_ln, LN_BLOCK=_ln_block(p.n_out),
-        EVEN_K=p.k % (32 * cfg.block_kw) == 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    return out
+_SM_COUNTS: dict = {}
 
 
-_TL_DOT = {}
+def _sm_count(device: torch.device) -> int:
+    """SM count of ``device`` (cached per device; _SM_COUNT_DEFAULT off CUDA)."""
+    count = _SM_COUNTS.get(device)
+    if count is None:
+        if device.type == "cuda":
+            count = torch.cuda.get_device_properties(device).multi_processor_count
+        else:
+            count = _SM_COUNT_DEFAULT
+        _SM_COUNTS[device] = count
+    return count
 
 
-def _launch_mm(p: _Problem, cfg: MMConfig, eps: float | None, fuse_ln: bool) -> torch.Tensor:
-    if cfg.block_k % 32 or cfg.block_k < 32:
-        raise ValueError(f"block_k must be a multiple of 32, got {cfg.block_k}")
-    out = torch.empty((p.m, p.n_out), dtype=p.out_dtype if fuse_ln or eps is None else torch.float32,
-                      device=p.x2.device)
-    x2 = p.x2
-    split3 = not (x2.dtype in (torch.bfloat16, torch.float16) and p.g.dtype == x2.dtype)
-    if split3:
-        g_arg, dot_dtype = p.g, tl.bfloat16
-    else:
-        g_arg = p.g.view(torch.int16)
-        dot_dtype = tl.bfloat16 if x2.dtype == torch.bfloat16 else tl.float16
-    tiles = triton.cdiv(p.m, cfg.block_m) * triton.cdiv(p.n_out, cfg.block_n)
-    k_steps = triton.cdiv(p.k, cfg.block_k)
-    split_k = cfg.split_k or _auto_split_k(tiles, k_steps, _sm_count(x2.device))
-    split_k = max(1, min(split_k, k_steps))
-    k_per_split = triton.cdiv(k_steps, split_k) * cfg.block_k
-    split_k = triton.cdiv(p.k, k_per_split)
-    part, ypre, cnt = _buffers(p, split_k, tiles, fuse_ln)
-    grid = (tiles, split_k)
-    _onebit_mm_kernel[grid](
-        x2, p.w, g_arg, p.h, out, part, cnt, ypre,
-        p.m, p.n_out, p.k, p.w.shape[1], k_per_split, split_k,
-        x2.stride(0), x2.stride(1), p.w.stride(0), out.stride(0), out.stride(1),
-        eps if eps is not None else 0.0,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        SPLIT3=split3, DOT_DTYPE=dot_dtype, LN=fuse_ln, LN_BLOCK=_ln_block(p.n_out), F32_DOT=_INTERPRETED,
-        SWAP_AB=cfg.swap_ab and not split3, EVEN_K=p.k % cfg.block_k == 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    return out
-
-
-def _split_words(kw_total: int, block_kw: int, n_tiles: int, cfg, device) -> tuple[int, int]:
+def _split_words(kw_total: int, block_kw: int, n_tiles: int, cfg, sm_count: int) -> tuple[int, int]:
     """(split_k, words per split) for the CUDA-core GEMVs: about cfg.waves programs per SM; every split a
     whole number of BLOCK_KW blocks (so no block straddles two splits)."""
     k_blocks = triton.cdiv(kw_total, block_kw)
-    split = cfg.split_k or -(-cfg.waves * _sm_count(device) // n_tiles)
+    split = cfg.split_k or -(-cfg.waves * sm_count // n_tiles)
     split = max(1, min(split, k_blocks))
     kw_per_split = triton.cdiv(k_blocks, split) * block_kw
     return triton.cdiv(kw_total, kw_per_split), kw_per_split
 
 
-def _launch_planes(p: _Problem, cfg: PlanesConfig, eps: float | None, fuse_ln: bool) -> torch.Tensor:
-    if cfg.block_kw < 1 or cfg.block_kw & (cfg.block_kw - 1) or p.m > 16:
-        raise ValueError(f"planes GEMV: block_kw must be a power of two and M <= 16, got {cfg}, M = {p.m}")
-    dev = p.x2.device
-    out = torch.empty((p.m, p.n_out), dtype=p.out_dtype if fuse_ln or eps is None else torch.float32,
-                      device=dev)
-    kw_total = p.w.shape[1]
-    kwp = triton.cdiv(kw_total, cfg.block_kw) * cfg.block_kw  # planes padded with zeros: unmasked loads
-    xgp = torch.empty((p.m, 32, kwp), dtype=torch.float32, device=dev)
-    block_w = min(64, triton.next_power_of_2(kwp))
-    _xg_planes_kernel[(p.m, triton.cdiv(kwp, block_w))](
-        p.x2, p.g, xgp, p.k, kwp, p.x2.stride(0), p.x2.stride(1), BLOCK_W=block_w, num_warps=4)
-    n_tiles = triton.cdiv(p.n_out, cfg.block_n)
-    split_k, kw_per_split = _split_words(kw_total, cfg.block_kw, n_tiles, cfg, dev)
-    part, ypre, cnt = _buffers(p, split_k, n_tiles, fuse_ln)
-    _onebit_planes_kernel[(n_tiles, split_k)](
-        xgp, p.w, p.h, out, part, cnt, ypre,
-        p.m, p.n_out, kw_total, kwp, kw_per_split, split_k,
-        p.w.stride(0), out.stride(0), out.stride(1),
-        eps if eps is not None else 0.0,
-        BLOCK_M=triton.next_power_of_2(p.m), BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw, LN=fuse_ln,
-        LN_BLOCK=_ln_block(p.n_out), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    return out
+class OneBitPlan:
+    """Everything about one product that depends only on the shapes, dtypes, device, LayerNorm and variant
+    (not on the data): the kernel(s), grid, split-K, tile constants and buffer sizes, decided once.
+
+    ``plan(x2, words, g, h)`` runs it: x2 (m, n) any strides, words int32 (n_out, ceil(n / 32)) with unit
+    column stride (``as_int32_words``), g (n,) and h (n_out,) contiguous, all on ``device``; returns the
+    (m, n_out) result of ``out_dtype``. Per call it allocates the output and, only where the variant
+    needs them, the split-K partials (split_k > 1) and the planes / LUT buffer of a pre-kernel; the
+    counters and the fused LayerNorm's fp32 buffer come from a per-(device, stream) workspace. Get one
+    with :func:`onebit_matmul_plan` (cached); the results are those of :func:`onebit_matmul` bit for bit.
+    """
+
+    def __init__(self, m, n_out, k, x_dtype, g_dtype, out_dtype, device, eps, cfg, fuse_ln):
+        if not HAS_TRITON:
+            raise RuntimeError("the OneBit kernels need Triton: pip install 'lowbit[triton]'")
+        self.m, self.n_out, self.k, self.kw = m, n_out, k, -(-k // 32)
+        self.x_dtype, self.g_dtype, self.out_dtype = x_dtype, g_dtype, out_dtype
+        self.device, self.eps, self.cfg = device, eps, cfg
+        self.eps_arg = eps if eps is not None else 0.0
+        if fuse_ln is None:
+            fuse_ln = eps is not None and m * n_out <= LN_FUSE_MAX_ELEMENTS
+        self.fuse_ln = bool(fuse_ln) and eps is not None and not isinstance(cfg, UnpackMMConfig)
+        # the kernels write fp32 when an unfused LayerNorm follows (F.layer_norm on the fp32 product)
+        self.alloc_dtype = out_dtype if self.fuse_ln or eps is None else torch.float32
+        self.n_ypre = m * n_out if self.fuse_ln else 0
+        self.n_part = 0
+        self.n_cnt = 0
+        sm = _sm_count(device)
+        ln_block = _ln_block(n_out)
+        if isinstance(cfg, UnpackMMConfig):
+            self._call = self._call_unpack_mm
+        elif isinstance(cfg, GemvConfig):
+            n_tiles = triton.cdiv(n_out, cfg.block_n)
+            k_steps = triton.cdiv(self.kw, cfg.block_kw)
+            split_k = cfg.split_k or _auto_split_k(m * n_tiles, k_steps, sm)
+            split_k = max(1, min(split_k, k_steps))
+            self.kw_per_split = triton.cdiv(k_steps, split_k) * cfg.block_kw
+            self.split_k = triton.cdiv(self.kw, self.kw_per_split)  # no empty splits
+            self.n_tiles = n_tiles
+            self._set_scratch(m * n_tiles)
+            self.grid = (m * n_tiles, self.split_k)
+            self.meta = dict(BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw, LN=self.fuse_ln, LN_BLOCK=ln_block,
+                             EVEN_K=k % (32 * cfg.block_kw) == 0, num_warps=cfg.num_warps,
+                             num_stages=cfg.num_stages)
+            self._call = self._call_gemv
+        elif isinstance(cfg, (PlanesConfig, LutConfig)):
+            planes = isinstance(cfg, PlanesConfig)
+            if planes and (cfg.block_kw < 1 or cfg.block_kw & (cfg.block_kw - 1) or m > 16):
+                raise ValueError(
+                    f"planes GEMV: block_kw must be a power of two and M <= 16, got {cfg}, M = {m}")
+            if not planes and m > 16:
+                raise ValueError(f"LUT GEMV: M must be <= 16, got {m}")
+            n_tiles = triton.cdiv(n_out, cfg.block_n)
+            self.split_k, self.kw_per_split = _split_words(self.kw, cfg.block_kw, n_tiles, cfg, sm)
+            self._set_scratch(n_tiles)
+            self.grid = (n_tiles, self.split_k)
+            self.meta = dict(BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw,
+                             LN=self.fuse_ln, LN_BLOCK=ln_block, num_warps=cfg.num_warps,
+                             num_stages=cfg.num_stages)
+            if not planes:
+                self.kb = 4 * self.kw  # one table per byte of a row (bytes past K get a table of zeros)
+                self.prep_grid = (m, triton.cdiv(self.kb, 16))
+                self._call = self._call_lut
+            elif cfg.fused_xg:
+                self._call = self._call_planesx
+            else:
+                self.kwp = triton.cdiv(self.kw, cfg.block_kw) * cfg.block_kw  # planes padded with zeros
+                self.block_w = min(64, triton.next_power_of_2(self.kwp))
+                self.prep_grid = (m, triton.cdiv(self.kwp, self.block_w))
+                self._call = self._call_planes
+        elif isinstance(cfg, MMConfig):
+            if cfg.block_k % 32 or cfg.block_k < 32:
+                raise ValueError(f"block_k must be a multiple of 32, got {cfg.block_k}")
+            split3 = not (x_dtype in (torch.bfloat16, torch.float16) and g_dtype == x_dtype)
+            self.g_as_int16 = not split3
+            dot_dtype = tl.bfloat16 if split3 or x_dtype == torch.bfloat16 else tl.float16
+            tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n_out, cfg.block_n)
+            k_steps = triton.cdiv(k, cfg.block_k)
+            split_k = cfg.split_k or _auto_split_k(tiles, k_steps, sm)
+            split_k = max(1, min(split_k, k_steps))
+            self.k_per_split = triton.cdiv(k_steps, split_k) * cfg.block_k
+            self.split_k = triton.cdiv(k, self.k_per_split)
+            self._set_scratch(tiles)
+            self.grid = (tiles, self.split_k)
+            self.meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                             GROUP_M=cfg.group_m, SPLIT3=split3, DOT_DTYPE=dot_dtype, LN=self.fuse_ln,
+                             LN_BLOCK=ln_block,
+                             F32_DOT=_INTERPRETED, SWAP_AB=cfg.swap_ab and not split3,
+                             EVEN_K=k % cfg.block_k == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            self._call = self._call_mm
+        else:
+            raise TypeError(f"not a kernel config: {cfg!r}")
+
+    def _set_scratch(self, tiles: int) -> None:
+        self.n_part = self.split_k * self.m * self.n_out if self.split_k > 1 else 0
+        self.n_cnt = tiles + 1
+
+    @property
+    def launches(self) -> int:
+        """Triton launches per call (the unpack path: 2 plus cuBLAS)."""
+        cfg = self.cfg
+        if isinstance(cfg, (LutConfig, UnpackMMConfig)):
+            return 2
+        if isinstance(cfg, PlanesConfig) and not cfg.fused_xg:
+            return 2
+        return 1
+
+    def __repr__(self) -> str:
+        return (f"OneBitPlan(m={self.m}, n_out={self.n_out}, k={self.k}, cfg={self.cfg}, "
+                f"split_k={getattr(self, 'split_k', None)}, fuse_ln={self.fuse_ln})")
+
+    def __call__(self, x2: torch.Tensor, w: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        out = self._call(x2, w, g, h)
+        if self.eps is not None and not self.fuse_ln and not isinstance(self.cfg, UnpackMMConfig):
+            out = F.layer_norm(out, (self.n_out,), eps=self.eps).to(self.out_dtype)
+        return out
+
+    def _scratch(self):
+        ws = _workspace(self.device, self.n_cnt, self.n_ypre)
+        part = (torch.empty(self.n_part, dtype=torch.float32, device=self.device) if self.n_part
+                else ws.dummy)
+        return ws.cnt, part, ws.ypre if self.fuse_ln else ws.dummy
+
+    def _out(self) -> torch.Tensor:
+        return torch.empty((self.m, self.n_out), dtype=self.alloc_dtype, device=self.device)
+
+    def _call_gemv(self, x2, w, g, h):
+        out = self._out()
+        cnt, part, ypre = self._scratch()
+        _onebit_gemv_kernel[self.grid](
+            x2, w, g, h, out, part, cnt, ypre,
+            self.m, self.n_out, self.k, self.kw, self.kw_per_split, self.split_k, self.n_tiles,
+            x2.stride(0), x2.stride(1), w.stride(0), self.n_out, 1, self.eps_arg, **self.meta)
+        return out
+
+    def _call_mm(self, x2, w, g, h):
+        out = self._out()
+        cnt, part, ypre = self._scratch()
+        _onebit_mm_kernel[self.grid](
+            x2, w, g.view(torch.int16) if self.g_as_int16 else g, h, out, part, cnt, ypre,
+            self.m, self.n_out, self.k, self.kw, self.k_per_split, self.split_k,
+            x2.stride(0), x2.stride(1), w.stride(0), self.n_out, 1, self.eps_arg, **self.meta)
+        return out
+
+    def _call_planesx(self, x2, w, g, h):
+        out = self._out()
+        cnt, part, ypre = self._scratch()
+        _onebit_planesx_kernel[self.grid](
+            x2, g, w, h, out, part, cnt, ypre,
+            self.m, self.n_out, self.k, self.kw, self.kw_per_split, self.split_k,
+            x2.stride(0), x2.stride(1), w.stride(0), self.n_out, 1, self.eps_arg, **self.meta)
+        return out
+
+    def _call_planes(self, x2, w, g, h):
+        out = self._out()
+        xgp = torch.empty((self.m, 32, self.kwp), dtype=torch.float32, device=self.device)
+        _xg_planes_kernel[self.prep_grid](
+            x2, g, xgp, self.k, self.kwp, x2.stride(0), x2.stride(1), BLOCK_W=self.block_w, num_warps=4)
+        cnt, part, ypre = self._scratch()
+        _onebit_planes_kernel[self.grid](
+            xgp, w, h, out, part, cnt, ypre,
+            self.m, self.n_out, self.kw, self.kwp, self.kw_per_split, self.split_k,
+            w.stride(0), self.n_out, 1, self.eps_arg, **self.meta)
+        return out
+
+    def _call_lut(self, x2, w, g, h):
+        out = self._out()
+        lut = torch.empty((self.m, self.kb, 256), dtype=torch.float32, device=self.device)
+        _xg_lut_kernel[self.prep_grid](
+            x2, g, lut, self.k, self.kb, x2.stride(0), x2.stride(1), BLOCK_B=16, num_warps=4)
+        cnt, part, ypre = self._scratch()
+        _onebit_lut_kernel[self.grid](
+            lut, w, h, out, part, cnt, ypre,
+            self.m, self.n_out, self.kw, self.kb, self.kw_per_split, self.split_k,
+            w.stride(0), self.n_out, 1, self.eps_arg, **self.meta)
+        return out
+
+    def _call_unpack_mm(self, x2, w, g, h):
+        return _launch_unpack_mm(x2, w, g, h, self.n_out, self.k, self.out_dtype, self.cfg, self.eps)
 
 
-def _launch_lut(p: _Problem, cfg: LutConfig, eps: float | None, fuse_ln: bool) -> torch.Tensor:
-    if p.m > 16:
-        raise ValueError(f"LUT GEMV: M must be <= 16, got {p.m}")
-    dev = p.x2.device
-    out = torch.empty((p.m, p.n_out), dtype=p.out_dtype if fuse_ln or eps is None else torch.float32,
-                      device=dev)
-    kw_total = p.w.shape[1]
-    kb = 4 * kw_total  # one table per byte of a row (bytes past K get a table of zeros)
-    lut = torch.empty((p.m, kb, 256), dtype=torch.float32, device=dev)
-    block_b = 16
-    _xg_lut_kernel[(p.m, triton.cdiv(kb, block_b))](
-        p.x2, p.g, lut, p.k, kb, p.x2.stride(0), p.x2.stride(1), BLOCK_B=block_b, num_warps=4)
-    n_tiles = triton.cdiv(p.n_out, cfg.block_n)
-    split_k, kw_per_split = _split_words(kw_total, cfg.block_kw, n_tiles, cfg, dev)
-    part, ypre, cnt = _buffers(p, split_k, n_tiles, fuse_ln)
-    _onebit_lut_kernel[(n_tiles, split_k)](
-        lut, p.w, p.h, out, part, cnt, ypre,
-        p.m, p.n_out, kw_total, kb, kw_per_split, split_k,
-        p.w.stride(0), out.stride(0), out.stride(1),
-        eps if eps is not None else 0.0,
-        BLOCK_M=triton.next_power_of_2(p.m), BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw, LN=fuse_ln,
-        LN_BLOCK=_ln_block(p.n_out), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    return out
+@functools.lru_cache(maxsize=512)
+def _cached_plan(m, n_out, k, x_dtype, g_dtype, out_dtype, device, eps, cfg, fuse_ln) -> OneBitPlan:
+    return OneBitPlan(m, n_out, k, x_dtype, g_dtype, out_dtype, device, eps, cfg, fuse_ln)
+
+
+def _resolve_config(cfg, m: int, n_out: int, k: int, device: torch.device, eps, out_dtype, x_dtype):
+    if cfg is None:
+        cfg = select_config(m, n_out, k, _sm_count(device))
+        if isinstance(cfg, UnpackMMConfig) and (eps is not None or out_dtype != x_dtype):
+            cfg = VARIANTS["unpack_mm_f32acc"]
+    return cfg
+
+
+def onebit_matmul_plan(
+    m: int,
+    n_out: int,
+    n: int,
+    *,
+    device: torch.device | str,
+    x_dtype: torch.dtype,
+    g_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
+    layernorm_eps: float | None = None,
+    config=None,
+) -> OneBitPlan:
+    """The cached launch plan of ``onebit_matmul`` for ``m`` tokens, S of (n_out, n), x of ``x_dtype``, g of
+    ``g_dtype`` (default x's), the result in ``out_dtype`` (default x's), on ``device``. ``config`` as in
+    :func:`onebit_matmul` (None: ``select_config``'s choice, resolved now). Same plan object for the same
+    arguments; ``plan(x2, words, g, h)`` gives ``onebit_matmul``'s result bit for bit."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    out_dtype = out_dtype or x_dtype
+    eps = _check_eps(layernorm_eps)
+    cfg = _resolve_config(_as_config(config), m, n_out, n, device, eps, out_dtype, x_dtype)
+    return _cached_plan(m, n_out, n, x_dtype, g_dtype or x_dtype, out_dtype, device, eps, cfg, None)
+
+
+def onebit_linear_packed(
+    x: torch.Tensor,
+    words: torch.Tensor,
+    g: torch.Tensor,
+    h: torch.Tensor,
+    n: int,
+    *,
+    out_dtype: torch.dtype | None = None,
+    layernorm_eps: float | None = None,
+    config=None,
+) -> torch.Tensor:
+    """``onebit_matmul`` for callers that hold checked operands (the packed ``OneBitLinear``): ``words``
+    int32 (N, ceil(n / 32)) with unit column stride (``as_int32_words``, converted once), g (n,) and h (N,)
+    of a float dtype on x's device, x (..., n). Skips the argument checks and takes the launch parameters
+    from the plan cache: per call, one reshape, one cache lookup, the output allocation and the launch."""
+    x2 = x.reshape(-1, n)
+    m = x2.shape[0]
+    n_out = words.shape[0]
+    out_dtype = out_dtype or x.dtype
+    if m == 0:
+        return torch.empty((*x.shape[:-1], n_out), dtype=out_dtype, device=x.device)
+    device = x.device
+    cfg = config
+    if cfg is None:
+        cfg = select_config(m, n_out, n, _sm_count(device))
+        if isinstance(cfg, UnpackMMConfig) and (layernorm_eps is not None or out_dtype != x.dtype):
+            cfg = VARIANTS["unpack_mm_f32acc"]
+    elif not isinstance(cfg, (GemvConfig, MMConfig, PlanesConfig, LutConfig, UnpackMMConfig)):
+        cfg = _as_config(cfg)
+    plan = _cached_plan(m, n_out, n, x.dtype, g.dtype, out_dtype, device, layernorm_eps, cfg, None)
+    y = plan(x2, words, g, h)
+    return y if x.ndim == 2 else y.reshape(*x.shape[:-1], n_out)
 
 
 def unpack_weight(signs_packed: torch.Tensor, g: torch.Tensor, n: int, dtype: torch.dtype,
@@ -1051,10 +1286,10 @@ def _mm_16_one_rounding(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             setattr(mm, name, value)
 
 
-def _launch_unpack_mm(p: _Problem, cfg: UnpackMMConfig, eps: float | None) -> torch.Tensor:
-    x2 = p.x2
-    same16 = x2.dtype in (torch.bfloat16, torch.float16) and p.g.dtype == x2.dtype
-    wd = unpack_weight(p.w, p.g, p.k, x2.dtype if same16 else torch.float32, config=cfg)
+def _launch_unpack_mm(x2, w, g, h, n_out, k, out_dtype, cfg: UnpackMMConfig, eps: float | None):
+    m = x2.shape[0]
+    same16 = x2.dtype in (torch.bfloat16, torch.float16) and g.dtype == x2.dtype
+    wd = unpack_weight(w, g, k, x2.dtype if same16 else torch.float32, config=cfg)
     if not same16:  # x ⊙ g is not exact in 16 bits: exact fp32 operands instead (x fp32 is exact)
         acc = torch.mm(x2.float(), wd.t())
     elif cfg.fp32_acc:
@@ -1062,15 +1297,15 @@ def _launch_unpack_mm(p: _Problem, cfg: UnpackMMConfig, eps: float | None) -> to
     else:
         acc = _mm_16_one_rounding(x2, wd.t())  # fp32 accumulation in cuBLAS, rounded once to x's dtype
     del wd  # the transient dense weight is freed before the row pass
-    out = torch.empty((p.m, p.n_out), dtype=p.out_dtype, device=x2.device)
+    out = torch.empty((m, n_out), dtype=out_dtype, device=x2.device)
     if eps is not None:
-        block = min(2048, triton.next_power_of_2(max(p.n_out, 16)))
-        grid = (p.m,)
+        block = min(2048, triton.next_power_of_2(max(n_out, 16)))
+        grid = (m,)
     else:
         block = 1024
-        grid = (p.m, triton.cdiv(p.n_out, block))
+        grid = (m, triton.cdiv(n_out, block))
     _rows_epilogue_kernel[grid](
-        acc, p.h, out, p.n_out, acc.stride(0), out.stride(0), eps if eps is not None else 0.0,
+        acc, h, out, n_out, acc.stride(0), out.stride(0), eps if eps is not None else 0.0,
         LN=eps is not None, BLOCK=block, num_warps=4,
     )
     return out
@@ -1079,22 +1314,8 @@ def _launch_unpack_mm(p: _Problem, cfg: UnpackMMConfig, eps: float | None) -> to
 def _run(p: _Problem, cfg, eps: float | None, fuse_ln: bool | None) -> torch.Tensor:
     if p.m == 0:
         return torch.empty((*p.lead, p.n_out), dtype=p.out_dtype, device=p.x2.device)
-    if isinstance(cfg, UnpackMMConfig):  # h and the LayerNorm in its own row pass
-        return _launch_unpack_mm(p, cfg, eps).reshape(*p.lead, p.n_out)
-    if fuse_ln is None:
-        fuse_ln = eps is not None and p.m * p.n_out <= LN_FUSE_MAX_ELEMENTS
-    fuse_ln = bool(fuse_ln) and eps is not None
-    if isinstance(cfg, GemvConfig):
-        out = _launch_gemv(p, cfg, eps, fuse_ln)
-    elif isinstance(cfg, PlanesConfig):
-        out = _launch_planes(p, cfg, eps, fuse_ln)
-    elif isinstance(cfg, LutConfig):
-        out = _launch_lut(p, cfg, eps, fuse_ln)
-    else:
-        out = _launch_mm(p, cfg, eps, fuse_ln)
-    if eps is not None and not fuse_ln:
-        out = _finish_unfused(out, p, eps)
-    return out.reshape(*p.lead, p.n_out)
+    plan = _cached_plan(p.m, p.n_out, p.k, p.x2.dtype, p.g.dtype, p.out_dtype, p.x2.device, eps, cfg, fuse_ln)
+    return plan(p.x2, p.w, p.g, p.h).reshape(*p.lead, p.n_out)
 
 
 def onebit_matmul(
@@ -1143,10 +1364,7 @@ def onebit_matmul(
     cfg = _as_config(config)
     p = _prepare(x, signs_packed, g, h, n, out_dtype)
     eps = _check_eps(layernorm_eps)
-    if cfg is None:
-        cfg = select_config(p.m, p.n_out, p.k, _sm_count(p.x2.device))
-        if isinstance(cfg, UnpackMMConfig) and (eps is not None or p.out_dtype != p.x2.dtype):
-            cfg = VARIANTS["unpack_mm_f32acc"]
+    cfg = _resolve_config(cfg, p.m, p.n_out, p.k, p.x2.device, eps, p.out_dtype, p.x2.dtype)
     return _run(p, cfg, eps, None)
 
 
