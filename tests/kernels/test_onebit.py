@@ -149,6 +149,11 @@ def _planes(mod, *a, **kw):
     return mod.onebit_gemv(*a, config=cfg, **kw)
 
 
+def _planesx(mod, *a, **kw):  # the bit-plane GEMV in one launch (x ⊙ g formed in the main kernel)
+    cfg = mod.PlanesConfig(block_n=16, block_kw=2, split_k=kw.pop("split_k", 2), fused_xg=True)
+    return mod.onebit_gemv(*a, config=cfg, **kw)
+
+
 def _lut(mod, *a, **kw):
     cfg = mod.LutConfig(block_n=16, block_kw=2, split_k=kw.pop("split_k", 2))
     return mod.onebit_gemv(*a, config=cfg, **kw)
@@ -167,7 +172,7 @@ def _unpack_mm16(mod, *a, **kw):  # cuBLAS result rounded to x's dtype before h 
 
 
 PATHS = {"core": _core, "tc_gemv": _tc_gemv, "tc_swap": _tc_swap, "tc_gemm": _tc_gemm, "dispatch": _dispatch,
-         "planes": _planes, "lut": _lut, "unpack_mm": _unpack_mm}
+         "planes": _planes, "planesx": _planesx, "lut": _lut, "unpack_mm": _unpack_mm}
 # The rounding of the cuBLAS result to x's dtype before h: one more u_x·|y| in the bound (u_x of x's dtype).
 U_MID = {"unpack_mm16": True}
 
@@ -178,7 +183,8 @@ U_MID = {"unpack_mm16": True}
 # One ragged shape per path (M by the path's regime; the core GEMV is one token per program and slow in the
 # interpreter); K is not a multiple of 32 and N not of the tile, so every tail is exercised.
 SHAPES = {"core": (2, 100, 33), "tc_gemv": (3, 100, 33), "tc_swap": (5, 77, 40), "tc_gemm": (17, 130, 40),
-          "dispatch": (17, 130, 19), "planes": (3, 100, 33), "lut": (2, 100, 33), "unpack_mm": (6, 130, 40)}
+          "dispatch": (17, 130, 19), "planes": (3, 100, 33), "planesx": (2, 100, 33), "lut": (2, 100, 33),
+          "unpack_mm": (6, 130, 40)}
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
@@ -233,6 +239,7 @@ def test_equals_reference_function():
 LN_CASES = [("core", True, torch.bfloat16), ("core", False, torch.float32), ("tc_gemv", True, torch.float32),
             ("tc_gemv", False, torch.bfloat16), ("dispatch", None, torch.bfloat16),
             ("planes", True, torch.bfloat16), ("planes", False, torch.float32), ("lut", True, torch.float32),
+            ("planesx", True, torch.bfloat16), ("planesx", False, torch.float32),
             ("unpack_mm", None, torch.bfloat16)]
 
 
@@ -262,7 +269,7 @@ def test_split_k_is_deterministic_and_matches_unsplit():
     w = pack_bits_int32(s)
     ys = [PATHS[p](_interp, x, w, g, h, k, out_dtype=torch.float32, split_k=sk)
           for p, sk in (("core", 1), ("core", 5), ("tc_gemv", 1), ("tc_gemv", 3), ("planes", 1),
-                        ("planes", 4), ("lut", 1), ("lut", 3))]
+                        ("planes", 4), ("planesx", 1), ("planesx", 3), ("lut", 1), ("lut", 3))]
     for y in ys[1:]:
         torch.testing.assert_close(y, ys[0], rtol=0, atol=0)
 
@@ -392,6 +399,116 @@ def test_config_argument_errors():
         _interp.onebit_matmul(x, pack_bits_int32(s), g, h, 64, config="nope")
     with pytest.raises(ValueError, match="M <= 16"):
         _interp.onebit_matmul(x.expand(17, 64), pack_bits_int32(s), g, h, 64, config="planes_n64_kw32")
+
+
+def test_planesx_equals_planes_bit_for_bit():
+    """The single-launch bit-plane kernel forms the same fp32 products and adds them in the same order as the
+    planes pre-kernel + main kernel: the same bits on random data (split-K, ragged K, fused LN too)."""
+    m, k, n_out = 3, 100, 33
+    x, s, g, h = _problem(m, k, n_out, torch.bfloat16, seed=31)
+    w = pack_bits_int32(s)
+    for split_k, eps in ((2, None), (1, 1e-5)):
+        a = _planes(_interp, x, w, g, h, k, out_dtype=torch.float32, split_k=split_k, layernorm_eps=eps)
+        b = _planesx(_interp, x, w, g, h, k, out_dtype=torch.float32, split_k=split_k, layernorm_eps=eps)
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+# Cached plans: (M, config name or None, layernorm_eps, x dtype, out dtype); one call each.
+PLAN_CASES = [(1, None, None, torch.bfloat16, torch.bfloat16),
+              (1, None, 1e-5, torch.bfloat16, torch.bfloat16),
+              (1, "core1_n16_kw8", 1e-5, torch.float32, torch.float32),
+              (2, "planesx_n32_kw32", None, torch.bfloat16, torch.float32),
+              (3, "tc16_n64_k256_swap", 1e-5, torch.bfloat16, torch.bfloat16),
+              (2, "planes_n32_kw32", None, torch.float16, torch.float16),
+              (17, None, 1e-5, torch.bfloat16, torch.float32)]  # 17: the Triton tensor-core GEMM
+
+
+@pytest.mark.parametrize("m,name,eps,dtype,out_dtype", PLAN_CASES)
+def test_cached_plan_equals_uncached_bit_for_bit(m, name, eps, dtype, out_dtype):
+    """onebit_matmul_plan(...)(x2, words, g, h) and onebit_linear_packed give onebit_matmul's bits (the plan
+    is the same object for the same arguments, and a second call of it gives the same bits again)."""
+    k, n_out = 100, 21
+    x, s, g, h = _problem(m, k, n_out, dtype, seed=m + 50)
+    w = pack_bits_int32(s)
+    ref = _interp.onebit_matmul(x, w, g, h, k, out_dtype=out_dtype, layernorm_eps=eps, config=name)
+    plan = _interp.onebit_matmul_plan(m, n_out, k, device="cpu", x_dtype=dtype, g_dtype=g.dtype,
+                                      out_dtype=out_dtype, layernorm_eps=eps, config=name)
+    assert plan is _interp.onebit_matmul_plan(m, n_out, k, device="cpu", x_dtype=dtype, g_dtype=g.dtype,
+                                              out_dtype=out_dtype, layernorm_eps=eps, config=name)
+    torch.testing.assert_close(plan(x, w, g, h), ref, rtol=0, atol=0)
+    fast = _interp.onebit_linear_packed(x.reshape(1, m, k), w, g, h, k, out_dtype=out_dtype,
+                                        layernorm_eps=eps, config=name)
+    assert fast.shape == (1, m, n_out)
+    torch.testing.assert_close(fast[0], ref, rtol=0, atol=0)
+    torch.testing.assert_close(plan(x, w, g, h), ref, rtol=0, atol=0)
+
+
+class _CountLaunches:
+    """Stands in for a @triton.jit kernel: counts ``kernel[grid](...)`` launches and runs the kernel."""
+
+    def __init__(self, kernel, counts):
+        self.kernel, self.counts = kernel, counts
+
+    def __getitem__(self, grid):
+        self.counts["launch"] += 1
+        return self.kernel[grid]
+
+
+class _CountEmpty(torch.overrides.TorchFunctionMode):
+    def __init__(self, counts):
+        super().__init__()
+        self.counts = counts
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.empty:
+            self.counts["empty"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name,eps,launches,empties", [
+    ("core1_n32_kw8", 1e-5, 1, 1), ("core1_n32_kw8", None, 1, 1), ("planesx1_n32_kw32", 1e-5, 1, 1),
+    ("planesx_n32_kw32", None, 1, 2),  # split-K 2 here: + the partials
+    ("planes_n32_kw32", None, 2, 3)])  # pre-kernel and its planes buffer, split-K partials
+def test_warm_plan_call_launches_and_allocations(name, eps, launches, empties, monkeypatch):
+    """A warm call of the layer's path at M = 1: the single-launch variants make one Triton launch and
+    allocate only the output (counters and the fused LN buffer come from the per-stream workspace)."""
+    k, n_out = 100, 21
+    x, s, g, h = _problem(1, k, n_out, torch.bfloat16, seed=3)
+    w = pack_bits_int32(s)
+    cfg = _interp.VARIANTS[name]
+    if not cfg.split_k:  # force a split (the auto split depends on the SM count), small blocks to split
+        cfg = type(cfg)(**{**cfg.__dict__, "split_k": 2, "block_kw": 2})
+    call = lambda: _interp.onebit_linear_packed(x, w, g, h, k, layernorm_eps=eps, config=cfg)  # noqa: E731
+    ref = call()  # warm: plan and workspace made
+    counts = {"launch": 0, "empty": 0}
+    for attr in dir(_interp):
+        if attr.startswith("_") and attr.endswith("_kernel"):
+            monkeypatch.setattr(_interp, attr, _CountLaunches(getattr(_interp, attr), counts))
+    with _CountEmpty(counts):
+        y = call()
+    assert counts == {"launch": launches, "empty": empties}
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+
+
+def test_single_launch_rule_flag(monkeypatch):
+    """select_config keeps the measured rule by default; PREFER_SINGLE_LAUNCH_M1 switches M = 1 to the
+    single-launch variants named in SINGLE_LAUNCH_M1 (and the dispatcher's result stays within the bound)."""
+    mod = _interp
+    assert mod.PREFER_SINGLE_LAUNCH_M1 is False
+    assert mod.select_config(1, 11008, 4096) is mod.VARIANTS["planes_n64_kw32"]
+    monkeypatch.setattr(mod, "PREFER_SINGLE_LAUNCH_M1", True)
+    assert mod.select_config(1, 1536, 576) is mod.VARIANTS[mod.SINGLE_LAUNCH_M1["small"]]
+    assert mod.select_config(1, 4096, 11008) is mod.VARIANTS[mod.SINGLE_LAUNCH_M1["k_gt_n"]]
+    assert mod.select_config(1, 11008, 4096) is mod.VARIANTS[mod.SINGLE_LAUNCH_M1["other"]]
+    assert mod.select_config(4, 4096, 4096) is mod.VARIANTS["tc16_n64_k256_swap"]  # M > 1 unchanged
+    for v in mod.SINGLE_LAUNCH_M1.values():
+        assert mod.OneBitPlan(1, 64, 64, torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.device("cpu"),
+                              None, mod.VARIANTS[v], None).launches == 1
+    k, n_out = 300, 40
+    x, s, g, h = _problem(1, k, n_out, torch.bfloat16, seed=8)
+    y_exact, terms = _exact(x, s, g, h)
+    y = mod.onebit_matmul(x, pack_bits_int32(s), g, h, k, out_dtype=torch.float32)
+    _assert_within(y, y_exact, _bound(k, terms, y_exact, torch.float32))
 
 
 # ------------------------------------------------------------------------------------------------ GPU

@@ -19,6 +19,12 @@ Two forms, the same output bit for bit (the forward is one function; only where 
   (S read as bits, post-LN fused); elsewhere it unpacks S to the activation dtype (the reference math). The
   two agree within the kernel's derived bound (fp32 summation order and the output rounding).
 
+The kernel call is cheap on the host: the int32 word view of ``weight_packed`` is made once (and again
+only when the buffer is replaced or changed in place), and the launch parameters come from the kernels'
+plan cache (``lowbit.kernels.onebit.onebit_linear_packed``). Under ``torch.compile`` the same call is the
+custom op ``torch.ops.lowbit.onebit_linear`` (one graph node, no graph break; its fake gives the output
+shape and dtype).
+
 ``pack()`` / ``unpack()`` switch in place. The LayerNorm runs in fp32 and is cast back to the dtype of the
 product, so low-precision activations do not lose the normalization's accuracy.
 """
@@ -38,6 +44,44 @@ __all__ = ["DEFAULT_LATENT_SCALE", "OneBitLinear", "onebit_linear", "sign_ste"]
 #: kernels run in the Triton interpreter).
 KERNEL_DEVICES: tuple[str, ...] = ("cuda",)
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_kernels_module = None
+
+
+def _kernels():
+    """lowbit.kernels.onebit, imported on first use (it imports Triton)."""
+    global _kernels_module
+    if _kernels_module is None:
+        from ..kernels import onebit
+
+        _kernels_module = onebit
+    return _kernels_module
+
+
+@torch.library.custom_op("lowbit::onebit_linear", mutates_args=())
+def _onebit_linear_op(
+    x: torch.Tensor,
+    signs_packed: torch.Tensor,
+    g: torch.Tensor,
+    h: torch.Tensor,
+    n: int,
+    layernorm_eps: float | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """LN?(h ⊙ ((x ⊙ g) · Sᵀ)) from packed signs (uint8 ``pack_bits`` or int32 words), no bias: the packed
+    layer's kernel forward as one opaque op for torch.compile. Inference only (no autograd formula)."""
+    k = _kernels()
+    words = k.as_int32_words(signs_packed, n)
+    if words.stride(1) != 1:
+        words = words.contiguous()
+    return k.onebit_linear_packed(x, words, g.contiguous(), h.contiguous(), n, out_dtype=out_dtype,
+                                  layernorm_eps=layernorm_eps)
+
+
+@_onebit_linear_op.register_fake
+def _(x, signs_packed, g, h, n, layernorm_eps, out_dtype):
+    return x.new_empty((*x.shape[:-1], signs_packed.shape[0]), dtype=out_dtype)
+
 
 #: Magnitude of the latent weight ``unpack()`` rebuilds (the official start checkpoint uses sign(W)·0.01).
 DEFAULT_LATENT_SCALE = 1e-2
@@ -242,6 +286,7 @@ class OneBitLinear(nn.Module):
 
         ``dtype`` (e.g. torch.float16) also casts g, h and bias; their ``requires_grad`` is kept.
         """
+        self.__dict__.pop("_words_cache", None)
         if not self.is_packed:
             packed = pack_bits(self.weight >= 0)  # bool: True = +1, so sign(0) = +1
             self.weight = None
@@ -265,6 +310,7 @@ class OneBitLinear(nn.Module):
             or not latent_scale > 0
         ):
             raise ValueError(f"latent_scale must be a number > 0, got {latent_scale!r}")
+        self.__dict__.pop("_words_cache", None)
         if self.is_packed:
             w = unpack_bits(self.weight_packed, self.in_features, dtype=self.g.dtype) * latent_scale
             self.weight_packed = None
@@ -284,20 +330,40 @@ class OneBitLinear(nn.Module):
             return False
         if torch.is_autocast_enabled(x.device.type):
             return False
-        from ..kernels.onebit import triton_usable
+        return _kernels().triton_usable(x.device)
 
-        return triton_usable(x.device)
+    def _kernel_words(self) -> torch.Tensor:
+        """``weight_packed`` as int32 words (``as_int32_words``: a view when rows are whole words), made once
+        and kept until the buffer is replaced (``pack``, ``.to()``, assignment) or changed in place (its
+        version counter, e.g. ``load_state_dict``)."""
+        wp = self.weight_packed
+        cache = self.__dict__.get("_words_cache")
+        if cache is None or cache[0] is not wp or cache[1] != wp._version:
+            words = _kernels().as_int32_words(wp, self.in_features)
+            if words.stride(1) != 1:
+                words = words.contiguous()
+            cache = (wp, wp._version, words)
+            self.__dict__["_words_cache"] = cache
+        return cache[2]
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_words_cache", None)  # .to() / .cuda() replace the buffer: drop the old view
+        return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input (..., {self.in_features}), got {tuple(x.shape)}")
         if self._kernel_usable(x):
-            from ..kernels.onebit import onebit_matmul
-
             # the dtype the reference math gives: promotion of x, g and h (the LN keeps it)
             out_dtype = torch.promote_types(torch.promote_types(x.dtype, self.g.dtype), self.h.dtype)
-            y = onebit_matmul(x, self.weight_packed, self.g, self.h, self.in_features, out_dtype=out_dtype,
-                              layernorm_eps=self.eps if self.layer_norm else None)
+            eps = self.eps if self.layer_norm else None
+            if torch.compiler.is_compiling():  # one graph node
+                y = torch.ops.lowbit.onebit_linear(x, self.weight_packed, self.g, self.h, self.in_features,
+                                                   eps, out_dtype)
+            else:  # eager: the cached words and launch plan, no argument checks
+                y = _kernels().onebit_linear_packed(x, self._kernel_words(), self.g.contiguous(),
+                                                    self.h.contiguous(), self.in_features,
+                                                    out_dtype=out_dtype, layernorm_eps=eps)
             return y if self.bias is None else y + self.bias
         if self.is_packed:
             signs = unpack_bits(self.weight_packed, self.in_features, dtype=x.dtype)
