@@ -690,8 +690,29 @@ def _reference_draws(g: torch.Tensor, saved, spec: Int4Spec, generator: torch.Ge
 
 @torch.compiler.disable
 def _apply_triton(*args):
-    # An opaque call for torch.compile: the launchers pick tile shapes and sync for the number of kept rows.
+    # An opaque call for torch.compile (LSQ, reference draws, generator seeds): the launchers pick tile
+    # shapes and sync for the number of kept rows.
     return _Int4LinearTriton.apply(*args)
+
+
+def _apply_triton_ops(x2d, weight, bias, spec: Int4Spec, seed: torch.Tensor, out_dtype: torch.dtype):
+    """The absmax recipes on the kernels' custom ops (``lowbit.kernels.int4_linear.int4_linear_triton``):
+    traced by torch.compile as two nodes, no host sync (CUDA graphs). Rows padded to a multiple of 16."""
+    kernels = _triton_kernels()
+    n = x2d.shape[0]
+    pad = -n % _TRITON_ALIGN
+    x_in = x2d if x2d.stride(-1) == 1 or x2d.shape[-1] <= 1 else x2d.contiguous()
+    if pad:
+        x_in = torch.nn.functional.pad(x_in, (0, 0, 0, pad))
+    keep = None
+    if spec.lss_keep_ratio is not None and n > 0:
+        keep = spec.lss_keep_ratio * n / (n + pad)  # the same expected number of rows as without padding
+    y = kernels.int4_linear_triton(
+        x_in, weight.contiguous(), bias, block_size=spec.block_size, granularity=spec.granularity,
+        grad_quantizer=spec.grad_quantizer, grad_granularity=spec.grad_granularity, lss_keep_ratio=keep,
+        seed=seed, out_dtype=out_dtype,
+    )
+    return y[:n] if pad else y
 
 
 def int4_linear(
@@ -705,6 +726,7 @@ def int4_linear(
     generator: torch.Generator | None = None,
     backend: str = "emulate",
     reference_draws: bool = False,
+    seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """INT4 fully quantized ``x · weightᵀ + bias`` (module docstring), differentiable in x, weight, bias and
     the LSQ scales.
@@ -724,6 +746,10 @@ def int4_linear(
             the emulation does (the lo-rounding noise with ``torch.rand``; the sampling weights with
             :func:`lss_row_weights`), so that both backends follow the same trajectory up to rounding.
             Slower (one more bit split in PyTorch with sampling); for tests and debugging.
+        seed: Triton backend, absmax scales, no reference draws: a one-element int64 tensor on x's device
+            in [0, 2^31 - 1) seeding the backward's in-kernel randomness instead of ``generator``; then the
+            call runs on the kernels' custom ops, which torch.compile traces without a graph break and which
+            never sync with the host (``Int4Linear`` passes a per-call seed from a device counter).
 
     Returns:
         (..., M) in x's dtype, or in the autocast dtype when autocast is enabled for x's device (as
@@ -762,8 +788,11 @@ def int4_linear(
             reason = triton_device_reason(x.device)
         if reason is not None:
             raise ValueError(f"int4_linear(backend='triton'): {reason}")
-        y = _apply_triton(x2d, weight, bias, input_scale, weight_scale, spec, generator, out_dtype,
-                          bool(reference_draws))
+        if seed is not None and not spec.lsq and not reference_draws:
+            y = _apply_triton_ops(x2d, weight, bias, spec, seed, out_dtype)
+        else:
+            y = _apply_triton(x2d, weight, bias, input_scale, weight_scale, spec, generator, out_dtype,
+                              bool(reference_draws))
     elif backend == "emulate":
         y = _Int4Linear.apply(x2d, weight, bias, input_scale, weight_scale, spec, generator, out_dtype)
     else:

@@ -45,6 +45,10 @@ __all__ = ["Int4Linear", "rank_seed"]
 logger = logging.getLogger(__name__)
 
 _EXTRA_STATE_VERSION = 1
+# Per-call seeds of the Triton path: (seed + calls · step + rank · rank step) mod 2^31 - 1 (a prime).
+_SEED_MOD = 2**31 - 1
+_SEED_STEP = 48271
+_RANK_STEP = 1_000_003
 
 
 class Int4Linear(nn.Linear):
@@ -106,6 +110,10 @@ class Int4Linear(nn.Linear):
             self.register_parameter("weight_scale", None)
         self._generators: dict[str, torch.Generator] = {}
         self._pending_rng: dict[str, torch.Tensor] = {}
+        # The Triton path's random source: [seed, calls so far] on the layer's device. A buffer (moved by
+        # .to(), a static input of CUDA graphs) outside state_dict (its value is in the extra state).
+        self.register_buffer("_rng_state", torch.tensor([self.seed % _SEED_MOD, 0], dtype=torch.int64,
+                                                        device=self.weight.device), persistent=False)
 
     @classmethod
     def from_linear(
@@ -160,6 +168,7 @@ class Int4Linear(nn.Linear):
             "seed": self.seed,
             "rank": _rank(),
             "rng": rng,
+            "kernel_calls": int(self._rng_state[1]),
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
@@ -180,6 +189,8 @@ class Int4Linear(nn.Linear):
         # checkpoint written by rank 0, read by all) starts its own stream instead of replaying rank 0's.
         same_rank = int(state.get("rank", 0)) == _rank()
         self._pending_rng = {k: v.cpu() for k, v in state.get("rng", {}).items()} if same_rank else {}
+        with torch.no_grad():
+            self._rng_state.copy_(torch.tensor([self.seed % _SEED_MOD, int(state.get("kernel_calls", 0))]))
 
     # ------------------------------------------------------------------------------------------ forward
 
@@ -189,16 +200,21 @@ class Int4Linear(nn.Linear):
         key = (str(device), self.block_size)
         found = self._backends.get(key)
         if found is None:
-            unsupported = triton_unsupported_reason(
-                self.config, self.in_features, self.out_features, self.block_size
-            )
-            backend = resolve_backend(self.config.backend, device, unsupported)
-            why = auto_backend_reason(device, unsupported) if self.config.backend == "auto" else None
-            found = self._backends[key] = (backend, why)
-            logger.debug("Int4Linear(%d, %d) on %s: backend %s -> %s%s", self.in_features, self.out_features,
-                         device, self.config.backend, backend, f" ({why})" if why else "")
+            found = self._resolve_backend(device, key)
         self._last_backend = found
         return found[0]
+
+    @torch.compiler.disable
+    def _resolve_backend(self, device: torch.device, key: tuple[str, int | None]) -> tuple[str, str | None]:
+        # Once per device and block size, outside compiled code (logging is not traceable).
+        unsupported = triton_unsupported_reason(self.config, self.in_features, self.out_features,
+                                                self.block_size)
+        backend = resolve_backend(self.config.backend, device, unsupported)
+        why = auto_backend_reason(device, unsupported) if self.config.backend == "auto" else None
+        found = self._backends[key] = (backend, why)
+        logger.debug("Int4Linear(%d, %d) on %s: backend %s -> %s%s", self.in_features, self.out_features,
+                     device, self.config.backend, backend, f" ({why})" if why else "")
+        return found
 
     @torch.no_grad()
     def _first_step(self, x2d: torch.Tensor) -> None:
@@ -241,11 +257,23 @@ class Int4Linear(nn.Linear):
             reference_draws=self.reference_draws,
         )
 
-    @torch.compiler.disable
     def _forward_triton(self, x: torch.Tensor) -> torch.Tensor:
-        # The kernels' call is opaque to torch.compile anyway (launch configurations, a sync for the number
-        # of kept rows): taking the generator here too keeps the layer's Generator and seed out of compiled
-        # frames, so the layers of a model share one compiled forward instead of recompiling per layer.
+        if self.config.uses_lsq or self.reference_draws:
+            return self._forward_triton_opaque(x)
+        # The kernels' custom ops: traced by torch.compile, no host sync. The backward's seed comes from the
+        # device counter (advanced in place) mixed with the distributed rank, so every call, layer and rank
+        # draws its own stream, also when replayed from a CUDA graph.
+        state = self._rng_state
+        seed = (state[0:1] + state[1:2] * _SEED_STEP + _rank() * _RANK_STEP) % _SEED_MOD
+        with torch.no_grad():
+            state[1:2].add_(1)
+        return int4_linear(x, self.weight, self.bias, spec=self.spec, backend="triton", seed=seed)
+
+    @torch.compiler.disable
+    def _forward_triton_opaque(self, x: torch.Tensor) -> torch.Tensor:
+        # LSQ and reference draws use the layer's Generator: an opaque call for torch.compile, which keeps
+        # the Generator and seed out of compiled frames (the layers share one compiled forward instead of
+        # recompiling per layer).
         return int4_linear(
             x,
             self.weight,
