@@ -10,6 +10,16 @@ exceeds its error bound, is reported and the run goes on. Timing: each call is r
 of >= 20 back-to-back calls, each call on the next of C copies of the weights (C · weight bytes >= 128 MB,
 so weights come from HBM, not L2); the median over 7 replays divided by the number of calls.
 
+Phase 3 (before the timing, fast) measures the host side of eager calls at M <= 16: the packed
+``OneBitLinear`` (bf16, post-LN; the cached words + plan path), the same layer with
+``PREFER_SINGLE_LAUNCH_M1`` set, the plan alone, the public ``onebit_matmul`` (argument checks + plan
+cache) and bf16 ``nn.Linear``. "host µs" is the median of time.perf_counter around one call made right after
+torch.cuda.synchronize (no sync after: the host cost of issuing the call); "loop µs" is the wall time per call
+of 200 back-to-back calls with one sync at the end (eager throughput: max of host and GPU time).
+
+The timing phase also times, for M <= 16, the decode call (post-LN fused) with the default rule and, at
+M = 1, with ``PREFER_SINGLE_LAUNCH_M1 = True`` (the single-launch variants ``SINGLE_LAUNCH_M1``).
+
 Error bound of a check (relative to Σ_k |x_k g_k h_n| per output): 2 · (3K + 2) · 2^-24 (the kernel's fp32
 summation and the fp32 reference's own) + 2^-8 (bf16 output), + 2^-8 more for the unpack variant whose
 cuBLAS result is rounded to bf16 before h.
@@ -166,6 +176,21 @@ def time_row(k, n, m, names, device) -> dict:
                                               for w in ws])
         except Exception as exc:
             row["dispatch_ln_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    if m == 1:  # the same with the single-launch rule (one kernel per linear)
+        import lowbit.kernels.onebit as kern
+
+        saved = kern.PREFER_SINGLE_LAUNCH_M1
+        kern.PREFER_SINGLE_LAUNCH_M1 = True
+        try:
+            row["single_launch_config"] = repr(kern.select_config(m, n, k))
+            row["single_launch_ln_us"] = graph_us(
+                [lambda w=w: onebit_matmul(x, w, g, h, k, layernorm_eps=1e-5) for w in ws])
+            row["single_launch_us"] = graph_us([lambda w=w: onebit_matmul(x, w, g, h, k) for w in ws])
+        except Exception as exc:
+            row["single_launch_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            torch.cuda.synchronize()
+        finally:
+            kern.PREFER_SINGLE_LAUNCH_M1 = saved
     try:
         row["dispatch_us"] = graph_us([lambda w=w: onebit_matmul(x, w, g, h, k) for w in ws])
     except Exception as exc:
@@ -173,6 +198,95 @@ def time_row(k, n, m, names, device) -> dict:
     del ws
     torch.cuda.empty_cache()
     return row
+
+
+# ------------------------------------------------------------------------------------------------ host
+
+
+def host_us(f, calls: int = 200) -> tuple[float, float]:
+    """(median host µs of one call issued right after a sync, wall µs per call of ``calls`` back-to-back
+    calls with one sync at the end)."""
+    for _ in range(3):
+        f()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        f()
+    torch.cuda.synchronize()
+    loop = (time.perf_counter() - t0) / calls
+    return sorted(times)[len(times) // 2] * 1e6, loop * 1e6
+
+
+def _host_row(layer, lin, k: int, n: int, m: int, device) -> dict:
+    import lowbit.kernels.onebit as kern
+
+    x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    row = {"K": k, "N": n, "M": m}
+    words = layer._kernel_words()
+    plan = kern.onebit_matmul_plan(m, n, k, device=device, x_dtype=x.dtype, g_dtype=layer.g.dtype,
+                                   layernorm_eps=layer.eps)
+    row["plan"] = repr(plan)
+    row["plan_launches"] = plan.launches
+    g, h = layer.g.detach(), layer.h.detach()
+    entries = {
+        "layer": lambda: layer(x),
+        "plan": lambda: plan(x, words, g, h),
+        "onebit_matmul": lambda: kern.onebit_matmul(x, layer.weight_packed, g, h, k, layernorm_eps=layer.eps),
+        "bf16_linear": lambda: lin(x),
+    }
+    for name, f in entries.items():
+        try:
+            row[f"{name}_host_us"], row[f"{name}_loop_us"] = host_us(f)
+        except Exception as exc:
+            row[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            torch.cuda.synchronize()
+    if m == 1:
+        saved = kern.PREFER_SINGLE_LAUNCH_M1
+        kern.PREFER_SINGLE_LAUNCH_M1 = True
+        try:
+            row["single_launch_plan"] = repr(kern.onebit_matmul_plan(
+                m, n, k, device=device, x_dtype=x.dtype, g_dtype=layer.g.dtype, layernorm_eps=layer.eps))
+            row["layer_single_launch_host_us"], row["layer_single_launch_loop_us"] = host_us(lambda: layer(x))
+        except Exception as exc:
+            row["layer_single_launch_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            torch.cuda.synchronize()
+        finally:
+            kern.PREFER_SINGLE_LAUNCH_M1 = saved
+    return row
+
+
+def host_rows(shapes, ms, device) -> list[dict]:
+    """Eager host cost per call of the packed layer and its parts (see the module docstring)."""
+    import torch.nn as nn
+
+    from lowbit.onebit import OneBitLinear
+
+    rows = []
+    nan = float("nan")
+    for k, n in shapes:
+        layer = OneBitLinear(k, n, packed=True, device=device).pack(torch.bfloat16)
+        lin = nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
+        with torch.no_grad():
+            layer.weight_packed.copy_(torch.randint(0, 256, layer.weight_packed.shape, dtype=torch.uint8,
+                                                    device=device))
+            layer.g.uniform_(0.5, 1.5)
+            layer.h.uniform_(0.001, 0.02)
+            for m in ms:
+                row = _host_row(layer, lin, k, n, m, device)
+                rows.append(row)
+                print(f"host K={k} N={n} M={m}: " + " ".join(
+                    f"{e} {row.get(e + '_host_us', nan):.1f}/{row.get(e + '_loop_us', nan):.1f}"
+                    for e in ("layer", "layer_single_launch", "plan", "onebit_matmul", "bf16_linear")
+                ) + f" (host/loop µs; {row['plan']})", flush=True)
+    torch.cuda.empty_cache()
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -185,6 +299,11 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=12)
     ap.add_argument("--check-timeout", type=float, default=100.0, help="seconds for phase 1 (100)")
     ap.add_argument("--budget", type=float, default=170.0, help="stop timing new rows after this many s")
+    ap.add_argument("--host-ms", default="1,4,16",
+                    help="token counts of the eager host-cost phase ('' skips it)")
+    ap.add_argument("--skip-checks", action="store_true", help="no phase 1 (checks in parallel processes)")
+    ap.add_argument("--variants", default="", help="time only variants whose name contains one of these "
+                    "comma-separated strings (default: all)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -207,7 +326,7 @@ def main(argv=None) -> int:
               "variants": {k: repr(v) for k, v in VARIANTS.items()}}
     # phase 1: checks (and compilation) in parallel processes
     procs = []
-    for i in range(args.workers):
+    for i in range(0 if args.skip_checks else args.workers):
         path = f"/tmp/onebit_probe_check_{i}.json"
         if os.path.exists(path):
             os.remove(path)
@@ -239,8 +358,15 @@ def main(argv=None) -> int:
         print("  FAIL", json.dumps(c)[:400], flush=True)
     wrong = {(c["variant"], c["K"], c["N"], c["M"]) for c in bad if "variant" in c}
 
-    # phase 2: timing
+    # phase 3 (run first: quick): eager host cost per call
     device = torch.device("cuda")
+    host_ms = [int(v) for v in args.host_ms.split(",") if v]
+    if host_ms:
+        result["host"] = host_rows(shapes, host_ms, device)
+        with open(os.path.join(out_dir, "onebit_probe.json"), "w") as f:
+            json.dump(result, f, indent=1)
+
+    # phase 2: timing
     result["copy_GBps"] = copy_bandwidth_GBps()
     print(f"copy bandwidth {result['copy_GBps']:.0f} GB/s", flush=True)
     rows = []
@@ -250,6 +376,8 @@ def main(argv=None) -> int:
                 print(f"budget reached: skipped K={k} N={n} M={m}", flush=True)
                 continue
             names = [v for v in VARIANTS if VARIANT_M_RANGE[v][0] <= m <= VARIANT_M_RANGE[v][1]]
+            if args.variants:
+                names = [v for v in names if any(p in v for p in args.variants.split(",") if p)]
             try:
                 row = time_row(k, n, m, names, device)
             except Exception as exc:
@@ -272,6 +400,8 @@ def main(argv=None) -> int:
                   f"{row.get('best_us', nan):.1f} ({row.get('best_vs_bf16', nan):.2f}x bf16, "
                   f"{100 * row.get('best_frac_copy', nan):.0f}% copy) | dispatch "
                   f"{row.get('dispatch_us', nan):.1f} ln {row.get('dispatch_ln_us', nan):.1f}"
+                  f" | single-launch rule {row.get('single_launch_us', nan):.1f} ln "
+                  f"{row.get('single_launch_ln_us', nan):.1f}"
                   f" | {times}", flush=True)
             with open(os.path.join(out_dir, "onebit_probe.json"), "w") as f:
                 json.dump({**result, "rows": rows}, f, indent=1)
@@ -286,6 +416,19 @@ def main(argv=None) -> int:
               f"{r.get('best_us', nan):.1f} | {r.get('best_vs_bf16', nan):.2f}× | "
               f"{r.get('best_packed_GBps', nan):.0f} | {100 * r.get('best_frac_copy', nan):.0f}% | "
               f"{r.get('dispatch_us', nan):.1f} |")
+    if result.get("host"):
+        print("\n| K | N | M | launches (plan) | layer host µs | layer loop µs |"
+              " single-launch layer host / loop µs | plan host µs | onebit_matmul host µs |"
+              " bf16 nn.Linear host / loop µs |")
+        print("|---:|---:|---:|---:|---:|---:|---|---:|---:|---|")
+        for r in result["host"]:
+            nan = float("nan")
+            print(f"| {r['K']} | {r['N']} | {r['M']} | {r.get('plan_launches')} | "
+                  f"{r.get('layer_host_us', nan):.1f} | {r.get('layer_loop_us', nan):.1f} | "
+                  f"{r.get('layer_single_launch_host_us', nan):.1f} / "
+                  f"{r.get('layer_single_launch_loop_us', nan):.1f}"
+                  f" | {r.get('plan_host_us', nan):.1f} | {r.get('onebit_matmul_host_us', nan):.1f} | "
+                  f"{r.get('bf16_linear_host_us', nan):.1f} / {r.get('bf16_linear_loop_us', nan):.1f} |")
     print(f"[{time.perf_counter() - t_start:.0f}s] JSON: {os.path.join(out_dir, 'onebit_probe.json')}")
     return 0
 
