@@ -8,8 +8,8 @@ run the same checks at full shapes. Bounds:
   gradients agree to a few U16 of the largest term;
 - a few training steps of a GPT: codes may flip at .5 ties between the two rotations (the kernels' contract
   allows it), and after a flip the trajectories differ by discrete events (a code, a stochastic rounding, a
-  kept row), like two draws of the randomness. Step 0 has no randomness: a tie flip moves one code of
-  thousands, so the loss gap stays under 1% of the forward quantization error |L_int4 - L_fp32|. Later
+  kept row), like two draws of the randomness. Step 0 has no randomness: the gap stays within 5 standard
+  deviations of the spread that fp32-order jitter of the emulation's rotation causes (tie flips). Later
   steps: within 5 standard deviations of the spread of the emulated loss over seeds (at step t), times
   sqrt(1 + 1/S) for S seeds.
 """
@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import math
 import statistics
+from unittest import mock
 
 import pytest
 import torch
 
 from lowbit.int4 import Int4Linear, Int4TrainingConfig, convert_to_int4_training
+from lowbit.int4 import function as function_mod
 from lowbit.int4 import layer as layer_mod
 from lowbit.models import GPT, GPTConfig
 
@@ -158,6 +160,19 @@ def _gpt_losses(device, size, cfg, *, seed, steps, batch, reference_draws=True, 
     return losses
 
 
+def _rotation_jitter(seed: int, rel: float):
+    """``hadamard_rotate`` of the emulation with each rotated value times (1 + rel·N(0, 1)): another fp32
+    summation order of the rotation, as the kernels' (exact ±1 sums, one scaling) is."""
+    original = function_mod.hadamard_rotate
+    gen = torch.Generator().manual_seed(seed)
+
+    def jittered(x, block_size):
+        v = original(x, block_size)
+        noise = torch.randn(v.shape, generator=gen).to(v.device)
+        return v * (1 + rel * noise)
+    return mock.patch.object(function_mod, "hadamard_rotate", jittered)
+
+
 def _check_same_training(device, size, recipe, *, steps, batch, seeds, precision, kernel_rng):
     cfg = Int4TrainingConfig.named(recipe, backend="triton")
     kw = {"steps": steps, "batch": batch, "precision": precision}
@@ -165,11 +180,20 @@ def _check_same_training(device, size, recipe, *, steps, batch, seeds, precision
     emu = [_gpt_losses(device, size, _emulated(cfg), seed=s, **kw) for s in range(seeds)]
     tri = _gpt_losses(device, size, cfg, seed=0, reference_draws=not kernel_rng, **kw)
     assert all(math.isfinite(v) for v in tri)
-    # Step 0: no randomness yet; tie flips move single codes (see the module docstring).
-    # (Both backends quantize the same input: under autocast, x in the autocast dtype, as F.linear reads it.)
-    assert abs(tri[0] - emu[0][0]) <= 0.01 * abs(emu[0][0] - fp[0]) + 1e-6, (
-        f"step 0: triton {tri[0]!r}, emulation {emu[0][0]!r} (all seeds: {[run[0] for run in emu]}), "
-        f"fp {fp[0]!r}; gap {abs(tri[0] - emu[0][0]):.3e}, bound {0.01 * abs(emu[0][0] - fp[0]) + 1e-6:.3e}")
+    # Step 0 has no randomness: the backends differ by the rotation's fp32 summation order (a few 2^-24
+    # relative), which flips codes that sit within that distance of a rounding tie (about 1e-6 of them on
+    # the H100). One flipped code moves a whole output row, so the loss moves by more than 1 % of the
+    # quantization effect; the spread it causes is measured on the emulation with its rotated values
+    # jittered by 2^-22 relative (a bound on the order-of-summation difference of b <= 128 terms).
+    jit = []
+    for s in range(seeds):
+        with _rotation_jitter(100 + s, 2.0**-22):
+            jit.append(_gpt_losses(device, size, _emulated(cfg), seed=0, **{**kw, "steps": 1})[0])
+    spread0 = statistics.stdev(jit + [emu[0][0]])
+    bound0 = 5 * spread0 * math.sqrt(1 + 1 / seeds) + 1e-6
+    assert abs(tri[0] - emu[0][0]) <= bound0, (
+        f"step 0: triton {tri[0]!r}, emulation {emu[0][0]!r}, jittered emulations {jit}, fp {fp[0]!r}; "
+        f"gap {abs(tri[0] - emu[0][0]):.3e}, bound {bound0:.3e}")
     for t in range(1, steps):
         spread = statistics.stdev(run[t] for run in emu)
         bound = 5 * spread * math.sqrt(1 + 1 / seeds)
