@@ -43,7 +43,7 @@ __all__ = ["DEFAULT_LATENT_SCALE", "OneBitLinear", "onebit_linear", "sign_ste"]
 #: Device types on which the packed forward uses ``lowbit.kernels.onebit`` (tests add "cpu" when the
 #: kernels run in the Triton interpreter).
 KERNEL_DEVICES: tuple[str, ...] = ("cuda",)
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_KERNEL_DTYPES = frozenset((torch.float32, torch.bfloat16, torch.float16))
 
 _kernels_module = None
 
@@ -322,21 +322,27 @@ class OneBitLinear(nn.Module):
         in ``KERNEL_DEVICES``) and autocast is off; elsewhere it unpacks S (the reference math)."""
         if not self.is_packed or x.device.type not in KERNEL_DEVICES:
             return False
-        if any(t.dtype not in _KERNEL_DTYPES for t in (x, self.g, self.h)):
+        return self._kernel_ok(x, self.g, self.h, self.bias)
+
+    @staticmethod
+    def _kernel_ok(x: torch.Tensor, g: torch.Tensor, h: torch.Tensor, bias: torch.Tensor | None) -> bool:
+        kd = _KERNEL_DTYPES
+        if x.dtype not in kd or g.dtype not in kd or h.dtype not in kd:
             return False
         if torch.is_grad_enabled() and (
-            x.requires_grad or any(p is not None and p.requires_grad for p in (self.g, self.h, self.bias))
+            x.requires_grad or g.requires_grad or h.requires_grad or (bias is not None and bias.requires_grad)
         ):
             return False
         if torch.is_autocast_enabled(x.device.type):
             return False
         return _kernels().triton_usable(x.device)
 
-    def _kernel_words(self) -> torch.Tensor:
+    def _kernel_words(self, wp: torch.Tensor | None = None) -> torch.Tensor:
         """``weight_packed`` as int32 words (``as_int32_words``: a view when rows are whole words), made once
         and kept until the buffer is replaced (``pack``, ``.to()``, assignment) or changed in place (its
         version counter, e.g. ``load_state_dict``)."""
-        wp = self.weight_packed
+        if wp is None:
+            wp = self.weight_packed
         cache = self.__dict__.get("_words_cache")
         if cache is None or cache[0] is not wp or cache[1] != wp._version:
             words = _kernels().as_int32_words(wp, self.in_features)
@@ -353,18 +359,25 @@ class OneBitLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input (..., {self.in_features}), got {tuple(x.shape)}")
-        if self._kernel_usable(x):
-            # the dtype the reference math gives: promotion of x, g and h (the LN keeps it)
-            out_dtype = torch.promote_types(torch.promote_types(x.dtype, self.g.dtype), self.h.dtype)
-            eps = self.eps if self.layer_norm else None
-            if torch.compiler.is_compiling():  # one graph node
-                y = torch.ops.lowbit.onebit_linear(x, self.weight_packed, self.g, self.h, self.in_features,
-                                                   eps, out_dtype)
-            else:  # eager: the cached words and launch plan, no argument checks
-                y = _kernels().onebit_linear_packed(x, self._kernel_words(), self.g.contiguous(),
-                                                    self.h.contiguous(), self.in_features,
-                                                    out_dtype=out_dtype, layernorm_eps=eps)
-            return y if self.bias is None else y + self.bias
+        # (parameters and buffers read from their dicts: nn.Module.__getattr__ costs ~0.5 µs per access, and
+        # this is the per-token path of decoding)
+        wp = self._buffers["weight_packed"]
+        if wp is not None and x.device.type in KERNEL_DEVICES:
+            params = self._parameters
+            g, h, bias = params["g"], params["h"], params.get("bias")
+            if self._kernel_ok(x, g, h, bias):
+                # the dtype the reference math gives: promotion of x, g and h (the LN keeps it)
+                xd = x.dtype
+                out_dtype = xd if g.dtype == xd and h.dtype == xd else torch.promote_types(
+                    torch.promote_types(xd, g.dtype), h.dtype)
+                eps = self.eps if self.layer_norm else None
+                if torch.compiler.is_compiling():  # one graph node
+                    y = torch.ops.lowbit.onebit_linear(x, wp, g, h, self.in_features, eps, out_dtype)
+                else:  # eager: the cached words and launch plan, no argument checks
+                    y = _kernels().onebit_linear_packed(x, self._kernel_words(wp), g.contiguous(),
+                                                        h.contiguous(), self.in_features, out_dtype=out_dtype,
+                                                        layernorm_eps=eps)
+                return y if bias is None else y + bias
         if self.is_packed:
             signs = unpack_bits(self.weight_packed, self.in_features, dtype=x.dtype)
         else:
