@@ -103,6 +103,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="per-kernel timing of ours: for the first shape, all shapes or none")
     parser.add_argument("--sweep", action="store_true",
                         help="also try tile configurations of the Triton kernels (first shape)")
+    parser.add_argument("--no-graphs", dest="graphs", action="store_false",
+                        help="skip the CUDA-graph timing (GPU time without the launchers' host time) and the "
+                             "host enqueue time of each method")
     parser.add_argument("--warmup-ms", type=float, default=25.0)
     parser.add_argument("--rep-ms", type=float, default=100.0)
     parser.add_argument("--time-budget", type=float, default=220.0,
@@ -128,6 +131,33 @@ def _bench(fn, args) -> float:
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median"))
+
+
+def _graphed(step):
+    """``step`` captured in a CUDA graph (after warm-up on a side stream): returns the graph's replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    torch.cuda.synchronize()
+    return graph.replay
+
+
+def _host_ms(fn, n: int = 20) -> float:
+    """Median host milliseconds to enqueue one call of fn, from an idle GPU each time (no sync after it)."""
+    times = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - t0))
+    torch.cuda.synchronize()
+    return sorted(times)[n // 2]
 
 
 def _try(record: dict, key: str, fn):
@@ -175,10 +205,10 @@ def _step_fn(method: str, x, w, gy, args):
         from lowbit.kernels import int4_linear as lin4
 
         kw = parse_ours(method, args.block_size, args.keep_ratio)
-        gen = torch.Generator(device=x.device).manual_seed(0)
+        seed = torch.zeros(1, dtype=torch.int64, device=x.device)  # the same draws every step: capturable
 
         def step():
-            y = lin4.int4_linear_triton(x, w, generator=gen, **kw)
+            y = lin4.int4_linear_triton(x, w, seed=seed, **kw)
             return torch.autograd.grad(y, (x, w), gy)
         return step
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
@@ -372,6 +402,13 @@ def _run_shape(idx: int, shape, methods: list[str], args, budget: _Budget, dev: 
             ms = _try(rec, "ms", lambda step=step: _bench(step, args))
             if isinstance(ms, float):
                 rec["TFLOP/s"] = 6 * m * k * n / ms / 1e9
+            if dev.type == "cuda" and args.graphs:
+                # The GPU time alone: one CUDA graph replay per step (eager times include the launchers'
+                # Python where it exceeds the kernels); and the host time to enqueue one eager step.
+                _try(rec, "host_ms", lambda step=step: _host_ms(step))
+                replay = _try(rec, "graph_ms", lambda step=step: _graphed(step))
+                if callable(replay):
+                    _try(rec, "graph_ms", lambda replay=replay: _bench(replay, args))
         rec["wall_s"] = round(time.monotonic() - t0, 1)
         entry["methods"][method] = rec
         save(entry)
@@ -381,6 +418,11 @@ def _run_shape(idx: int, shape, methods: list[str], args, budget: _Budget, dev: 
         for rec in entry["methods"].values():
             if isinstance(rec.get("ms"), float):
                 rec["speedup_vs_bf16_eager"] = base / rec["ms"]
+    base = entry["methods"].get("bf16-eager", {}).get("graph_ms")
+    if isinstance(base, float):
+        for rec in entry["methods"].values():
+            if isinstance(rec.get("graph_ms"), float):
+                rec["graph_speedup_vs_bf16"] = base / rec["graph_ms"]
     if args.kernels == "all" or (args.kernels == "first" and idx == 0):
         x_d, w_d = x.detach(), w.detach()
         def on_row(rows):
@@ -462,6 +504,21 @@ def format_table(result: dict) -> str:
                 failed = rec.get("ms") or rec.get("setup") or {}
                 cells.append(str(rec.get("skipped") or failed.get("error", "-"))[:60])
         lines.append(f"| {'×'.join(map(str, e['shape']))} | " + " | ".join(cells) + " |")
+    if any("graph_ms" in rec for e in result["shapes"] for rec in e["methods"].values()):
+        lines += ["", "In CUDA graphs (GPU time; × = bf16 eager's graph time / this), and host ms per eager "
+                  "step:", "", "| M×K×N | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+        for e in result["shapes"]:
+            cells = []
+            for meth in methods:
+                rec = e["methods"].get(meth, {})
+                g, h = rec.get("graph_ms"), rec.get("host_ms")
+                cell = f"{g:.3f} ms" if isinstance(g, float) else "-"
+                if isinstance(rec.get("graph_speedup_vs_bf16"), float):
+                    cell += f" ({rec['graph_speedup_vs_bf16']:.2f}x)"
+                if isinstance(h, float):
+                    cell += f", host {h:.2f}"
+                cells.append(cell)
+            lines.append(f"| {'×'.join(map(str, e['shape']))} | " + " | ".join(cells) + " |")
     for e in result["shapes"]:
         rows = e.get("kernels")
         if not isinstance(rows, list):
