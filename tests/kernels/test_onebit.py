@@ -23,6 +23,7 @@ to the term sums, against torch's fp32 matmul of x ⊙ g with the unpacked ±1 m
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import pathlib
 import sys
@@ -490,6 +491,75 @@ def test_warm_plan_call_launches_and_allocations(name, eps, launches, empties, m
     torch.testing.assert_close(y, ref, rtol=0, atol=0)
 
 
+class _FakeJit:
+    """A @triton.jit kernel as the direct-launch path sees it: ``kernel[grid](...)`` runs the interpreted
+    kernel and returns a "CompiledKernel" whose launcher gets Triton's argument list (grid, stream, function,
+    packed metadata, launch metadata, two hooks, then every kernel parameter in order, constexprs included)
+    and runs the kernel again from that list alone (so a wrong order or a missing constexpr fails)."""
+
+    def __init__(self, kernel, log):
+        self.kernel, self.log, self.arg_names = kernel, log, kernel.arg_names
+
+    def __getitem__(self, grid):
+        def jit_launch(*args, **meta):
+            self.log.append("jit")
+            self.kernel[grid](*args, **meta)
+            self.options = {k: v for k, v in meta.items() if k in ("num_warps", "num_stages")}
+            return _FakeCompiled(self)
+        return jit_launch
+
+
+class _FakeCompiled:
+    function, packed_metadata = "function", "packed"
+
+    def __init__(self, jit):
+        self.jit = jit
+
+    def run(self, g0, g1, g2, stream, function, packed, launch_metadata, enter, exit_, *params):
+        jit = self.jit
+        jit.log.append("direct")
+        assert (function, packed, launch_metadata, enter, exit_) == ("function", "packed", None, None, None)
+        assert g2 == 1
+        names = jit.arg_names
+        assert len(params) == len(names)
+        sig = inspect.signature(jit.kernel.fn).parameters.values()
+        n_const = sum(1 for p in sig if "constexpr" in str(p.annotation))  # the last parameters
+        cut = len(names) - n_const
+        jit.kernel[(g0, g1)](*params[:cut], **dict(zip(names[cut:], params[cut:])), **jit.options)
+
+
+@pytest.mark.parametrize("name", ["core1_n32_kw8", "planesx_n32_kw32", "tc16_n64_k256_swap",
+                                  "planes_n32_kw32"])
+def test_direct_launch_argument_list(name, monkeypatch):
+    """DIRECT_LAUNCH (off by default; the GPU test checks it for real): the first call per argument
+    specialization goes through the JIT, later ones through the launcher with the same bits; a new x
+    layout (other strides) goes through the JIT again."""
+    mod = _interp
+    k, n_out, m = 100, 21, 2
+    x, s, g, h = _problem(m, k, n_out, torch.bfloat16, seed=12)
+    w = pack_bits_int32(s)
+    ref = mod.onebit_linear_packed(x, w, g, h, k, layernorm_eps=1e-5, config=name)
+    log = []
+    monkeypatch.setattr(mod, "DIRECT_LAUNCH", True)
+    monkeypatch.setattr(mod, "_direct_launch_supported", lambda: True)
+    monkeypatch.setattr(mod, "_launch_hooks_set", lambda: False)
+    mod._cached_plan.cache_clear()
+    for attr in dir(mod):
+        if attr.startswith("_") and attr.endswith("_kernel") and attr != "_rows_epilogue_kernel":
+            monkeypatch.setattr(mod, attr, _FakeJit(getattr(mod, attr), log))
+    launches = mod.OneBitPlan(m, n_out, k, x.dtype, g.dtype, x.dtype, x.device, 1e-5, mod.VARIANTS[name],
+                              None).launches
+    ys = [mod.onebit_linear_packed(x, w, g, h, k, layernorm_eps=1e-5, config=name) for _ in range(2)]
+    assert log == ["jit"] * launches + ["direct"] * launches
+    wide = torch.zeros(m, 2 * k, dtype=x.dtype)
+    wide[:, ::2] = x
+    ys.append(mod.onebit_linear_packed(wide[:, ::2], w, g, h, k, layernorm_eps=1e-5, config=name))
+    assert log[-launches:] == ["jit"] * launches
+    mod._cached_plan.cache_clear()
+    for y in ys:
+        torch.testing.assert_close(y, ref, rtol=0, atol=0)
+
+
 def test_single_launch_rule_flag(monkeypatch):
     """select_config keeps the measured rule by default; PREFER_SINGLE_LAUNCH_M1 switches M = 1 to the
     single-launch variants named in SINGLE_LAUNCH_M1 (and the dispatcher's result stays within the bound)."""
@@ -629,3 +699,59 @@ def test_gpu_cuda_graph_replay():
         graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+@CUDA
+@pytest.mark.parametrize("name,m", [("core1_n32_kw8", 1), ("core_n32_kw8", 1), ("planesx_n64_kw32", 1),
+                                    ("planesx1_n32_kw32", 1), ("planes_n64_kw32", 1),
+                                    ("tc16_n64_k256_swap", 4), ("tc16_n128_k128", 16)])
+def test_gpu_single_launch_and_direct_launch_same_bits(name, m, monkeypatch):
+    """The new variants on the GPU against the integer-exact product, and DIRECT_LAUNCH (the CompiledKernel's
+    launcher after the first JIT launch) gives the JIT path's bits, eagerly and replayed in a CUDA graph."""
+    k, n_out = 4096, 1000
+    x, s, g, h = _problem(m, k, n_out, torch.bfloat16, seed=m, integer=True, device="cuda")
+    w = pack_bits_int32(s)
+    y = onebit_mod.onebit_matmul(x, w, g, h, k, out_dtype=torch.float32, config=name)
+    y_exact = _exact(x.cpu(), s.cpu(), g.cpu(), h.cpu())[0]
+    torch.testing.assert_close(y.double().cpu(), y_exact, rtol=0, atol=0)
+    xr, _, gr, hr = _problem(m, k, n_out, torch.bfloat16, seed=m + 1, device="cuda")
+    f = lambda: onebit_mod.onebit_linear_packed(xr, w, gr, hr, k, layernorm_eps=1e-5, config=name)  # noqa: E731
+    ref = f()
+    monkeypatch.setattr(onebit_mod, "DIRECT_LAUNCH", True)
+    assert onebit_mod._direct_launch_supported(), "Triton without the launcher convention of >= 3.3"
+    for _ in range(3):
+        torch.testing.assert_close(f(), ref, rtol=0, atol=0)
+    plan = onebit_mod.onebit_matmul_plan(m, n_out, k, device="cuda", x_dtype=xr.dtype, layernorm_eps=1e-5,
+                                         config=name)
+    assert plan._direct and all(v is not False for v in plan._direct.values())
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        f()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        out = f()
+    graph.replay()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+@CUDA
+def test_gpu_layer_torch_compile_inductor():
+    """The packed layer compiled with inductor (one custom-op node) gives the eager bits."""
+    from lowbit.onebit import OneBitLinear
+
+    layer = OneBitLinear(576, 1536, packed=True, device="cuda").pack(torch.bfloat16)
+    with torch.no_grad():
+        layer.weight_packed.copy_(torch.randint(0, 256, layer.weight_packed.shape, dtype=torch.uint8))
+        layer.g.uniform_(0.5, 1.5)
+        x = torch.randn(1, 576, device="cuda", dtype=torch.bfloat16)
+        eager = layer(x)
+        torch._dynamo.reset()
+        try:
+            compiled = torch.compile(layer, fullgraph=True)
+            torch.testing.assert_close(compiled(x), eager, rtol=0, atol=0)
+        finally:
+            torch._dynamo.reset()

@@ -956,6 +956,48 @@ def _split_words(kw_total: int, block_kw: int, n_tiles: int, cfg, sm_count: int)
     return triton.cdiv(kw_total, kw_per_split), kw_per_split
 
 
+#: Opt-in (flip after measuring on the GPU): a plan launches each kernel through Triton's JIT dispatch once
+#: per argument specialization, then calls the CompiledKernel's launcher directly (skipping the binder,
+#: the cache-key computation and the option parsing of ``JITFunction.run``: most of the ~20-40 µs of host
+#: time per launch). Needs Triton >= 3.3 (launcher arguments = all kernel parameters, constexprs included);
+#: off in the interpreter and while Triton's launch hooks (profilers) are set.
+DIRECT_LAUNCH = False
+_DIRECT_SUPPORTED: bool | None = None
+
+
+def _direct_launch_supported() -> bool:
+    global _DIRECT_SUPPORTED
+    if _DIRECT_SUPPORTED is None:
+        ok = HAS_TRITON and not _INTERPRETED
+        try:
+            version = tuple(int(v) for v in triton.__version__.split(".")[:2])
+            from triton import knobs  # noqa: F401  (Triton >= 3.4: where the launch hooks live)
+        except (ImportError, ValueError, AttributeError):
+            ok = False
+        else:
+            ok = ok and version >= (3, 3)
+        _DIRECT_SUPPORTED = ok
+    return _DIRECT_SUPPORTED
+
+
+def _launch_hooks_set() -> bool:
+    from triton import knobs
+
+    return knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
+
+
+def _direct_entry(kernel, compiled, meta: dict, n_args: int):
+    """(launcher, function, packed metadata, constexpr values in parameter order) of a CompiledKernel
+    returned by ``kernel[grid](...)``, or False where it does not look like one (then: the JIT path)."""
+    try:
+        names = list(kernel.arg_names)[n_args:]
+        consts = tuple(meta[name] for name in names)
+        run = compiled.run  # loads the module on first access
+        return run, compiled.function, compiled.packed_metadata, consts
+    except (AttributeError, KeyError, TypeError):
+        return False
+
+
 class OneBitPlan:
     """Everything about one product that depends only on the shapes, dtypes, device, LayerNorm and variant
     (not on the data): the kernel(s), grid, split-K, tile constants and buffer sizes, decided once.
@@ -975,6 +1017,7 @@ class OneBitPlan:
         self.x_dtype, self.g_dtype, self.out_dtype = x_dtype, g_dtype, out_dtype
         self.device, self.eps, self.cfg = device, eps, cfg
         self.eps_arg = eps if eps is not None else 0.0
+        self._direct: dict = {}  # DIRECT_LAUNCH: (kernel slot, argument specialization) -> launcher
         if fuse_ln is None:
             fuse_ln = eps is not None and m * n_out <= LN_FUSE_MAX_ELEMENTS
         self.fuse_ln = bool(fuse_ln) and eps is not None and not isinstance(cfg, UnpackMMConfig)
@@ -1018,6 +1061,7 @@ class OneBitPlan:
             if not planes:
                 self.kb = 4 * self.kw  # one table per byte of a row (bytes past K get a table of zeros)
                 self.prep_grid = (m, triton.cdiv(self.kb, 16))
+                self.prep_meta = dict(BLOCK_B=16, num_warps=4)
                 self._call = self._call_lut
             elif cfg.fused_xg:
                 self._call = self._call_planesx
@@ -1025,6 +1069,7 @@ class OneBitPlan:
                 self.kwp = triton.cdiv(self.kw, cfg.block_kw) * cfg.block_kw  # planes padded with zeros
                 self.block_w = min(64, triton.next_power_of_2(self.kwp))
                 self.prep_grid = (m, triton.cdiv(self.kwp, self.block_w))
+                self.prep_meta = dict(BLOCK_W=self.block_w, num_warps=4)
                 self._call = self._call_planes
         elif isinstance(cfg, MMConfig):
             if cfg.block_k % 32 or cfg.block_k < 32:
@@ -1068,10 +1113,36 @@ class OneBitPlan:
                 f"split_k={getattr(self, 'split_k', None)}, fuse_ln={self.fuse_ln})")
 
     def __call__(self, x2: torch.Tensor, w: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        out = self._call(x2, w, g, h)
+        vkey = None
+        if DIRECT_LAUNCH and _direct_launch_supported():
+            # what Triton specializes on among the arguments that vary between calls of one plan (the
+            # buffers the plan allocates are always 16-byte aligned; dtypes of x and g are the plan's)
+            vkey = (x2.data_ptr() & 15, x2.stride(0), x2.stride(1), w.data_ptr() & 15, w.stride(0),
+                    g.data_ptr() & 15, h.data_ptr() & 15, h.dtype)
+        out = self._call(x2, w, g, h, vkey)
         if self.eps is not None and not self.fuse_ln and not isinstance(self.cfg, UnpackMMConfig):
             out = F.layer_norm(out, (self.n_out,), eps=self.eps).to(self.out_dtype)
         return out
+
+    def _launch(self, slot: int, kernel, grid, args: tuple, meta: dict, vkey) -> None:
+        """``kernel[grid](*args, **meta)``; with DIRECT_LAUNCH, only the first launch per argument
+        specialization goes through Triton's JIT dispatch, later ones call the CompiledKernel's launcher it
+        returned (what ``JITFunction.run`` does after its cache lookup, Triton >= 3.3)."""
+        if vkey is None:
+            kernel[grid](*args, **meta)
+            return
+        key = (slot, vkey)
+        entry = self._direct.get(key)
+        if entry is None:
+            compiled = kernel[grid](*args, **meta)
+            self._direct[key] = _direct_entry(kernel, compiled, meta, len(args))
+            return
+        if entry is False or _launch_hooks_set():
+            kernel[grid](*args, **meta)
+            return
+        run, function, packed, consts = entry
+        run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+            _current_stream_id(self.device), function, packed, None, None, None, *args, *consts)
 
     def _scratch(self):
         ws = _workspace(self.device, self.n_cnt, self.n_ypre)
@@ -1082,58 +1153,58 @@ class OneBitPlan:
     def _out(self) -> torch.Tensor:
         return torch.empty((self.m, self.n_out), dtype=self.alloc_dtype, device=self.device)
 
-    def _call_gemv(self, x2, w, g, h):
+    def _call_gemv(self, x2, w, g, h, vkey):
         out = self._out()
         cnt, part, ypre = self._scratch()
-        _onebit_gemv_kernel[self.grid](
+        self._launch(0, _onebit_gemv_kernel, self.grid, (
             x2, w, g, h, out, part, cnt, ypre,
             self.m, self.n_out, self.k, self.kw, self.kw_per_split, self.split_k, self.n_tiles,
-            x2.stride(0), x2.stride(1), w.stride(0), self.n_out, 1, self.eps_arg, **self.meta)
+            x2.stride(0), x2.stride(1), w.stride(0), self.n_out, 1, self.eps_arg), self.meta, vkey)
         return out
 
-    def _call_mm(self, x2, w, g, h):
+    def _call_mm(self, x2, w, g, h, vkey):
         out = self._out()
         cnt, part, ypre = self._scratch()
-        _onebit_mm_kernel[self.grid](
+        self._launch(0, _onebit_mm_kernel, self.grid, (
             x2, w, g.view(torch.int16) if self.g_as_int16 else g, h, out, part, cnt, ypre,
             self.m, self.n_out, self.k, self.kw, self.k_per_split, self.split_k,
-            x2.stride(0), x2.stride(1), w.stride(0), self.n_out, 1, self.eps_arg, **self.meta)
+            x2.stride(0), x2.stride(1), w.stride(0), self.n_out, 1, self.eps_arg), self.meta, vkey)
         return out
 
-    def _call_planesx(self, x2, w, g, h):
+    def _call_planesx(self, x2, w, g, h, vkey):
         out = self._out()
         cnt, part, ypre = self._scratch()
-        _onebit_planesx_kernel[self.grid](
+        self._launch(0, _onebit_planesx_kernel, self.grid, (
             x2, g, w, h, out, part, cnt, ypre,
             self.m, self.n_out, self.k, self.kw, self.kw_per_split, self.split_k,
-            x2.stride(0), x2.stride(1), w.stride(0), self.n_out, 1, self.eps_arg, **self.meta)
+            x2.stride(0), x2.stride(1), w.stride(0), self.n_out, 1, self.eps_arg), self.meta, vkey)
         return out
 
-    def _call_planes(self, x2, w, g, h):
+    def _call_planes(self, x2, w, g, h, vkey):
         out = self._out()
         xgp = torch.empty((self.m, 32, self.kwp), dtype=torch.float32, device=self.device)
-        _xg_planes_kernel[self.prep_grid](
-            x2, g, xgp, self.k, self.kwp, x2.stride(0), x2.stride(1), BLOCK_W=self.block_w, num_warps=4)
+        self._launch(1, _xg_planes_kernel, self.prep_grid, (
+            x2, g, xgp, self.k, self.kwp, x2.stride(0), x2.stride(1)), self.prep_meta, vkey)
         cnt, part, ypre = self._scratch()
-        _onebit_planes_kernel[self.grid](
+        self._launch(0, _onebit_planes_kernel, self.grid, (
             xgp, w, h, out, part, cnt, ypre,
             self.m, self.n_out, self.kw, self.kwp, self.kw_per_split, self.split_k,
-            w.stride(0), self.n_out, 1, self.eps_arg, **self.meta)
+            w.stride(0), self.n_out, 1, self.eps_arg), self.meta, vkey)
         return out
 
-    def _call_lut(self, x2, w, g, h):
+    def _call_lut(self, x2, w, g, h, vkey):
         out = self._out()
         lut = torch.empty((self.m, self.kb, 256), dtype=torch.float32, device=self.device)
-        _xg_lut_kernel[self.prep_grid](
-            x2, g, lut, self.k, self.kb, x2.stride(0), x2.stride(1), BLOCK_B=16, num_warps=4)
+        self._launch(1, _xg_lut_kernel, self.prep_grid, (
+            x2, g, lut, self.k, self.kb, x2.stride(0), x2.stride(1)), self.prep_meta, vkey)
         cnt, part, ypre = self._scratch()
-        _onebit_lut_kernel[self.grid](
+        self._launch(0, _onebit_lut_kernel, self.grid, (
             lut, w, h, out, part, cnt, ypre,
             self.m, self.n_out, self.kw, self.kb, self.kw_per_split, self.split_k,
-            w.stride(0), self.n_out, 1, self.eps_arg, **self.meta)
+            w.stride(0), self.n_out, 1, self.eps_arg), self.meta, vkey)
         return out
 
-    def _call_unpack_mm(self, x2, w, g, h):
+    def _call_unpack_mm(self, x2, w, g, h, vkey):
         return _launch_unpack_mm(x2, w, g, h, self.n_out, self.k, self.out_dtype, self.cfg, self.eps)
 
 
