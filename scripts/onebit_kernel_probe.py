@@ -224,11 +224,39 @@ def host_us(f, calls: int = 200) -> tuple[float, float]:
     return sorted(times)[len(times) // 2] * 1e6, loop * 1e6
 
 
-def _host_row(layer, lin, k: int, n: int, m: int, device) -> dict:
+def _host_row(layer, lin, k: int, n: int, m: int, device, direct: bool = False) -> dict:
     import lowbit.kernels.onebit as kern
 
     x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-    row = {"K": k, "N": n, "M": m}
+    row = {"K": k, "N": n, "M": m, "direct_launch": direct}
+    if direct:  # the same calls with DIRECT_LAUNCH; first check that it gives the JIT path's bits
+        saved = kern.PREFER_SINGLE_LAUNCH_M1
+        refs = {}
+        for rule in (False, True):
+            kern.PREFER_SINGLE_LAUNCH_M1 = rule
+            refs[rule] = layer(x)
+        kern.DIRECT_LAUNCH = True
+        try:
+            same = True
+            for rule in (False, True):
+                kern.PREFER_SINGLE_LAUNCH_M1 = rule
+                same = same and all(torch.equal(layer(x), refs[rule]) for _ in range(3))
+            kern.PREFER_SINGLE_LAUNCH_M1 = saved
+            row["direct_same_bits"] = same
+            if not same:
+                return row
+            return {**row, **_host_entries(layer, lin, k, n, m, x, device, ("layer", "plan"))}
+        finally:
+            kern.DIRECT_LAUNCH = False
+            kern.PREFER_SINGLE_LAUNCH_M1 = saved
+    return {**row, **_host_entries(layer, lin, k, n, m, x, device,
+                                   ("layer", "plan", "onebit_matmul", "bf16_linear"))}
+
+
+def _host_entries(layer, lin, k, n, m, x, device, names) -> dict:
+    import lowbit.kernels.onebit as kern
+
+    row = {}
     words = layer._kernel_words()
     plan = kern.onebit_matmul_plan(m, n, k, device=device, x_dtype=x.dtype, g_dtype=layer.g.dtype,
                                    layernorm_eps=layer.eps)
@@ -242,6 +270,8 @@ def _host_row(layer, lin, k: int, n: int, m: int, device) -> dict:
         "bf16_linear": lambda: lin(x),
     }
     for name, f in entries.items():
+        if name not in names:
+            continue
         try:
             row[f"{name}_host_us"], row[f"{name}_loop_us"] = host_us(f)
         except Exception as exc:
@@ -262,7 +292,7 @@ def _host_row(layer, lin, k: int, n: int, m: int, device) -> dict:
     return row
 
 
-def host_rows(shapes, ms, device) -> list[dict]:
+def host_rows(shapes, ms, device, direct: bool = False) -> list[dict]:
     """Eager host cost per call of the packed layer and its parts (see the module docstring)."""
     import torch.nn as nn
 
@@ -279,12 +309,13 @@ def host_rows(shapes, ms, device) -> list[dict]:
             layer.g.uniform_(0.5, 1.5)
             layer.h.uniform_(0.001, 0.02)
             for m in ms:
-                row = _host_row(layer, lin, k, n, m, device)
+                row = _host_row(layer, lin, k, n, m, device, direct)
                 rows.append(row)
-                print(f"host K={k} N={n} M={m}: " + " ".join(
+                print(f"host{' (DIRECT_LAUNCH)' if direct else ''} K={k} N={n} M={m}: " + " ".join(
                     f"{e} {row.get(e + '_host_us', nan):.1f}/{row.get(e + '_loop_us', nan):.1f}"
                     for e in ("layer", "layer_single_launch", "plan", "onebit_matmul", "bf16_linear")
-                ) + f" (host/loop µs; {row['plan']})", flush=True)
+                ) + f" (host/loop µs; {row.get('plan')}; direct same bits {row.get('direct_same_bits')})",
+                    flush=True)
     torch.cuda.empty_cache()
     return rows
 
@@ -302,6 +333,7 @@ def main(argv=None) -> int:
     ap.add_argument("--host-ms", default="1,4,16",
                     help="token counts of the eager host-cost phase ('' skips it)")
     ap.add_argument("--skip-checks", action="store_true", help="no phase 1 (checks in parallel processes)")
+    ap.add_argument("--no-direct", action="store_true", help="no phase 4 (host cost with DIRECT_LAUNCH)")
     ap.add_argument("--variants", default="", help="time only variants whose name contains one of these "
                     "comma-separated strings (default: all)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -408,6 +440,11 @@ def main(argv=None) -> int:
     result["rows"] = rows
     with open(os.path.join(out_dir, "onebit_probe.json"), "w") as f:
         json.dump(result, f, indent=1)
+    # phase 4 (last: an unproven launch path): the host phase again with DIRECT_LAUNCH
+    if host_ms and not args.no_direct:
+        result["host_direct"] = host_rows(shapes, host_ms, device, direct=True)
+        with open(os.path.join(out_dir, "onebit_probe.json"), "w") as f:
+            json.dump(result, f, indent=1)
     print("\n| K | N | M | bf16 µs | best variant | µs | vs bf16 | packed GB/s | % copy | dispatcher µs |")
     print("|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -429,6 +466,15 @@ def main(argv=None) -> int:
                   f"{r.get('layer_single_launch_loop_us', nan):.1f}"
                   f" | {r.get('plan_host_us', nan):.1f} | {r.get('onebit_matmul_host_us', nan):.1f} | "
                   f"{r.get('bf16_linear_host_us', nan):.1f} / {r.get('bf16_linear_loop_us', nan):.1f} |")
+    if result.get("host_direct"):
+        print("\nDIRECT_LAUNCH | K | N | M | same bits | layer host / loop µs |"
+              " single-launch layer host / loop µs | plan host µs |")
+        for r in result["host_direct"]:
+            nan = float("nan")
+            print(f"| {r['K']} | {r['N']} | {r['M']} | {r.get('direct_same_bits')} | "
+                  f"{r.get('layer_host_us', nan):.1f} / {r.get('layer_loop_us', nan):.1f} | "
+                  f"{r.get('layer_single_launch_host_us', nan):.1f} / "
+                  f"{r.get('layer_single_launch_loop_us', nan):.1f} | {r.get('plan_host_us', nan):.1f} |")
     print(f"[{time.perf_counter() - t_start:.0f}s] JSON: {os.path.join(out_dir, 'onebit_probe.json')}")
     return 0
 
