@@ -38,14 +38,13 @@ kernels run under ``TRITON_INTERPRET=1`` (tests, small shapes).
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from typing import NamedTuple
 
 import torch
 
-from lowbit.quant import hadamard_matrix, is_power_of_two, true_div
+from lowbit.quant import is_power_of_two, true_div
 
 try:
     import triton
@@ -71,7 +70,6 @@ __all__ = [
     "leverage_sample_compact",
     "lss_capacity",
     "row_absmax",
-    "sign_matrix",
     "unpack_hi_lo",
 ]
 
@@ -113,23 +111,6 @@ def _launch_options(device: torch.device) -> dict:
     return {} if device.type != "cuda" else {"enable_fp_fusion": False}
 
 
-@functools.cache
-def _sign_matrix_cached(block: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    h = hadamard_matrix(block, dtype=torch.float64) * math.sqrt(block)
-    signs = torch.block_diag(*[torch.round(h)] * (width // block))
-    return signs.to(dtype=dtype, device=device).contiguous()
-
-
-def sign_matrix(block: int, width: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """BlockDiag(√b·H_b, ...) of shape (width, width): the ±1 (and 0) matrix the kernels multiply by.
-
-    ``block`` (b) a power of two dividing ``width``. Cached per (b, width, dtype, device).
-    """
-    if not is_power_of_two(block) or width % block:
-        raise ValueError(f"block must be a power of two dividing width={width}, got {block!r}")
-    return _sign_matrix_cached(block, width, dtype, torch.device(device))
-
-
 def _rotation_width(block: int, n_cols: int) -> int:
     """Columns per rotation tile: a multiple of the block, at least 16 (tl.dot), dividing n_cols."""
     width = max(block, 16)
@@ -158,13 +139,6 @@ def _round_mode(dtype: torch.dtype) -> int:
 def _n_split(dtype: torch.dtype) -> int:
     # bf16 / fp16 tiles go into the dot as they are; anything wider is split into exact bf16 pieces.
     return 1 if dtype in (torch.bfloat16, torch.float16) else 3
-
-
-def _dot_dtype(dtype: torch.dtype) -> torch.dtype:
-    # The interpreter's bf16 dot is broken (triton 3.9): it multiplies in fp32 there, with the same pieces.
-    if interpreting():
-        return torch.float32
-    return torch.float16 if dtype == torch.float16 else torch.bfloat16
 
 
 if HAS_TRITON:
@@ -222,8 +196,24 @@ if HAS_TRITON:
         return tl.minimum(tl.maximum(r, -7.0), 7.0)
 
     @triton.jit
+    def _sign_tile(W: tl.constexpr, B: tl.constexpr):
+        """BlockDiag(√B·H_B, ...) of shape (W, W) in fp32, made in registers: entry (i, j) is 0 across
+        blocks, else (-1)^popcount((i mod B) & (j mod B)) (Sylvester's order, as lowbit.quant's).
+        No table in memory: nothing to cache per device, nothing allocated inside a CUDA graph."""
+        idx = tl.arange(0, W)
+        i = idx[:, None]
+        j = idx[None, :]
+        p = (i % B) & (j % B)  # < 128: the parity of 7 bits by folding
+        p = p ^ (p >> 4)
+        p = p ^ (p >> 2)
+        p = p ^ (p >> 1)
+        sign = 1.0 - 2.0 * (p & 1).to(tl.float32)
+        return tl.where((i // B) == (j // B), sign, 0.0)
+
+    @triton.jit
     def _rotate(xr, s, NSPLIT: tl.constexpr, DOT_F32: tl.constexpr):
-        """xr (rows, W) · s (W, W) with fp32 accumulation (s = ±1 sign matrix, bf16 / fp16 / fp32).
+        """xr (rows, W) · s (W, W) with fp32 accumulation (s = the fp32 ±1 tile of :func:`_sign_tile`, used
+        in the dtype of the dot's other operand: exact).
 
         NSPLIT == 1: xr (bf16 / fp16) goes into the dot as is. Else xr is taken in fp32 and split into
         NSPLIT bf16 pieces (x = p1 + p2 + ..., each residual exact in fp32), one dot each.
@@ -233,17 +223,18 @@ if HAS_TRITON:
             if DOT_F32:
                 acc = tl.dot(xr.to(tl.float32), s, input_precision="ieee")
             else:
-                acc = tl.dot(xr, s)
+                acc = tl.dot(xr, s.to(xr.dtype))
         else:
             rest = xr.to(tl.float32)
             acc = tl.zeros(xr.shape, dtype=tl.float32)
+            s16 = s.to(tl.bfloat16)
             for _ in tl.static_range(NSPLIT):
                 piece = rest.to(tl.bfloat16)
                 rest = rest - piece.to(tl.float32)
                 if DOT_F32:
                     acc = tl.dot(piece.to(tl.float32), s, acc, input_precision="ieee")
                 else:
-                    acc = tl.dot(piece, s, acc)
+                    acc = tl.dot(piece, s16, acc)
         return acc
 
     @triton.jit
@@ -257,11 +248,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _hq_kernel(
-        x_ptr, s_ptr, scale_in_ptr, rs_ptr,
+        x_ptr, scale_in_ptr, rs_ptr,
         out_ptr, out_t_ptr, scale_out_ptr, absmax_ptr, sumsq_ptr,
         R, C, CHUNK, stride_xr, stride_or, stride_tc,
         inv_sqrt_b,
-        BR: tl.constexpr, BC: tl.constexpr,
+        BR: tl.constexpr, BC: tl.constexpr, HB: tl.constexpr,
         ROTATE: tl.constexpr, NSPLIT: tl.constexpr, DOT_F32: tl.constexpr, ROUND: tl.constexpr,
         MODE: tl.constexpr, WRITE_OUT: tl.constexpr, WRITE_T: tl.constexpr, HAS_RS: tl.constexpr,
         SPLIT: tl.constexpr, QMAX_C: tl.constexpr,
@@ -281,7 +272,7 @@ if HAS_TRITON:
         rows64 = rows.to(tl.int64)
         cols0 = tl.arange(0, BC)
         if ROTATE:
-            s = tl.load(s_ptr + cols0[:, None] * BC + cols0[None, :])
+            s = _sign_tile(BC, HB)
         else:
             s = None
         x_rows = x_ptr + rows64[:, None] * stride_xr
@@ -684,7 +675,6 @@ def _launch_hq(x, b, mode, *, scale_in=None, row_scale=None, out=None, out_t=Non
     rotate = b > 1
     width = _tile_width(b, n_cols)
     dummy = next(t for t in (absmax, sumsq, out, scale_in) if t is not None)
-    s = sign_matrix(b, width, _dot_dtype(x.dtype), dev) if rotate else dummy
     if mode == _ROW:
         br = block_rows or (_HQ_CONFIG["rows_whole"] if rotate else _HQ_CONFIG["rows_plain"])
         cols_per_prog = n_cols
@@ -698,7 +688,7 @@ def _launch_hq(x, b, mode, *, scale_in=None, row_scale=None, out=None, out_t=Non
         out, out_t = (t.view(torch.uint8) if t is not None and t.dtype == torch.float8_e4m3fn else t
                       for t in (out, out_t))
     _hq_kernel[(triton.cdiv(n_rows, br), n_chunks)](
-        x, s, scale_in if scale_in is not None else dummy, row_scale if row_scale is not None else dummy,
+        x, scale_in if scale_in is not None else dummy, row_scale if row_scale is not None else dummy,
         out if out is not None else dummy, out_t if out_t is not None else dummy,
         scale_out if scale_out is not None else dummy, absmax if absmax is not None else dummy,
         sumsq if sumsq is not None else dummy,
@@ -706,7 +696,8 @@ def _launch_hq(x, b, mode, *, scale_in=None, row_scale=None, out=None, out_t=Non
         stride_or=out.stride(0) if out is not None else 0,
         stride_tc=out_t.stride(0) if out_t is not None else 0,
         inv_sqrt_b=1.0 / math.sqrt(b),
-        BR=br, BC=width, ROTATE=rotate, NSPLIT=_n_split(x.dtype), DOT_F32=interpreting(), ROUND=round_mode,
+        BR=br, BC=width, HB=b, ROTATE=rotate, NSPLIT=_n_split(x.dtype), DOT_F32=interpreting(),
+        ROUND=round_mode,
         MODE=mode, WRITE_OUT=out is not None, WRITE_T=out_t is not None, HAS_RS=row_scale is not None,
         SPLIT=n_chunks > 1, QMAX_C=float(QMAX), num_warps=num_warps or _HQ_CONFIG["num_warps"],
         **_launch_options(dev),

@@ -142,8 +142,8 @@ def _seeds(seed: torch.Tensor | None, generator: torch.Generator | None, device,
             return torch.zeros(3, dtype=torch.int64, device=device)
         return torch.randint(0, 2**31 - 1, (3,), generator=generator, device=device, dtype=torch.int64)
     base = seed.reshape(1).to(device=device, dtype=torch.int64)
-    steps = torch.tensor([0, 1_000_003, 2_000_029], dtype=torch.int64, device=device)
-    return (base + steps) % (2**31 - 1)
+    # (arange, not a tensor from a list: no host-to-device copy, which CUDA-graph capture forbids)
+    return (base + torch.arange(3, dtype=torch.int64, device=device) * 1_000_003) % (2**31 - 1)
 
 
 #: Whether ``torch.mm(..., out_dtype=torch.float32)`` works for fp16 operands here (None: not tried yet).

@@ -33,10 +33,10 @@ from .hadamard_quant import (
     _check_triton,
     _launch_options,
     _rotate,
+    _sign_tile,
     _store_cast,
     hadamard_rows,
     interpreting,
-    sign_matrix,
 )
 
 if HAS_TRITON:
@@ -134,10 +134,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _scaled_gemm_kernel(
-        a_ptr, a2_ptr, b_ptr, out_ptr, rs_ptr, cs_ptr, s_ptr,
+        a_ptr, a2_ptr, b_ptr, out_ptr, rs_ptr, cs_ptr,
         M, N, K, stride_am, stride_bn, stride_om, stride_cs,
         inv_sqrt_b, a_weight,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        HB: tl.constexpr,
         ROTATE: tl.constexpr, NSPLIT: tl.constexpr, DOT_F32: tl.constexpr, INT_ACC: tl.constexpr,
         EVEN_K: tl.constexpr, A_CAST: tl.constexpr, DUAL: tl.constexpr,
     ):
@@ -199,9 +200,7 @@ if HAS_TRITON:
         if DUAL:  # exact: both sums are integers below 2^24 / 15
             y = y * a_weight + acc2
         if ROTATE:
-            cols = tl.arange(0, BLOCK_N)
-            s = tl.load(s_ptr + cols[:, None] * BLOCK_N + cols[None, :])
-            y = _rotate(y, s, NSPLIT, DOT_F32) * inv_sqrt_b
+            y = _rotate(y, _sign_tile(BLOCK_N, HB), NSPLIT, DOT_F32) * inv_sqrt_b
         rs = tl.load(rs_ptr + offs_m, mask=offs_m < M, other=0.0)
         cs = tl.load(cs_ptr + offs_n * stride_cs, mask=offs_n < N, other=0.0)
         y = y * rs[:, None] * cs[None, :]
@@ -322,14 +321,13 @@ def _scaled_mm_launch(a, a2, b, row_scale, col_scale, *, hadamard_block, out_dty
         return out
     if k == 0:
         return out.zero_()
-    s = sign_matrix(blk, bn, torch.float32 if interpreting() else torch.bfloat16, a.device) if blk > 1 else rs
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     _scaled_gemm_kernel[grid](
-        a, a2 if a2 is not None else a, b, out, rs, cs, s,
+        a, a2 if a2 is not None else a, b, out, rs, cs,
         M=m, N=n, K=k, stride_am=a.stride(0), stride_bn=b.stride(0), stride_om=out.stride(0),
         stride_cs=0 if cs.numel() == 1 else 1,
         inv_sqrt_b=1.0 / math.sqrt(blk), a_weight=14.0,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], HB=max(blk, 1),
         ROTATE=blk > 1, NSPLIT=2, DOT_F32=interpreting(), INT_ACC=a.dtype == torch.int8 and not mixed,
         EVEN_K=k % bk == 0, A_CAST=mixed, DUAL=a2 is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_launch_options(a.device),
