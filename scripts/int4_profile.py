@@ -249,6 +249,52 @@ def part_agree(args, out: dict, outdir: Path) -> None:
         res[recipe] = {"loss_emulated": float(loss_e), "layers": rows}
 
 
+def part_grads(args, out: dict, outdir: Path) -> None:
+    """GPT small under bf16 autocast, one step: the Triton backend with reference draws against the
+    emulation (same weights, same generator seeds): per parameter the relative gradient gap and the fraction
+    of gradient entries whose sign differs; then the loss after one AdamW step for both."""
+    from lowbit.int4 import Int4Linear, Int4TrainingConfig, convert_to_int4_training
+    from lowbit.models import GPT, GPTConfig
+
+    res = out.setdefault("grads", {})
+    for recipe in ("hq", "hq-lss"):
+        models = {}
+        for backend in ("emulate", "triton"):
+            torch.manual_seed(0)
+            size = {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256}
+            model = GPT(GPTConfig.named("tiny", 64, **size)).cuda()
+            convert_to_int4_training(model, Int4TrainingConfig.named(recipe, backend=backend, seed=0))
+            for m in model.modules():
+                if isinstance(m, Int4Linear):
+                    m.reference_draws = True
+            models[backend] = model
+        idx = torch.randint(0, 64, (8, 257), generator=torch.Generator().manual_seed(1)).cuda()
+        losses = {}
+        for backend, model in models.items():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                _, loss = model(idx[:, :-1], idx[:, 1:])
+            loss.backward()
+            losses[backend] = [float(loss)]
+        rows = []
+        for (name, pe), pt in zip(models["emulate"].named_parameters(), models["triton"].parameters()):
+            ge, gt = pe.grad.float(), pt.grad.float()
+            rows.append({"param": name, "rel": float((gt - ge).norm() / ge.norm().clamp_min(1e-30)),
+                         "sign_diff": float(((gt > 0) != (ge > 0)).float().mean()),
+                         "ratio": float(gt.norm() / ge.norm().clamp_min(1e-30))})
+        for backend, model in models.items():
+            opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            idx2 = torch.randint(0, 64, (8, 257), generator=torch.Generator().manual_seed(2)).cuda()
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                _, loss = model(idx2[:, :-1], idx2[:, 1:])
+            losses[backend].append(float(loss))
+        res[recipe] = {"losses": losses, "params": rows}
+        print("grads", recipe, "losses", losses, flush=True)
+        for r in sorted(rows, key=lambda r: -r["rel"])[:12]:
+            print("  ", r, flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/profile")
@@ -258,7 +304,7 @@ def main() -> None:
     outdir.mkdir(parents=True, exist_ok=True)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     parts = {"layer": part_layer, "launch": part_launch, "onebit": part_onebit, "e2e": part_e2e,
-             "agree": part_agree}
+             "agree": part_agree, "grads": part_grads}
     for p in args.parts.split(","):
         t0 = time.perf_counter()
         try:
