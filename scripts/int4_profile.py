@@ -259,11 +259,12 @@ def part_grads(args, out: dict, outdir: Path) -> None:
     res = out.setdefault("grads", {})
     for recipe in ("hq", "hq-lss"):
         models = {}
-        for backend in ("emulate", "triton"):
+        for backend in ("emulate", "triton", "emulate-again"):
             torch.manual_seed(0)
             size = {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256}
             model = GPT(GPTConfig.named("tiny", 64, **size)).cuda()
-            convert_to_int4_training(model, Int4TrainingConfig.named(recipe, backend=backend, seed=0))
+            convert_to_int4_training(model, Int4TrainingConfig.named(recipe, backend=backend.split("-")[0],
+                                                                     seed=0))
             for m in model.modules():
                 if isinstance(m, Int4Linear):
                     m.reference_draws = True
@@ -276,9 +277,11 @@ def part_grads(args, out: dict, outdir: Path) -> None:
             loss.backward()
             losses[backend] = [float(loss)]
         rows = []
-        for (name, pe), pt in zip(models["emulate"].named_parameters(), models["triton"].parameters()):
-            ge, gt = pe.grad.float(), pt.grad.float()
+        for (name, pe), pt, p2 in zip(models["emulate"].named_parameters(), models["triton"].parameters(),
+                                      models["emulate-again"].parameters()):
+            ge, gt, g2 = pe.grad.float(), pt.grad.float(), p2.grad.float()
             rows.append({"param": name, "rel": float((gt - ge).norm() / ge.norm().clamp_min(1e-30)),
+                         "rel_emu_vs_emu": float((g2 - ge).norm() / ge.norm().clamp_min(1e-30)),
                          "sign_diff": float(((gt > 0) != (ge > 0)).float().mean()),
                          "ratio": float(gt.norm() / ge.norm().clamp_min(1e-30))})
         for backend, model in models.items():
