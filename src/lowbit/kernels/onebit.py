@@ -752,7 +752,7 @@ VARIANT_M_RANGE: dict = {
 #: ``SINGLE_LAUNCH_M1`` maps the three M = 1 cases of the rule (small weight, K > N, else) to variant names.
 #: Default False: the measured second-round rule.
 PREFER_SINGLE_LAUNCH_M1 = False
-SINGLE_LAUNCH_M1 = {"small": "core1_n32_kw8", "k_gt_n": "planesx_n32_kw32", "other": "planesx_n64_kw32"}
+SINGLE_LAUNCH_M1 = {"small": "core1_n16_kw8", "k_gt_n": "planesx_n32_kw32", "other": "planesx_n64_kw32"}
 
 
 def select_config(m: int, n_out: int, k: int, sm_count: int = _SM_COUNT_DEFAULT):
@@ -760,7 +760,8 @@ def select_config(m: int, n_out: int, k: int, sm_count: int = _SM_COUNT_DEFAULT)
 
     The rule comes from the H100 measurements in docs/kernels-onebit.md ("Dispatch rule"):
 
-    - M = 1: the CUDA-core GEMVs. Small weights (N·K <= 2^20, SmolLM2's projections) ``core_n32_kw8``;
+    - M = 1: the CUDA-core GEMVs. Small weights (N·K <= 2^20, SmolLM2's projections) ``core1_n16_kw8``
+      (one launch, split-K 1: 3.0 / 3.9 µs against ``core_n32_kw8``'s 3.6 / 5.1 at 576×1536 / 1536×576);
       K > N ``planes_n32_kw32``; else ``planes_n64_kw32``.
     - 2 <= M <= 16: tensor cores, 16-row tiles. ``tc16_n64_k256_swap``, unless its 64-row tiles alone fill
       the GPU (cdiv(N, 64) >= SMs: no split-K, 1.3 waves at N = 11008), then ``tc16_n128_k128``.
@@ -771,7 +772,7 @@ def select_config(m: int, n_out: int, k: int, sm_count: int = _SM_COUNT_DEFAULT)
             case = "small" if n_out * k <= GEMV_SMALL_WEIGHT else "k_gt_n" if k > n_out else "other"
             return VARIANTS[SINGLE_LAUNCH_M1[case]]
         if n_out * k <= GEMV_SMALL_WEIGHT:
-            return VARIANTS["core_n32_kw8"]
+            return VARIANTS["core1_n16_kw8"]
         return VARIANTS["planes_n32_kw32" if k > n_out else "planes_n64_kw32"]
     if m <= GEMV_TC_MAX_M:
         if -(-n_out // 64) >= sm_count:
