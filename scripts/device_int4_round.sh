@@ -4,6 +4,7 @@
 #   tests:  GPU tests of the INT4 kernels, the custom ops and the Triton backend of Int4Linear
 #   linear: lowbit bench int4-linear (eager and CUDA-graph timings, host time), torchao beside
 #   train:  lowbit bench int4-train, GPT-350m, torch.compile mode reduce-overhead (CUDA graphs) for all
+#   eager:  the same in torch.compile's default mode (no CUDA graphs: the launchers' host time shows)
 set -uo pipefail
 PARTS=${1:-tests,linear,train}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -34,5 +35,11 @@ if [[ $PARTS == *train* ]]; then
     timeout "${TRAIN_S:-300}" python3 -m lowbit.cli bench int4-train --compile-mode reduce-overhead \
         --methods "${TRAIN_METHODS:-bf16,int4-hq,int4-hq-lss}" --json "$OUT/train_ro.json" >"$OUT/train_ro.log" 2>&1
     echo "exit $?"; grep -A6 "^method" "$OUT/train_ro.log"; grep -i -m5 "skipping cudagraphs\|error\|Traceback" "$OUT/train_ro.log"
+fi
+if [[ $PARTS == *eager* ]]; then
+    t "int4-train (default compile mode: no CUDA graphs)"
+    timeout "${EAGER_S:-200}" python3 -m lowbit.cli bench int4-train --methods "${EAGER_METHODS:-bf16,int4-hq}" \
+        --json "$OUT/train_default.json" >"$OUT/train_default.log" 2>&1
+    echo "exit $?"; grep -A4 "^method" "$OUT/train_default.log"
 fi
 t "done"
