@@ -247,22 +247,42 @@ if HAS_TRITON:
             return xr.to(tl.float32)
 
     @triton.jit
+    def _load_seed(seed_ptr, SEED_IDX: tl.constexpr):
+        """The int64 Philox seed at seed_ptr; with SEED_IDX >= 0 the stream SEED_IDX derived from it,
+        (seed + SEED_IDX · 1000003) mod (2^31 - 1) (floor modulo, as torch's %)."""
+        seed = tl.load(seed_ptr)
+        if SEED_IDX >= 0:
+            seed = (seed + SEED_IDX * 1000003) % 2147483647
+            seed = tl.where(seed < 0, seed + 2147483647, seed)
+        return seed
+
+    @triton.jit
+    def _scale_of_max(vmax, QMAX_C: tl.constexpr):
+        """A symmetric absmax scale: vmax / QMAX_C correctly rounded, 1 where that is not positive (as
+        ``torch.where(s > 0, s, 1)`` after ``true_div``)."""
+        scale = tl.math.div_rn(vmax, tl.full(vmax.shape, QMAX_C, tl.float32))
+        return tl.where(scale > 0, scale, 1.0)
+
+    @triton.jit
     def _hq_kernel(
         x_ptr, scale_in_ptr, rs_ptr,
-        out_ptr, out_t_ptr, scale_out_ptr, absmax_ptr, sumsq_ptr,
+        out_ptr, out_t_ptr, scale_out_ptr, absmax_ptr, sumsq_ptr, tmax_ptr,
         R, C, CHUNK, stride_xr, stride_or, stride_tc,
         inv_sqrt_b,
         BR: tl.constexpr, BC: tl.constexpr, HB: tl.constexpr,
         ROTATE: tl.constexpr, NSPLIT: tl.constexpr, DOT_F32: tl.constexpr, ROUND: tl.constexpr,
         MODE: tl.constexpr, WRITE_OUT: tl.constexpr, WRITE_T: tl.constexpr, HAS_RS: tl.constexpr,
-        SPLIT: tl.constexpr, QMAX_C: tl.constexpr,
+        SPLIT: tl.constexpr, QMAX_C: tl.constexpr, TMAX: tl.constexpr, HAS_SCALE: tl.constexpr,
     ):
         """Program (i, j): rows [i·BR, (i+1)·BR), columns [j·CHUNK, (j+1)·CHUNK) in tiles of BC.
 
-        MODE 0 (stats): absmax of each row of x̂ (atomic max over column chunks when SPLIT).
+        MODE 0 (stats): absmax of each row of x̂ (atomic max over column chunks when SPLIT); with TMAX also
+            the absmax of the whole tensor, atomically into tmax_ptr (which must start at zero).
         MODE 1 (row): per-row scale, then codes; one chunk holds the whole row.
-        MODE 2 (given): codes with the scale at scale_in_ptr (Σ codes² atomically added when SPLIT).
-        MODE 3 (transform): out = x̂ · rs[row] · scale.
+        MODE 2 (given): codes with the scale at scale_in_ptr (Σ codes² atomically added when SPLIT); with
+            TMAX the scale is that of the tensor absmax at tmax_ptr (``_scale_of_max``), and program (0, 0)
+            writes it to scale_out_ptr.
+        MODE 3 (transform): out = x̂ · rs[row] · scale (scale 1 without HAS_SCALE).
         """
         pid = tl.program_id(0)
         c_begin = tl.program_id(1) * CHUNK
@@ -289,10 +309,16 @@ if HAS_TRITON:
                 tl.atomic_max(absmax_ptr + rows, amax, mask=row_ok)
             else:
                 tl.store(absmax_ptr + rows, amax, mask=row_ok)
-            scale = tl.math.div_rn(amax, tl.full([BR], QMAX_C, tl.float32))
-            scale = tl.where(scale > 0, scale, 1.0)
+            if MODE == 0 and TMAX:
+                tl.atomic_max(tmax_ptr, tl.max(amax, axis=0))
+            scale = _scale_of_max(amax, QMAX_C)
             if MODE == 1:
                 tl.store(scale_out_ptr + rows, scale, mask=row_ok)
+        elif MODE == 3 and not HAS_SCALE:
+            scale = tl.full([BR], 1.0, tl.float32)
+        elif MODE == 2 and TMAX:
+            scale = _scale_of_max(tl.zeros([BR], dtype=tl.float32) + tl.load(tmax_ptr), QMAX_C)
+            tl.store(scale_out_ptr + rows * 0, scale, mask=(rows + c_begin) == 0)  # program (0, 0)
         else:
             scale = tl.zeros([BR], dtype=tl.float32) + tl.load(scale_in_ptr)
 
@@ -359,13 +385,15 @@ if HAS_TRITON:
     def _bit_split_kernel(
         g_ptr, noise_ptr, scale_in_ptr,
         v_ptr, hl_ptr, hi8_ptr, lo8_ptr, scale_out_ptr, ssq_hi_ptr, ssq_lo_ptr,
-        R, C, stride_gr, stride_nr, stride_or, seed_ptr,
+        R, C, stride_gr, stride_nr, stride_or, seed_ptr, scale_lo_ptr,
         BR: tl.constexpr, BC: tl.constexpr, GIVEN: tl.constexpr, HAS_NOISE: tl.constexpr,
-        WRITE_V: tl.constexpr, WRITE_HL: tl.constexpr, WRITE_F8: tl.constexpr,
+        WRITE_V: tl.constexpr, WRITE_HL: tl.constexpr, WRITE_F8: tl.constexpr, SEED_IDX: tl.constexpr,
     ):
         """BR whole rows per program. The noise of the lo rounding: one Philox call (tl.randint4x) per four
         elements, element (r, c0 + t·BC/4 + j) of a BC-column tile taking output t of counter
-        r·ceil(C/4) + c0/4 + j."""
+        r·ceil(C/4) + c0/4 + j. GIVEN (one scale per tensor): scale_in_ptr holds the tensor absmax, program 0
+        writes s_hi and s_lo (one element each); else each row's s_hi and s_lo are written. The seed:
+        ``_load_seed(seed_ptr, SEED_IDX)``."""
         Q: tl.constexpr = BC // 4
         pid = tl.program_id(0)
         rows = pid * BR + tl.arange(0, BR)
@@ -374,7 +402,8 @@ if HAS_TRITON:
         g_rows = g_ptr + rows64[:, None] * stride_gr
         noise_rows = noise_ptr + rows64[:, None] * stride_nr
         if GIVEN:
-            s_hi = tl.zeros([BR], dtype=tl.float32) + tl.load(scale_in_ptr)
+            s_hi = _scale_of_max(tl.zeros([BR], dtype=tl.float32) + tl.load(scale_in_ptr), 7.0)
+            tl.store(scale_out_ptr + rows * 0, s_hi, mask=rows == 0)
         else:
             amax = tl.zeros([BR], dtype=tl.float32)
             cols0 = tl.arange(0, BC)
@@ -387,8 +416,12 @@ if HAS_TRITON:
             s_hi = tl.where(s_hi > 0, s_hi, 1.0)
             tl.store(scale_out_ptr + rows, s_hi, mask=row_ok)
         s_lo = tl.math.div_rn(s_hi, tl.full([BR], 14.0, tl.float32))
+        if GIVEN:
+            tl.store(scale_lo_ptr + rows * 0, s_lo, mask=rows == 0)
+        else:
+            tl.store(scale_lo_ptr + rows, s_lo, mask=row_ok)
         if not HAS_NOISE:
-            seed = tl.load(seed_ptr)
+            seed = _load_seed(seed_ptr, SEED_IDX)
         ssq_hi = tl.zeros([BR], dtype=tl.float32)
         ssq_lo = tl.zeros([BR], dtype=tl.float32)
         cq = tl.arange(0, Q)
@@ -435,7 +468,7 @@ if HAS_TRITON:
         ssq_hi_ptr, ssq_lo_ptr, s_hi_ptr, s_lo_ptr, xssq_ptr, sx_ptr, seed_ptr,
         p_ptr, src_ptr, half_ptr, factor_ptr, count_ptr, fmax_ptr,
         N, k_keep, stride_s, stride_sx,
-        BLOCK: tl.constexpr, ITERS: tl.constexpr,
+        BLOCK: tl.constexpr, ITERS: tl.constexpr, SEED_IDX: tl.constexpr,
     ):
         """One program: scores of the 2N stacked rows, p = min(1, c·score) with Σ p = k_keep, Bernoulli keep
         with u = tl.rand(seed, j), kept rows compacted in increasing j (token, half, s_h·s_x / p).
@@ -483,7 +516,7 @@ if HAS_TRITON:
             n_clamped += tl.sum(clamped.to(tl.float32), axis=0)
             rest += tl.sum(tl.where(clamped, 0.0, sc), axis=0)
         c = tl.where(rest > 0, tl.math.div_rn(k_keep - n_clamped, tl.where(rest > 0, rest, 1.0)), 0.0)
-        seed = tl.load(seed_ptr)
+        seed = _load_seed(seed_ptr, SEED_IDX)
         count = tl.full([], 0, tl.int32)
         fmax = tl.full([], 0.0, tl.float32)
         for j0 in range(0, n2, BLOCK):
@@ -513,7 +546,7 @@ if HAS_TRITON:
         return ((e + 127) << 23).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _pow2_factor(f, rows, R_OUT, fmax_ptr, seed_ptr, t_ptr, pid):
+    def _pow2_factor(f, rows, R_OUT, fmax_ptr, seed_ptr, t_ptr, pid, SEED_IDX: tl.constexpr):
         """Unbiased power-of-two rounding of the row factors, relative to t = 2^(ceil(log2 max f) - 6):
 
         v = f / t in (0, 64]; v = 2^e (1 + m) becomes 2^(e+1) with probability m, else 2^e (E = v); values
@@ -527,7 +560,7 @@ if HAS_TRITON:
         v = f * _exp2_int(-e_t)
         p2 = (v.to(tl.uint32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
         m = tl.math.div_rn(v, tl.where(p2 > 0, p2, 1.0)) - 1.0
-        seed = tl.load(seed_ptr)
+        seed = _load_seed(seed_ptr, SEED_IDX)
         up = tl.rand(seed, rows.to(tl.uint32)) < m
         v = tl.where(up, 2.0 * p2, p2)
         tiny = 0.001953125  # 2^-9, the smallest E4M3 subnormal
@@ -537,14 +570,16 @@ if HAS_TRITON:
     @triton.jit
     def _gather_kernel(
         src_idx_ptr, half_ptr, factor_ptr, g_ptr, x_ptr, a_out_ptr, b_out_ptr, fmax_ptr, seed_ptr, t_ptr,
-        count_ptr, R_OUT, N, K, stride_gr, stride_xr, stride_ar, stride_br,
+        count_ptr, norm_ptr, R_OUT, N, K, stride_gr, stride_xr, stride_ar, stride_br,
         BR: tl.constexpr, BC: tl.constexpr, G_PACKED: tl.constexpr, TRANS: tl.constexpr, POW2: tl.constexpr,
-        COUNTED: tl.constexpr,
+        COUNTED: tl.constexpr, SEED_IDX: tl.constexpr, NORM: tl.constexpr, IDENT: tl.constexpr,
     ):
         """Row j of the outputs: a_out[j] = codes of g row src_idx[j] (the hi or lo half when packed),
         b_out[j] = factor[j] · x[src_idx[j]]; both rounded to the outputs' dtype (bf16: RNE). TRANS: the
         outputs are stored transposed, a_out[:, j] and b_out[:, j] (stride_ar, stride_br: row strides).
-        COUNTED: only rows j < count_ptr[0] are live (read); the rows after them, up to R_OUT, are zeros."""
+        COUNTED: only rows j < count_ptr[0] are live (read); the rows after them, up to R_OUT, are zeros.
+        NORM: each factor is first divided by norm_ptr[0] (correctly rounded). IDENT: src_idx[j] = j (not
+        read)."""
         pid = tl.program_id(0)
         rows = pid * BR + tl.arange(0, BR)
         row_ok = rows < R_OUT
@@ -553,10 +588,15 @@ if HAS_TRITON:
         else:
             live = row_ok
         rows64 = rows.to(tl.int64)
-        src = tl.load(src_idx_ptr + rows, mask=live, other=0).to(tl.int64)
+        if IDENT:
+            src = tl.where(live, rows64, 0)
+        else:
+            src = tl.load(src_idx_ptr + rows, mask=live, other=0).to(tl.int64)
         f = tl.load(factor_ptr + rows, mask=live, other=0.0)
+        if NORM:
+            f = tl.math.div_rn(f, tl.zeros([BR], dtype=tl.float32) + tl.load(norm_ptr))
         if POW2:
-            f = _pow2_factor(f, rows, R_OUT, fmax_ptr, seed_ptr, t_ptr, pid)
+            f = _pow2_factor(f, rows, R_OUT, fmax_ptr, seed_ptr, t_ptr, pid, SEED_IDX)
         cols0 = tl.arange(0, BC)
         if G_PACKED:
             half = tl.load(half_ptr + rows, mask=live, other=0)  # 0: hi, 1: lo
@@ -629,6 +669,13 @@ def unpack_hi_lo(hl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (h >> 4).to(torch.int8), (((h & 15) ^ 8) - 8).to(torch.int8)
 
 
+def _seed_tensor(seed: int | torch.Tensor, dev) -> torch.Tensor:
+    """A Philox seed as a one-element int64 tensor on ``dev`` (an int becomes a host-to-device copy)."""
+    if isinstance(seed, torch.Tensor):
+        return seed.reshape(1).to(device=dev, dtype=torch.int64)
+    return torch.tensor([int(seed)], dtype=torch.int64, device=dev)
+
+
 def _check_matrix(name: str, x: torch.Tensor, dtypes=_FLOAT_DTYPES) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
@@ -665,16 +712,21 @@ def _tile_width(b: int, n_cols: int) -> int:
     return _rotation_width(b, n_cols)
 
 
-def _launch_hq(x, b, mode, *, scale_in=None, row_scale=None, out=None, out_t=None, scale_out=None,
-               absmax=None, sumsq=None, round_rotated=False, block_rows=None, num_warps=None,
-               chunk=None) -> None:
-    """Launch _hq_kernel over x (checked by the caller); absent outputs are not written. Outside the
-    whole-row mode the columns are split over programs: absmax and sumsq must then start at zero."""
-    n_rows, n_cols = x.shape
-    dev = x.device
+#: Launch plans of _hq_kernel by (shape, dtype, block, mode, outputs, configuration): the grid and the
+#: keyword arguments that depend on nothing else (Python values only: no tensor is cached).
+_HQ_PLANS: dict = {}
+_PLANS_MAX = 512  # cleared when full (shapes that keep changing)
+
+
+def _hq_plan(n_rows, n_cols, dtype, b, mode, flags, round_rotated, block_rows, num_warps, chunk, dev_type):
+    """(grid, split, meta) of one _hq_kernel launch (see :func:`_launch_hq`); cached."""
+    key = (n_rows, n_cols, dtype, b, mode, flags, round_rotated, block_rows, num_warps, chunk, dev_type,
+           tuple(_HQ_CONFIG.values()))
+    plan = _HQ_PLANS.get(key)
+    if plan is not None:
+        return plan
     rotate = b > 1
     width = _tile_width(b, n_cols)
-    dummy = next(t for t in (absmax, sumsq, out, scale_in) if t is not None)
     if mode == _ROW:
         br = block_rows or (_HQ_CONFIG["rows_whole"] if rotate else _HQ_CONFIG["rows_plain"])
         cols_per_prog = n_cols
@@ -683,24 +735,57 @@ def _launch_hq(x, b, mode, *, scale_in=None, row_scale=None, out=None, out_t=Non
         cols_per_prog = max(width, (chunk or _HQ_CONFIG["chunk"]) // width * width)
     br = max(16 if rotate else 1, min(br, max(16, triton.next_power_of_2(n_rows))))
     n_chunks = triton.cdiv(n_cols, cols_per_prog)
-    round_mode = _round_mode(x.dtype) if round_rotated and mode != _TRANSFORM else _ROUND_NONE
+    round_mode = _round_mode(dtype) if round_rotated and mode != _TRANSFORM else _ROUND_NONE
+    write_out, write_t, has_rs, tmax, has_scale = flags
+    meta = dict(
+        CHUNK=cols_per_prog, inv_sqrt_b=1.0 / math.sqrt(b),
+        BR=br, BC=width, HB=b, ROTATE=rotate, NSPLIT=_n_split(dtype), DOT_F32=interpreting(),
+        ROUND=round_mode, MODE=mode, WRITE_OUT=write_out, WRITE_T=write_t, HAS_RS=has_rs,
+        SPLIT=n_chunks > 1, QMAX_C=float(QMAX), TMAX=tmax, HAS_SCALE=has_scale,
+        num_warps=num_warps or _HQ_CONFIG["num_warps"],
+        **({"enable_fp_fusion": False} if dev_type == "cuda" else {}),
+    )
+    plan = ((triton.cdiv(n_rows, br), n_chunks), n_chunks > 1, meta)
+    if len(_HQ_PLANS) >= _PLANS_MAX:
+        _HQ_PLANS.clear()
+    _HQ_PLANS[key] = plan
+    return plan
+
+
+def _hq_split(x, b, mode, round_rotated=False, block_rows=None, num_warps=None, chunk=None) -> bool:
+    """Whether a launch of _hq_kernel in ``mode`` splits the rows over programs (accumulators at zero)."""
+    if mode == _ROW:
+        return False
+    return _hq_plan(x.shape[0], x.shape[1], x.dtype, b, mode, (False, False, False, False, True),
+                    round_rotated, block_rows, num_warps, chunk, x.device.type)[1]
+
+
+def _launch_hq(x, b, mode, *, scale_in=None, row_scale=None, out=None, out_t=None, scale_out=None,
+               absmax=None, sumsq=None, tmax=None, round_rotated=False, block_rows=None, num_warps=None,
+               chunk=None) -> None:
+    """Launch _hq_kernel over x (checked by the caller); absent outputs are not written. Outside the
+    whole-row mode the columns are split over programs: absmax and sumsq must then start at zero (as
+    ``tmax``, the tensor absmax of the stats mode, always: ``_hq_kernel``'s TMAX)."""
+    n_rows, n_cols = x.shape
+    grid, _, meta = _hq_plan(n_rows, n_cols, x.dtype, b, mode,
+                             (out is not None, out_t is not None, row_scale is not None, tmax is not None,
+                              scale_in is not None),
+                             round_rotated, block_rows, num_warps, chunk, x.device.type)
+    dummy = (absmax if absmax is not None else sumsq if sumsq is not None else out if out is not None
+             else scale_in)
     if mode != _TRANSFORM:  # FP8 codes are written as their E4M3 bytes (_store_codes)
-        out, out_t = (t.view(torch.uint8) if t is not None and t.dtype == torch.float8_e4m3fn else t
-                      for t in (out, out_t))
-    _hq_kernel[(triton.cdiv(n_rows, br), n_chunks)](
+        if out is not None and out.dtype == torch.float8_e4m3fn:
+            out = out.view(torch.uint8)
+        if out_t is not None and out_t.dtype == torch.float8_e4m3fn:
+            out_t = out_t.view(torch.uint8)
+    _hq_kernel[grid](
         x, scale_in if scale_in is not None else dummy, row_scale if row_scale is not None else dummy,
         out if out is not None else dummy, out_t if out_t is not None else dummy,
         scale_out if scale_out is not None else dummy, absmax if absmax is not None else dummy,
-        sumsq if sumsq is not None else dummy,
-        R=n_rows, C=n_cols, CHUNK=cols_per_prog, stride_xr=x.stride(0),
+        sumsq if sumsq is not None else dummy, tmax if tmax is not None else dummy,
+        n_rows, n_cols, stride_xr=x.stride(0),
         stride_or=out.stride(0) if out is not None else 0,
-        stride_tc=out_t.stride(0) if out_t is not None else 0,
-        inv_sqrt_b=1.0 / math.sqrt(b),
-        BR=br, BC=width, HB=b, ROTATE=rotate, NSPLIT=_n_split(x.dtype), DOT_F32=interpreting(),
-        ROUND=round_mode,
-        MODE=mode, WRITE_OUT=out is not None, WRITE_T=out_t is not None, HAS_RS=row_scale is not None,
-        SPLIT=n_chunks > 1, QMAX_C=float(QMAX), num_warps=num_warps or _HQ_CONFIG["num_warps"],
-        **_launch_options(dev),
+        stride_tc=out_t.stride(0) if out_t is not None else 0, **meta,
     )
 
 
@@ -753,35 +838,54 @@ def hadamard_quantize(
         if not isinstance(scale, torch.Tensor) or scale.numel() != 1 or scale.device != x.device:
             raise ValueError(f"scale must be a one-element tensor on {x.device}, got {scale!r}")
         scale = scale.detach().reshape(1, 1).float().contiguous()
-        row_wise = False
+    return _hadamard_quantize(x, b, row_wise, scale, codes_dtype, transposed_dtype, round_rotated, block_rows,
+                              num_warps, chunk)
+
+
+def _hadamard_quantize(x, b, row_wise, scale, codes_dtype, transposed_dtype, round_rotated=False,
+                       block_rows=None, num_warps=None, chunk=None) -> HadamardQuantized:
+    """:func:`hadamard_quantize` of checked arguments: b an int block (1: none), ``scale`` None or a
+    contiguous (1, 1) fp32 tensor on x's device."""
+    n_rows, n_cols = x.shape
     dev = x.device
     codes = None if codes_dtype is None else torch.empty(n_rows, n_cols, dtype=codes_dtype, device=dev)
     codes_t = None
     if transposed_dtype is not None:
         codes_t = torch.empty(n_cols, n_rows, dtype=transposed_dtype, device=dev)
-    sumsq = torch.zeros(n_rows, dtype=torch.float32, device=dev)
-    absmax = None if scale is not None else torch.zeros(n_rows, dtype=torch.float32, device=dev)
     if n_rows == 0 or n_cols == 0:
-        if absmax is not None:
-            absmax.zero_()
-        sumsq.zero_()
-        out_scale = scale if scale is not None else torch.ones(n_rows if row_wise else 1, 1, device=dev)
+        sumsq = torch.zeros(n_rows, dtype=torch.float32, device=dev)
+        absmax = None if scale is not None else torch.zeros(n_rows, dtype=torch.float32, device=dev)
+        if scale is not None:
+            out_scale = scale
+        else:
+            out_scale = torch.ones(n_rows if row_wise else 1, 1, device=dev)
         return HadamardQuantized(codes, codes_t, out_scale, absmax, sumsq)
-
-    if scale is None and not row_wise:
-        # Pass 1: absmax of x̂ per row; the tensor scale as lowbit.quant computes it; pass 2: codes.
-        _launch_hq(x, b, _STATS, absmax=absmax, round_rotated=round_rotated, block_rows=block_rows,
-                   num_warps=num_warps, chunk=chunk)
-        scale = true_div(absmax.amax().reshape(1, 1), float(QMAX))
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    if scale is None:
-        out_scale = torch.empty(n_rows, 1, dtype=torch.float32, device=dev)
-        _launch_hq(x, b, _ROW, out=codes, out_t=codes_t, scale_out=out_scale, absmax=absmax, sumsq=sumsq,
-                   round_rotated=round_rotated, block_rows=block_rows, num_warps=num_warps)
-    else:
-        out_scale = scale
+    f32 = torch.float32
+    if scale is not None:
+        # Given scale: one pass (Σ codes² accumulated atomically when the columns are split).
+        split = _hq_split(x, b, _GIVEN, round_rotated, block_rows, num_warps, chunk)
+        sumsq = (torch.zeros if split else torch.empty)(n_rows, dtype=f32, device=dev)
         _launch_hq(x, b, _GIVEN, scale_in=scale, out=codes, out_t=codes_t, sumsq=sumsq,
                    round_rotated=round_rotated, block_rows=block_rows, num_warps=num_warps, chunk=chunk)
+        return HadamardQuantized(codes, codes_t, scale, None, sumsq)
+    if row_wise:
+        # One pass per row block: every output is written whole (no accumulator to clear).
+        sumsq = torch.empty(n_rows, dtype=f32, device=dev)
+        absmax = torch.empty(n_rows, dtype=f32, device=dev)
+        out_scale = torch.empty(n_rows, 1, dtype=f32, device=dev)
+        _launch_hq(x, b, _ROW, out=codes, out_t=codes_t, scale_out=out_scale, absmax=absmax, sumsq=sumsq,
+                   round_rotated=round_rotated, block_rows=block_rows, num_warps=num_warps)
+        return HadamardQuantized(codes, codes_t, out_scale, absmax, sumsq)
+    # Per tensor. Pass 1: absmax of x̂ per row and of the whole tensor (atomic max); pass 2: the scale as
+    # lowbit.quant computes it (true_div, 1 where not positive), written by the kernel, and the codes.
+    # One zeroed workspace holds the accumulators: [Σ codes² (R) | absmax (R) | tensor absmax].
+    ws = torch.zeros(2 * n_rows + 1, dtype=f32, device=dev)
+    sumsq, absmax, tmax = ws[:n_rows], ws[n_rows:2 * n_rows], ws[2 * n_rows:]
+    out_scale = torch.empty(1, 1, dtype=f32, device=dev)
+    _launch_hq(x, b, _STATS, absmax=absmax, tmax=tmax, round_rotated=round_rotated, block_rows=block_rows,
+               num_warps=num_warps, chunk=chunk)
+    _launch_hq(x, b, _GIVEN, tmax=tmax, scale_out=out_scale, out=codes, out_t=codes_t, sumsq=sumsq,
+               round_rotated=round_rotated, block_rows=block_rows, num_warps=num_warps, chunk=chunk)
     return HadamardQuantized(codes, codes_t, out_scale, absmax, sumsq)
 
 
@@ -835,18 +939,25 @@ def hadamard_rows(
     n_rows, n_cols = x.shape
     b = _check_block(block_size, n_cols)
     dev = x.device
-    out = torch.empty(n_rows, n_cols, dtype=out_dtype, device=dev)
-    if out.numel() == 0:
-        return out
+    if n_rows == 0 or n_cols == 0:
+        return torch.empty(n_rows, n_cols, dtype=out_dtype, device=dev)
     if row_scale is not None:
         row_scale = row_scale.detach().reshape(-1).float().contiguous()
         if row_scale.numel() != n_rows or row_scale.device != dev:
             raise ValueError(f"row_scale must have {n_rows} elements on {dev}, got {tuple(row_scale.shape)}")
-    if scale is None:
-        scale = torch.ones(1, dtype=torch.float32, device=dev)
-    elif scale.numel() != 1 or scale.device != dev:
-        raise ValueError(f"scale must be a one-element tensor on {dev}")
-    scale = scale.detach().reshape(1).float()
+    if scale is not None:
+        if scale.numel() != 1 or scale.device != dev:
+            raise ValueError(f"scale must be a one-element tensor on {dev}")
+        scale = scale.detach().reshape(1).float()
+    return _hadamard_rows(x, b, row_scale, scale, out_dtype, block_rows, num_warps)
+
+
+def _hadamard_rows(x, b, row_scale, scale, out_dtype, block_rows=None, num_warps=None) -> torch.Tensor:
+    """:func:`hadamard_rows` of checked arguments: b an int block, ``row_scale`` None or (R,) contiguous
+    fp32, ``scale`` None (1) or one fp32 element, both on x's device."""
+    out = torch.empty(x.shape[0], x.shape[1], dtype=out_dtype, device=x.device)
+    if out.numel() == 0:
+        return out
     # int32 (|v| < 2^24) and fp32 go into the dot in three exact bf16 pieces, bf16 / fp16 as they are.
     _launch_hq(x, b, _TRANSFORM, scale_in=scale, row_scale=row_scale, out=out, block_rows=block_rows,
                num_warps=num_warps)
@@ -892,52 +1003,71 @@ def bit_split_quantize(
     _check_triton("bit_split_quantize", g)
     if granularity not in ("token", "tensor"):
         raise ValueError(f"granularity must be 'token' or 'tensor', got {granularity!r}")
-    n_rows, n_cols = g.shape
     dev = g.device
     if noise is not None:
         if noise.shape != g.shape or noise.dtype != torch.float32 or noise.device != dev:
             raise ValueError(f"noise must be a float32 tensor of shape {tuple(g.shape)} on {dev}")
-        if noise.stride(1) != 1 and n_cols > 1:
+        if noise.stride(1) != 1 and g.shape[1] > 1:
             raise ValueError("noise must have contiguous rows")
+    bc = block_cols or _BS_CONFIG["cols"]
+    if bc < 64 or bc & (bc - 1):
+        raise ValueError(f"block_cols must be a power of two >= 64, got {bc}")
+    if noise is not None:
+        seed_t = None
+    else:
+        seed_t = _seed_tensor(seed, dev)
+    return _bit_split(g, granularity == "token", seed_t, -1, noise, write_v, write_packed, write_fp8,
+                      block_rows, bc, num_warps)
+
+
+def _bit_split(g, per_token, seed_t, seed_idx, noise, write_v, write_packed, write_fp8, block_rows=None,
+               block_cols=None, num_warps=None) -> BitSplitCodes:
+    """:func:`bit_split_quantize` of checked arguments: ``seed_t`` a one-element int64 tensor on g's device
+    (None with ``noise``), read through ``_load_seed(seed_t, seed_idx)`` in the kernel."""
+    n_rows, n_cols = g.shape
+    dev = g.device
+    f32 = torch.float32
 
     def empty(flag, dtype):
         return torch.empty(n_rows, n_cols, dtype=dtype, device=dev) if flag else None
 
     v, hl = empty(write_v, torch.int8), empty(write_packed, torch.int8)
     hi8, lo8 = empty(write_fp8, torch.float8_e4m3fn), empty(write_fp8, torch.float8_e4m3fn)
-    ssq_hi = torch.zeros(n_rows, dtype=torch.float32, device=dev)
-    ssq_lo = torch.zeros(n_rows, dtype=torch.float32, device=dev)
-    per_token = granularity == "token"
     if n_rows == 0 or n_cols == 0:
         s_hi = torch.ones(n_rows if per_token else 1, 1, device=dev)
+        ssq_hi = torch.zeros(n_rows, dtype=f32, device=dev)
+        ssq_lo = torch.zeros(n_rows, dtype=f32, device=dev)
         return BitSplitCodes(v, hl, hi8, lo8, s_hi, true_div(s_hi, LO_RATIO), ssq_hi, ssq_lo)
+    # (every row's sums and scales are written whole by the kernel: nothing to clear)
+    ssq_hi = torch.empty(n_rows, dtype=f32, device=dev)
+    ssq_lo = torch.empty(n_rows, dtype=f32, device=dev)
+    s_rows = n_rows if per_token else 1
+    s_hi = torch.empty(s_rows, 1, dtype=f32, device=dev)
+    s_lo = torch.empty(s_rows, 1, dtype=f32, device=dev)
     if per_token:
-        s_hi = torch.empty(n_rows, 1, dtype=torch.float32, device=dev)
+        scale_in = s_hi
     else:
-        s_hi = true_div(row_absmax(g, None).amax().reshape(1, 1), float(QMAX))
-        s_hi = torch.where(s_hi > 0, s_hi, torch.ones_like(s_hi))
+        # The tensor absmax (one stats pass, atomic max into the last element of a zeroed workspace); the
+        # split kernel turns it into s_hi = true_div(absmax, 7) (1 where not positive) and s_lo = s_hi / 14.
+        ws = torch.zeros(n_rows + 1, dtype=f32, device=dev)
+        scale_in = ws[n_rows:]
+        _launch_hq(g, 1, _STATS, absmax=ws[:n_rows], tmax=scale_in)
     br = block_rows or _BS_CONFIG["rows"]
     bc = block_cols or _BS_CONFIG["cols"]
-    if bc < 64 or bc & (bc - 1):
-        raise ValueError(f"block_cols must be a power of two >= 64, got {bc}")
-    some = next(t for t in (v, hl, hi8) if t is not None) if (write_v or write_packed or write_fp8) else None
+    some = v if v is not None else hl if hl is not None else hi8
     dummy = ssq_hi
-    if isinstance(seed, torch.Tensor):
-        seed_t = seed.reshape(1).to(device=dev, dtype=torch.int64)
-    else:
-        seed_t = torch.tensor([int(seed)], dtype=torch.int64, device=dev)
     _bit_split_kernel[(triton.cdiv(n_rows, br),)](
-        g, noise if noise is not None else dummy, s_hi,
+        g, noise if noise is not None else dummy, scale_in,
         v if v is not None else dummy, hl if hl is not None else dummy,
         hi8 if hi8 is not None else dummy, lo8 if lo8 is not None else dummy,
         s_hi, ssq_hi, ssq_lo,
-        R=n_rows, C=n_cols, stride_gr=g.stride(0), stride_nr=noise.stride(0) if noise is not None else 0,
-        stride_or=some.stride(0) if some is not None else 0, seed_ptr=seed_t,
+        n_rows, n_cols, g.stride(0), noise.stride(0) if noise is not None else 0,
+        some.stride(0) if some is not None else 0, seed_t if seed_t is not None else dummy, s_lo,
         BR=br, BC=bc, GIVEN=not per_token, HAS_NOISE=noise is not None,
-        WRITE_V=write_v, WRITE_HL=write_packed, WRITE_F8=write_fp8,
+        WRITE_V=write_v, WRITE_HL=write_packed, WRITE_F8=write_fp8, SEED_IDX=seed_idx,
         num_warps=num_warps or _BS_CONFIG["num_warps"], **_launch_options(dev),
     )
-    return BitSplitCodes(v, hl, hi8, lo8, s_hi, true_div(s_hi, LO_RATIO), ssq_hi, ssq_lo)
+    return BitSplitCodes(v, hl, hi8, lo8, s_hi, s_lo, ssq_hi, ssq_lo)
 
 
 def gather_scaled_rows(
@@ -998,6 +1128,25 @@ def gather_scaled_rows(
     if g_codes.shape[0] != x_codes.shape[0]:
         raise ValueError(f"g_codes and x_codes must have the same rows, got {g_codes.shape[0]} and "
                          f"{x_codes.shape[0]}")
+    src_idx = src_idx.reshape(-1).contiguous()
+    factor = factor.reshape(-1).float().contiguous()
+    half_t = half.reshape(-1).to(torch.int32).contiguous() if half is not None else None
+    pow2 = None
+    if pow2_round is not None:
+        factor_max, seed = pow2_round
+        pow2 = (factor_max.reshape(1).float(), _seed_tensor(seed, g_codes.device), -1)
+    count_t = count.reshape(1).to(torch.int32) if count is not None else None
+    return _gather(g_codes, x_codes, src_idx, factor, n_out, half=half_t, out_dtype=out_dtype,
+                   transposed=transposed, pad_to=pad_to, pow2=pow2, count=count_t, block_rows=block_rows,
+                   block_cols=block_cols, num_warps=num_warps)
+
+
+def _gather(g_codes, x_codes, src_idx, factor, n_out, *, half=None, out_dtype, transposed=False, pad_to=1,
+            pow2=None, count=None, norm=None, block_rows=None, block_cols=None, num_warps=4):
+    """:func:`gather_scaled_rows` of checked arguments: ``src_idx`` (n_out,) int32 / int64 contiguous, or None
+    for rows 0..n_out-1 in order; ``factor`` (n_out,) contiguous fp32; ``half`` None or (n_out,) int32;
+    ``pow2`` None or (factor_max (1,) fp32, seed (1,) int64, seed index of ``_load_seed``); ``count`` None
+    or (1,) int32; ``norm`` None or a one-element fp32 tensor that divides every factor first."""
     dev = g_codes.device
     n, k = g_codes.shape[1], x_codes.shape[1]
     padded = -(-n_out // pad_to) * pad_to
@@ -1014,31 +1163,28 @@ def gather_scaled_rows(
             a[n_out:].zero_()
             b[n_out:].zero_()
     if n_out == 0:
-        return (a, b, torch.ones(1, dtype=torch.float32, device=dev)) if pow2_round is not None else (a, b)
+        return (a, b, torch.ones(1, dtype=torch.float32, device=dev)) if pow2 is not None else (a, b)
     block_rows = block_rows or (64 if transposed else 16)
     block_cols = block_cols or (128 if transposed else 256)
-    src_idx = src_idx.reshape(-1).contiguous()
-    factor = factor.reshape(-1).float().contiguous()
-    half_t = half.reshape(-1).to(torch.int32).contiguous() if half is not None else src_idx
-    pow2 = pow2_round is not None
-    if pow2:
-        factor_max, seed = pow2_round
+    ident = src_idx is None
+    if ident:
+        src_idx = factor
+    if pow2 is not None:
+        factor_max, seed_t, seed_idx = pow2
         t_out = torch.empty(1, dtype=torch.float32, device=dev)
-        seed_t = seed.reshape(1).to(device=dev, dtype=torch.int64) if isinstance(seed, torch.Tensor) else \
-            torch.tensor([int(seed)], dtype=torch.int64, device=dev)
-        extra = (factor_max.reshape(1).float(), seed_t, t_out)
+        extra = (factor_max, seed_t, t_out)
     else:
+        seed_idx = -1
         extra = (factor, factor, factor)
-    counted = count is not None
-    count_t = count.reshape(1).to(torch.int32) if counted else src_idx
     _gather_kernel[(triton.cdiv(n_out, block_rows),)](
-        src_idx, half_t, factor, g_codes, x_codes, a, b, *extra, count_t,
-        R_OUT=n_out, N=n, K=k, stride_gr=g_codes.stride(0), stride_xr=x_codes.stride(0),
-        stride_ar=a.stride(0), stride_br=b.stride(0),
-        BR=block_rows, BC=block_cols, G_PACKED=half is not None, TRANS=transposed, POW2=pow2, COUNTED=counted,
+        src_idx, half if half is not None else src_idx, factor, g_codes, x_codes, a, b, *extra,
+        count if count is not None else src_idx, norm if norm is not None else factor,
+        n_out, n, k, g_codes.stride(0), x_codes.stride(0), a.stride(0), b.stride(0),
+        BR=block_rows, BC=block_cols, G_PACKED=half is not None, TRANS=transposed, POW2=pow2 is not None,
+        COUNTED=count is not None, SEED_IDX=seed_idx, NORM=norm is not None, IDENT=ident,
         num_warps=num_warps, **_launch_options(dev),
     )
-    if pow2:
+    if pow2 is not None:
         return a, b, t_out
     return a, b
 
@@ -1110,28 +1256,34 @@ def leverage_sample_compact(
                              f"{tuple(t.shape)} on {t.device}")
     if scale_hi.numel() != scale_lo.numel():
         raise ValueError("scale_hi and scale_lo must have the same number of elements")
-    if isinstance(seed, torch.Tensor):
-        seed_t = seed.reshape(1).to(device=dev, dtype=torch.int64)
-    else:
-        seed_t = torch.tensor([int(seed)], dtype=torch.int64, device=dev)
+    seed_t = _seed_tensor(seed, dev)
+    return _lss(sumsq_hi.float().contiguous(), sumsq_lo.float().contiguous(),
+                scale_hi.detach().reshape(-1).float().contiguous(),
+                scale_lo.detach().reshape(-1).float().contiguous(), x_code_sumsq.float().contiguous(),
+                x_scale.detach().reshape(-1).float().contiguous(), keep_ratio, seed_t, -1, block=block,
+                iters=iters, num_warps=num_warps, capacity=capacity)
+
+
+def _lss(sumsq_hi, sumsq_lo, s_hi, s_lo, x_sumsq, sx, keep_ratio, seed_t, seed_idx, *, block=2048, iters=40,
+         num_warps=8, capacity=None) -> LssSample:
+    """:func:`leverage_sample_compact` of checked arguments: contiguous fp32 vectors, the scales flat (N,) or
+    (1,), ``seed_t`` a one-element int64 tensor read through ``_load_seed(seed_t, seed_idx)``."""
+    n = sumsq_hi.numel()
+    dev = sumsq_hi.device
     p = torch.empty(2 * n, dtype=torch.float32, device=dev)
     src = torch.empty(2 * n, dtype=torch.int32, device=dev)
     half = torch.empty(2 * n, dtype=torch.int32, device=dev)
     factor = torch.empty(2 * n, dtype=torch.float32, device=dev)
-    count = torch.zeros(1, dtype=torch.int32, device=dev)
-    fmax = torch.zeros(1, dtype=torch.float32, device=dev)
     if n == 0:
-        return LssSample(0, src, half, factor, p, fmax)
-    s_hi = scale_hi.detach().reshape(-1).float().contiguous()
-    s_lo = scale_lo.detach().reshape(-1).float().contiguous()
-    sx = x_scale.detach().reshape(-1).float().contiguous()
+        return LssSample(0, src, half, factor, p, torch.zeros(1, dtype=torch.float32, device=dev))
+    # (the kernel writes the count and the largest factor at its end: nothing to clear)
+    count = torch.empty(1, dtype=torch.int32, device=dev)
+    fmax = torch.empty(1, dtype=torch.float32, device=dev)
     _lss_kernel[(1,)](
-        sumsq_hi.float().contiguous(), sumsq_lo.float().contiguous(), s_hi, s_lo,
-        x_code_sumsq.float().contiguous(), sx, seed_t, p, src, half, factor, count, fmax,
-        N=n, k_keep=float(keep_ratio) * 2 * n, stride_s=0 if s_hi.numel() == 1 else 1,
-        stride_sx=0 if sx.numel() == 1 else 1, BLOCK=min(block, max(16, triton.next_power_of_2(2 * n))),
-        ITERS=iters, num_warps=num_warps,
-        **_launch_options(dev),
+        sumsq_hi, sumsq_lo, s_hi, s_lo, x_sumsq, sx, seed_t, p, src, half, factor, count, fmax,
+        n, float(keep_ratio) * 2 * n, 0 if s_hi.numel() == 1 else 1, 0 if sx.numel() == 1 else 1,
+        BLOCK=min(block, max(16, triton.next_power_of_2(2 * n))), ITERS=iters, SEED_IDX=seed_idx,
+        num_warps=num_warps, **_launch_options(dev),
     )
     if capacity is not None:
         r = min(int(capacity), 2 * n)

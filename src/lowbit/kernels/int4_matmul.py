@@ -31,7 +31,6 @@ from .hadamard_quant import (
     HAS_TRITON,
     _check_block,
     _check_triton,
-    _launch_options,
     _rotate,
     _sign_tile,
     _store_cast,
@@ -62,6 +61,12 @@ _F8 = torch.float8_e4m3fn
 
 def _as_row_scale(scale: torch.Tensor, n: int, name: str, device) -> torch.Tensor:
     """(n,) fp32 from a per-row (n,) / (n, 1) / (1, n) scale or a one-element per-tensor scale."""
+    s = _flat_scale(scale, n, name, device)
+    return s.expand(n) if s.numel() == 1 else s
+
+
+def _flat_scale(scale: torch.Tensor, n: int, name: str, device) -> torch.Tensor:
+    """(1,) or (n,) fp32 from a one-element or a per-row (n,) / (n, 1) / (1, n) scale (checked)."""
     if not isinstance(scale, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(scale).__name__}")
     dev = torch.device(device)
@@ -69,10 +74,16 @@ def _as_row_scale(scale: torch.Tensor, n: int, name: str, device) -> torch.Tenso
         raise ValueError(f"{name} must be on {device}, got {scale.device}")
     s = scale.detach().float().reshape(-1)
     if s.numel() == 1:
-        return s.expand(n)
+        return s
     if s.numel() != n:
         raise ValueError(f"{name} must have 1 or {n} elements, got shape {tuple(scale.shape)}")
     return s
+
+
+def _scalar_scale(scale: torch.Tensor) -> torch.Tensor:
+    """A one-element scale as the 0-dim fp32 tensor ``torch._scaled_mm`` takes (no copy when it is fp32)."""
+    s = scale.reshape(()) if scale.dtype == torch.float32 else scale.float().reshape(())
+    return s.detach() if s.requires_grad else s
 
 
 def int4_mm_reference(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
@@ -111,6 +122,11 @@ def int4_mm(
                              f"{tuple(t.shape)} strides {t.stride()}")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"a and b must share K, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return _int4_mm(a, b, scale_a, scale_b, out_dtype)
+
+
+def _int4_mm(a, b, scale_a, scale_b, out_dtype):
+    """:func:`int4_mm` of checked operands (scales: tensors on the operands' device)."""
     m, n = a.shape[0], b.shape[0]
     if a.device.type != "cuda":
         # Off CUDA (tests, CPU runs): the same math, the exact integer product in fp32, scales after.
@@ -121,8 +137,11 @@ def int4_mm(
         return (prod * sa[:, None] * sb[None, :]).to(out_dtype)
     per_tensor = scale_a.numel() == 1 and scale_b.numel() == 1
     if per_tensor:
-        sa = scale_a.detach().float().reshape(())
-        sb = scale_b.detach().float().reshape(())
+        sa, sb = _scalar_scale(scale_a), _scalar_scale(scale_b)
+    elif (scale_a.dtype == scale_b.dtype == torch.float32 and scale_a.shape == (m, 1)
+          and scale_b.shape == (1, n) and scale_a.is_contiguous() and scale_b.is_contiguous()
+          and not (scale_a.requires_grad or scale_b.requires_grad)):
+        sa, sb = scale_a, scale_b  # already the row-wise layout cuBLAS takes
     else:
         # cuBLAS row-wise scaling needs both vectors: a per-tensor one is broadcast.
         sa = _as_row_scale(scale_a, m, "scale_a", a.device).reshape(m, 1).contiguous()
@@ -135,14 +154,15 @@ if HAS_TRITON:
     @triton.jit
     def _scaled_gemm_kernel(
         a_ptr, a2_ptr, b_ptr, out_ptr, rs_ptr, cs_ptr,
-        M, N, K, stride_am, stride_bn, stride_om, stride_cs,
+        M, N, K, stride_am, stride_bn, stride_om, stride_cs, stride_rs,
         inv_sqrt_b, a_weight,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         HB: tl.constexpr,
         ROTATE: tl.constexpr, NSPLIT: tl.constexpr, DOT_F32: tl.constexpr, INT_ACC: tl.constexpr,
         EVEN_K: tl.constexpr, A_CAST: tl.constexpr, DUAL: tl.constexpr,
     ):
-        """out[m, n] = rotate_n(Σ_k a[m, k] b[n, k]) · rs[m] · cs[n · stride_cs]; grouped tile order.
+        """out[m, n] = rotate_n(Σ_k a[m, k] b[n, k]) · rs[m · stride_rs] · cs[n · stride_cs]; grouped tile
+        order.
 
         A_CAST: a (int8) is converted to b's dtype (fp16 / bf16) on chip, exactly (|a| <= 127).
         DUAL: the sum is a_weight · (a · bᵀ) + a2 · bᵀ, two accumulators sharing each b tile (FP8 hi, lo).
@@ -201,7 +221,7 @@ if HAS_TRITON:
             y = y * a_weight + acc2
         if ROTATE:
             y = _rotate(y, _sign_tile(BLOCK_N, HB), NSPLIT, DOT_F32) * inv_sqrt_b
-        rs = tl.load(rs_ptr + offs_m, mask=offs_m < M, other=0.0)
+        rs = tl.load(rs_ptr + offs_m * stride_rs, mask=offs_m < M, other=0.0)
         cs = tl.load(cs_ptr + offs_n * stride_cs, mask=offs_n < N, other=0.0)
         y = y * rs[:, None] * cs[None, :]
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
@@ -287,7 +307,7 @@ def _scaled_mm_launch(a, a2, b, row_scale, col_scale, *, hadamard_block, out_dty
     m, k = a.shape
     n = b.shape[0]
     blk = _check_block(hadamard_block, n)
-    rs = _as_row_scale(row_scale, m, "row_scale", a.device).contiguous()
+    rs = _flat_scale(row_scale, m, "row_scale", a.device)
     if blk > 1 and col_scale.numel() != 1:
         raise ValueError("with hadamard_block, col_scale must be one element (per tensor)")
     cs = col_scale.detach().float().reshape(-1).contiguous()
@@ -296,6 +316,7 @@ def _scaled_mm_launch(a, a2, b, row_scale, col_scale, *, hadamard_block, out_dty
     if backend == "cublas":
         if a.dtype != torch.int8:
             raise TypeError("backend='cublas' multiplies int8 operands (torch._int_mm)")
+        rs = rs.expand(m).contiguous()
         acc = torch._int_mm(a, b.t())
         if cs.numel() == 1:
             return hadamard_rows(acc, blk, row_scale=rs, scale=cs, out_dtype=out_dtype)
@@ -303,33 +324,64 @@ def _scaled_mm_launch(a, a2, b, row_scale, col_scale, *, hadamard_block, out_dty
     if backend != "triton":
         raise ValueError(f"backend must be 'triton' or 'cublas', got {backend!r}")
     _check_triton("int8_scaled_mm", a)
-    mixed = a.dtype != b.dtype
+    # (a per-tensor row scale is read with stride 0: no (M,) copy)
+    rs = rs.contiguous()
+    return _scaled_mm_triton(a, a2, b, rs, cs, blk, out_dtype, config)
+
+
+#: Launch plans of _scaled_gemm_kernel by shapes, dtypes, rotation and configuration (Python values only).
+_MM_PLANS: dict = {}
+
+
+def _mm_plan(m, n, k, a_dtype, b_dtype, blk, config, dev_type):
+    key = (m, n, k, a_dtype, b_dtype, blk, None if config is None else tuple(sorted(config.items())),
+           dev_type, tuple(GEMM_CONFIG.values()), tuple(GEMM_CONFIG_F16.values()))
+    plan = _MM_PLANS.get(key)
+    if plan is not None:
+        return plan
+    mixed = a_dtype != b_dtype
     cfg = {**(GEMM_CONFIG_F16 if mixed else GEMM_CONFIG), **(config or {})}
     if interpreting():
         cfg.update(num_stages=1)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     while bk > 16 and k % bk:  # an unmasked K loop where K allows it (FP8 tiles cannot be masked)
         bk //= 2
-    if k % bk and a.dtype != torch.int8:
+    if k % bk and a_dtype != torch.int8:
         raise ValueError(f"FP8 / fp16 operands need K ({k}) to be a multiple of 16")
     if blk > 1:
         bn = max(blk, 16) if n < 128 else 128
         if n % bn:
             raise ValueError(f"with hadamard_block, N ({n}) must be a multiple of {bn}")
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    meta = dict(
+        inv_sqrt_b=1.0 / math.sqrt(blk), a_weight=14.0,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], HB=max(blk, 1),
+        ROTATE=blk > 1, NSPLIT=2, DOT_F32=interpreting(), INT_ACC=a_dtype == torch.int8 and not mixed,
+        EVEN_K=k % bk == 0, A_CAST=mixed,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **({"enable_fp_fusion": False} if dev_type == "cuda" else {}),
+    )
+    plan = (grid, meta)
+    if len(_MM_PLANS) >= 256:
+        _MM_PLANS.clear()
+    _MM_PLANS[key] = plan
+    return plan
+
+
+def _scaled_mm_triton(a, a2, b, rs, cs, blk, out_dtype, config=None):
+    """The Triton GEMM of checked operands: rs (M,) or (1,) (per tensor) and cs (N,) or (1,), contiguous fp32
+    on a's device; blk an int block (1: no rotation)."""
+    m, k = a.shape
+    n = b.shape[0]
+    grid, meta = _mm_plan(m, n, k, a.dtype, b.dtype, blk, config, a.device.type)
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
     if out.numel() == 0:
         return out
     if k == 0:
         return out.zero_()
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     _scaled_gemm_kernel[grid](
         a, a2 if a2 is not None else a, b, out, rs, cs,
-        M=m, N=n, K=k, stride_am=a.stride(0), stride_bn=b.stride(0), stride_om=out.stride(0),
-        stride_cs=0 if cs.numel() == 1 else 1,
-        inv_sqrt_b=1.0 / math.sqrt(blk), a_weight=14.0,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], HB=max(blk, 1),
-        ROTATE=blk > 1, NSPLIT=2, DOT_F32=interpreting(), INT_ACC=a.dtype == torch.int8 and not mixed,
-        EVEN_K=k % bk == 0, A_CAST=mixed, DUAL=a2 is not None,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_launch_options(a.device),
+        m, n, k, a.stride(0), b.stride(0), out.stride(0), 0 if cs.numel() == 1 else 1,
+        0 if rs.numel() == 1 else 1, DUAL=a2 is not None, **meta,
     )
     return out
