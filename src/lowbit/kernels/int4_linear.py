@@ -38,19 +38,24 @@ emulated math.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 
 from .hadamard_quant import (
-    bit_split_quantize,
-    gather_scaled_rows,
-    hadamard_quantize,
-    hadamard_rows,
-    leverage_sample_compact,
+    _CODE_DTYPES,
+    _bit_split,
+    _check_block,
+    _check_matrix,
+    _check_triton,
+    _gather,
+    _hadamard_quantize,
+    _hadamard_rows,
+    _lss,
     lss_capacity,
 )
-from .int4_matmul import bit_split_fp8_mm, int4_mm, int8_scaled_mm
+from .int4_matmul import GEMM_CONFIG_DUAL, _int4_mm, _scaled_mm_triton, int8_scaled_mm
 
 __all__ = ["Int4LinearSaved", "int4_linear_bwd", "int4_linear_fwd", "int4_linear_triton"]
 
@@ -121,11 +126,34 @@ def int4_linear_fwd(
                          f"{tuple(weight.shape)}")
     if granularity not in ("tensor", "row"):
         raise ValueError(f"granularity must be 'tensor' or 'row', got {granularity!r}")
-    qx = hadamard_quantize(x2d, block_size, granularity=granularity, scale=x_scale, codes_dtype=_F8,
-                           transposed_dtype=_F8 if save_x_codes_t else None)
-    qw = hadamard_quantize(weight, block_size, granularity=granularity, scale=w_scale, codes_dtype=_F8,
-                           transposed_dtype=w_codes_t_dtype)
-    y = int4_mm(qx.codes, qw.codes, qx.scale, qw.scale.reshape(1, -1), out_dtype=out_dtype or x2d.dtype)
+    _check_matrix("x2d", x2d)
+    _check_matrix("weight", weight)
+    _check_triton("int4_linear_fwd", x2d, weight)
+    b = _check_block(block_size, x2d.shape[1])
+    if w_codes_t_dtype not in _CODE_DTYPES:
+        raise TypeError(f"w_codes_t_dtype must be torch.float8_e4m3fn or torch.int8, got {w_codes_t_dtype}")
+    x_scale, w_scale = (_given_scale(name, s, x2d.device) for name, s in (("x_scale", x_scale),
+                                                                        ("w_scale", w_scale)))
+    return _fwd_impl(x2d, weight, bias, block_size, b, granularity == "row", x_scale, w_scale,
+                     out_dtype or x2d.dtype, save_x_codes_t, w_codes_t_dtype)
+
+
+def _given_scale(name: str, scale: torch.Tensor | None, device) -> torch.Tensor | None:
+    """A given (learned) scale as the contiguous (1, 1) fp32 tensor the quantizer takes (or None)."""
+    if scale is None:
+        return None
+    if not isinstance(scale, torch.Tensor) or scale.numel() != 1 or scale.device != device:
+        raise ValueError(f"{name} must be a one-element tensor on {device}, got {scale!r}")
+    return scale.detach().reshape(1, 1).float().contiguous()
+
+
+def _fwd_impl(x2d, weight, bias, block_size, b, row_wise, x_scale, w_scale, out_dtype, save_x_codes_t,
+              w_codes_t_dtype) -> tuple[torch.Tensor, Int4LinearSaved]:
+    """:func:`int4_linear_fwd` of checked arguments (b: the int block, 1 for none)."""
+    qx = _hadamard_quantize(x2d, b, row_wise, x_scale, _F8, _F8 if save_x_codes_t else None)
+    qw = _hadamard_quantize(weight, b, row_wise, w_scale, _F8, w_codes_t_dtype)
+    w_s = qw.scale if qw.scale.numel() == 1 else qw.scale.reshape(1, -1)
+    y = _int4_mm(qx.codes, qw.codes, qx.scale, w_s, out_dtype)
     if bias is not None:
         y = y + bias.to(y.dtype)
     saved = Int4LinearSaved(qx.codes, qx.scale, qx.code_sumsq, qw.codes_t, qw.scale, block_size,
@@ -136,7 +164,10 @@ def int4_linear_fwd(
 def _seeds(seed: torch.Tensor | None, generator: torch.Generator | None, device, needed: bool
            ) -> torch.Tensor:
     """Three int64 seeds in [0, 2^31 - 1) on ``device`` (bit splitting, sampling, power-of-two rounding):
-    derived on the device from ``seed`` (no host round trip), else drawn from ``generator``."""
+    derived on the device from ``seed`` (no host round trip), else drawn from ``generator``.
+
+    (The backward itself passes ``seed`` to the kernels, which derive stream i the same way:
+    ``hadamard_quant._load_seed``; this is the reference of that derivation.)"""
     if seed is None:
         if not needed:
             return torch.zeros(3, dtype=torch.int64, device=device)
@@ -144,6 +175,35 @@ def _seeds(seed: torch.Tensor | None, generator: torch.Generator | None, device,
     base = seed.reshape(1).to(device=device, dtype=torch.int64)
     # (arange, not a tensor from a list: no host-to-device copy, which CUDA-graph capture forbids)
     return (base + torch.arange(3, dtype=torch.int64, device=device) * 1_000_003) % (2**31 - 1)
+
+
+class _SeedSource:
+    """The three random streams of a backward as (one-element int64 tensor, ``_load_seed`` index) pairs:
+    the given ``seed`` with indices 0, 1, 2 (the kernels derive the streams of :func:`_seeds`), else the
+    slices of :func:`_seeds`'s tensor with index -1 (drawn from ``generator`` when ``needed``, at once, as
+    before; zeros made only when read)."""
+
+    __slots__ = ("base", "drawn", "device")
+
+    def __init__(self, seed, generator, device, needed):
+        self.device = device
+        self.drawn = None
+        if seed is not None:
+            base = seed.reshape(1)
+            if base.dtype != torch.int64 or base.device != device:
+                base = base.to(device=device, dtype=torch.int64)
+            self.base = base
+        else:
+            self.base = None
+            if needed:
+                self.drawn = _seeds(None, generator, device, True)
+
+    def __call__(self, i: int) -> tuple[torch.Tensor, int]:
+        if self.base is not None:
+            return self.base, i
+        if self.drawn is None:
+            self.drawn = torch.zeros(3, dtype=torch.int64, device=self.device)
+        return self.drawn[i:i + 1], -1
 
 
 #: Whether ``torch.mm(..., out_dtype=torch.float32)`` works for fp16 operands here (None: not tried yet).
@@ -180,9 +240,15 @@ def _pow2_normalizer(values: torch.Tensor) -> torch.Tensor:
     Dividing a factor by it is exact, and puts factor · code (|code| <= 7) well inside the fp16 range:
     the largest rows keep 11 significant bits, and only rows 2^-36 times smaller reach fp16 subnormals.
     """
-    vmax = values.detach().abs().amax().reshape(1).float() * 7.0
-    e = torch.floor(torch.log2(vmax)) - 12.0
-    return torch.where(vmax > 0, torch.exp2(e), torch.ones_like(vmax))
+    return _pow2_of_max(values.detach().abs().amax().reshape(1).float())
+
+
+def _pow2_of_max(vmax: torch.Tensor) -> torch.Tensor:
+    """:func:`_pow2_normalizer` of a one-element fp32 tensor vmax = max|values| (>= 0, or NaN): 2^e with
+    e = floor(log2(7·vmax)) - 12, and 1 where 7·vmax is not positive or NaN. The same values as
+    ``torch.where(v > 0, torch.exp2(e), 1)`` in fewer operations: -inf (v = 0) and NaN exponents become 0."""
+    e = torch.log2(vmax * 7.0).floor_().sub_(12.0)
+    return e.nan_to_num_(nan=0.0, posinf=math.inf, neginf=0.0).exp2_()
 
 
 def int4_linear_bwd(
@@ -240,6 +306,26 @@ def int4_linear_bwd(
     Returns:
         (∇X (N, K) or None, ∇W (M, K) or None).
     """
+    _check_bwd_options(grad_quantizer, grad_granularity, lss_keep_ratio, row_weights is not None,
+                       grad_x_backend)
+    n, k = saved[0].shape
+    m = saved[3].shape[1]
+    if grad_y.shape != (n, m):
+        raise ValueError(f"grad_y must have shape {(n, m)}, got {tuple(grad_y.shape)}")
+    _check_matrix("grad_y", grad_y)
+    _check_triton("int4_linear_bwd", grad_y)
+    if noise is not None and grad_quantizer == "bit_split":
+        dev = grad_y.device
+        if noise.shape != grad_y.shape or noise.dtype != torch.float32 or noise.device != dev:
+            raise ValueError(f"noise must be a float32 tensor of shape {tuple(grad_y.shape)} on {dev}")
+        if noise.stride(1) != 1 and m > 1:
+            raise ValueError("noise must have contiguous rows")
+    return _bwd_impl(grad_y, saved, grad_quantizer, grad_granularity, lss_keep_ratio, generator, need_grad_x,
+                     need_grad_w, x_dtype, w_dtype, rotate_back, noise, row_weights, grad_x_backend,
+                     grad_weight_fp8, seed, sync_free)
+
+
+def _check_bwd_options(grad_quantizer, grad_granularity, lss_keep_ratio, has_row_weights, grad_x_backend):
     if grad_quantizer not in ("bit_split", "rtn"):
         raise ValueError(f"grad_quantizer must be 'bit_split' or 'rtn', got {grad_quantizer!r}")
     if grad_granularity not in ("token", "tensor"):
@@ -247,32 +333,38 @@ def int4_linear_bwd(
     if lss_keep_ratio is not None and (grad_quantizer != "bit_split" or not 0 < lss_keep_ratio <= 1):
         raise ValueError(f"lss_keep_ratio must be None or in (0, 1] with grad_quantizer='bit_split', got "
                          f"{lss_keep_ratio!r}")
-    if row_weights is not None and grad_quantizer != "bit_split":
+    if has_row_weights and grad_quantizer != "bit_split":
         raise ValueError("row_weights sample the bit-split halves: grad_quantizer must be 'bit_split'")
     if grad_x_backend not in ("auto", "triton", "cublas", "fp8x2"):
         raise ValueError(f"grad_x_backend must be 'auto', 'triton', 'cublas' or 'fp8x2', got "
                          f"{grad_x_backend!r}")
+
+
+def _bwd_impl(grad_y, saved, grad_quantizer, grad_granularity, lss_keep_ratio, generator, need_grad_x,
+              need_grad_w, x_dtype, w_dtype, rotate_back, noise, row_weights, grad_x_backend, grad_weight_fp8,
+              seed, sync_free):
+    """:func:`int4_linear_bwd` of checked arguments."""
     x_codes, x_scale, x_sumsq, w_codes_t, w_scale, block = saved
     x_codes_t = getattr(saved, "x_codes_t", None)
     n, k = x_codes.shape
     m = w_codes_t.shape[1]
-    if grad_y.shape != (n, m):
-        raise ValueError(f"grad_y must have shape {(n, m)}, got {tuple(grad_y.shape)}")
     dev = grad_y.device
+    f32 = torch.float32
+    blk_saved = block if block not in (None, 1) else 1  # the int block of the kernels (1: none)
     sample = lss_keep_ratio is not None or row_weights is not None
     w_per_tensor = w_scale.numel() == 1
     if grad_x_backend == "auto":
         grad_x_backend = "triton" if w_per_tensor else "cublas"
     fp8_dw = False
+    bit_split = grad_quantizer == "bit_split"
     # (given noise and sampling weights, only the power-of-two rounding of grad_weight_fp8 draws)
-    seeds = _seeds(seed, generator, dev, grad_quantizer == "bit_split" and (noise is None or grad_weight_fp8))
-    if grad_quantizer == "bit_split":
-        seed = seeds[0:1] if noise is None else None
+    seeds = _SeedSource(seed, generator, dev, bit_split and (noise is None or grad_weight_fp8))
+    if bit_split:
         dual = need_grad_x and grad_x_backend == "fp8x2" and w_per_tensor
         write_v = (need_grad_x and not dual) or (need_grad_w and not sample)
-        bs = bit_split_quantize(grad_y, granularity=grad_granularity, seed=seed if seed is not None else 0,
-                                noise=noise, write_v=write_v, write_packed=sample and need_grad_w,
-                                write_fp8=dual)
+        seed_t, seed_i = seeds(0) if noise is None else (None, -1)
+        bs = _bit_split(grad_y, grad_granularity == "token", seed_t, seed_i, noise, write_v,
+                        sample and need_grad_w, dual)
         g_codes, g_scale = bs.v, bs.scale_lo
     else:
         # One INT4 matrix: its products with INT4 codes are exact on FP8 tensor cores. ∇X on FP8 when the
@@ -282,97 +374,118 @@ def int4_linear_bwd(
         fp8_dx = need_grad_x and w_per_tensor and grad_x_backend != "cublas"
         fp8_dw = need_grad_w and per_tensor and x_codes_t is not None and x_scale.numel() == 1
         codes_f8 = fp8_dx and (fp8_dw or not need_grad_w)  # else int8: the gather of the ∇W path reads int8
-        q = hadamard_quantize(grad_y, None, granularity="tensor" if per_tensor else "row",
-                              codes_dtype=_F8 if codes_f8 else torch.int8,
-                              transposed_dtype=_F8 if fp8_dw else None)
+        q = _hadamard_quantize(grad_y, 1, not per_tensor, None, _F8 if codes_f8 else torch.int8,
+                               _F8 if fp8_dw else None)
         g_codes, g_scale = q.codes, q.scale
 
     grad_x = grad_w = None
     if need_grad_x:
-        out_dtype = x_dtype if rotate_back else torch.float32
-        blk = block if rotate_back else None
-        if w_per_tensor and grad_quantizer == "bit_split" and grad_x_backend == "fp8x2":
-            grad_x = bit_split_fp8_mm(bs.hi_f8, bs.lo_f8, _as_codes(w_codes_t, _F8), bs.scale_lo, w_scale,
-                                      hadamard_block=blk, out_dtype=out_dtype)
+        out_dtype = x_dtype if rotate_back else f32
+        blk = blk_saved if rotate_back else 1
+        if w_per_tensor and bit_split and grad_x_backend == "fp8x2":
+            grad_x = _scaled_mm_triton(bs.hi_f8, bs.lo_f8, _as_codes(w_codes_t, _F8), bs.scale_lo.reshape(-1),
+                                       _flat(w_scale), blk, out_dtype, GEMM_CONFIG_DUAL)
         elif w_per_tensor and g_codes.dtype == _F8:
             w_t8 = _as_codes(w_codes_t, _F8)
-            if blk is None or blk == 1:
-                grad_x = int4_mm(g_codes, w_t8, g_scale, w_scale, out_dtype=out_dtype)
+            if blk == 1:
+                grad_x = _int4_mm(g_codes, w_t8, g_scale, w_scale, out_dtype)
             else:  # the FP8 Triton GEMM with the rotation in its epilogue
-                grad_x = int8_scaled_mm(g_codes, w_t8, g_scale, w_scale, hadamard_block=blk,
-                                        out_dtype=out_dtype)
-        elif w_per_tensor:
+                grad_x = _scaled_mm_triton(g_codes, None, w_t8, g_scale.reshape(-1), _flat(w_scale), blk,
+                                           out_dtype)
+        elif w_per_tensor and grad_x_backend == "cublas":
             grad_x = int8_scaled_mm(g_codes, _as_codes(w_codes_t, torch.int8), g_scale, w_scale,
-                                    hadamard_block=blk, out_dtype=out_dtype,
-                                    backend="cublas" if grad_x_backend == "cublas" else "triton")
+                                    hadamard_block=blk, out_dtype=out_dtype, backend="cublas")
+        elif w_per_tensor:
+            grad_x = _scaled_mm_triton(g_codes, None, _as_codes(w_codes_t, torch.int8), g_scale.reshape(-1),
+                                       _flat(w_scale), blk, out_dtype)
         else:
             # A per-channel weight scale lies on the inner dimension M: fold it into an fp16 operand (one
             # rounding, relative 2^-11, after an exact power-of-two normalization).
             norm = _pow2_normalizer(w_scale)
-            w_scaled = (w_codes_t.float() * (w_scale.reshape(1, m) / norm)).to(torch.float16)  # (K, M)
+            w_scaled = _scaled_codes_f16(w_codes_t, w_scale.reshape(1, m) / norm)  # (K, M)
             if grad_x_backend == "cublas":
                 prod = _mm_fp32(g_codes.to(torch.float16), w_scaled.t())
-                grad_x = hadamard_rows(prod, blk, row_scale=g_scale.expand(n, 1), scale=norm,
-                                       out_dtype=out_dtype)
+                rs = g_scale.reshape(-1)
+                if rs.numel() != n:
+                    rs = rs.expand(n).contiguous()
+                grad_x = _hadamard_rows(prod, blk, rs, norm, out_dtype)
             else:  # int8 codes converted on chip, fp16 tensor cores, scales and rotation in the epilogue
-                grad_x = int8_scaled_mm(g_codes, w_scaled, g_scale, norm, hadamard_block=blk,
-                                        out_dtype=out_dtype)
+                grad_x = _scaled_mm_triton(g_codes, None, w_scaled, g_scale.reshape(-1), norm, blk, out_dtype)
 
     if need_grad_w and fp8_dw:
         # ∇W = s_g·s_x · (Gᵀ · q_x) · H: both operands K-major over the tokens, exact on FP8 tensor cores.
-        s_gx = (g_scale.reshape(1).float() * x_scale.reshape(1).float())
+        s_gx = g_scale.reshape(1) * x_scale.reshape(1)
         one = torch.ones(1, device=dev)
-        if rotate_back and block not in (None, 1):
-            prod = int4_mm(q.codes_t, x_codes_t, s_gx, one, out_dtype=torch.float32)
-            grad_w = hadamard_rows(prod, block, out_dtype=w_dtype)
+        if rotate_back and blk_saved > 1:
+            prod = _int4_mm(q.codes_t, x_codes_t, s_gx, one, f32)
+            grad_w = _hadamard_rows(prod, blk_saved, None, None, w_dtype)
         else:
-            grad_w = int4_mm(q.codes_t, x_codes_t, s_gx, one,
-                             out_dtype=w_dtype if rotate_back else torch.float32)
+            grad_w = _int4_mm(q.codes_t, x_codes_t, s_gx, one, w_dtype if rotate_back else f32)
     elif need_grad_w:
-        x_scale_rows = x_scale.reshape(-1).expand(n)
         if grad_weight_fp8 and not sample:
             raise ValueError("grad_weight_fp8 needs leverage-score sampling (INT4 halves as the operand)")
-        t_scale = None
         live = None  # with sync_free: the number of kept rows, on the device
         if sample and row_weights is None:
             capacity = lss_capacity(2 * n, lss_keep_ratio) if sync_free else None
-            lss = leverage_sample_compact(bs.sumsq_hi, bs.sumsq_lo, bs.scale_hi, bs.scale_lo, x_sumsq,
-                                          x_scale, lss_keep_ratio, seeds[1:2], capacity=capacity)
-            src, half, factor, fmax = lss.src, lss.half, lss.factor, lss.factor_max
-            g_src, half_arg = bs.hl, half
+            seed_t, seed_i = seeds(1)
+            lss = _lss(bs.sumsq_hi, bs.sumsq_lo, bs.scale_hi.reshape(-1), bs.scale_lo.reshape(-1),
+                       x_sumsq.float().contiguous(), x_scale.reshape(-1), lss_keep_ratio, seed_t, seed_i,
+                       capacity=capacity)
+            src, half, factor, fmax, n_rows = lss.src, lss.half, lss.factor, lss.factor_max, lss.count
+            g_src = bs.hl
             live = lss.kept if sync_free else None
         elif sample:
+            x_scale_rows = x_scale.reshape(-1).expand(n)
             wts = row_weights.reshape(2 * n).float()
             kept = torch.nonzero(wts > 0).squeeze(1)  # one device sync: the number kept
             src, half = kept % n, torch.div(kept, n, rounding_mode="floor")
             s_half = torch.stack((bs.scale_hi.reshape(-1).expand(n), bs.scale_lo.reshape(-1).expand(n)))
-            factor = s_half[half, src] * wts[kept] * x_scale_rows[src]
+            factor = (s_half[half, src] * wts[kept] * x_scale_rows[src]).contiguous()
             fmax = factor.amax().reshape(1) if factor.numel() else torch.zeros(1, device=dev)
-            g_src, half_arg = bs.hl, half
+            half = half.to(torch.int32)
+            n_rows = src.numel()
+            g_src = bs.hl
         else:
-            src = torch.arange(n, device=dev)
-            factor = g_scale.reshape(-1).expand(n) * x_scale_rows
-            g_src, half_arg = g_codes, None
+            src = half = None  # the rows in order: j -> token j
+            factor = g_scale.reshape(-1).expand(n) * x_scale.reshape(-1).expand(n)
+            n_rows = n
+            g_src = g_codes
         if grad_weight_fp8:
             # INT4 codes against codes times powers of two: exact on FP8 tensor cores (K-major operands).
-            a_t, b_t, t_scale = gather_scaled_rows(g_src, x_codes, src, factor, half=half_arg, out_dtype=_F8,
-                                                   transposed=True, pad_to=16, pow2_round=(fmax, seeds[2:3]),
-                                                   count=live)
+            a_t, b_t, t_scale = _gather(g_src, x_codes, src, factor, n_rows, half=half, out_dtype=_F8,
+                                        transposed=True, pad_to=16, pow2=(fmax.reshape(1), *seeds(2)),
+                                        count=live)
             one = torch.ones(1, device=dev)
-            prod = int4_mm(a_t, b_t, one, t_scale, out_dtype=torch.float32)
+            prod = _int4_mm(a_t, b_t, one, t_scale, f32)
             norm = one
         else:
-            # (with a device count, the entries past it are not factors: normalize by the kept maximum)
-            norm = _pow2_normalizer(factor if live is None else fmax)
-            a, b = gather_scaled_rows(g_src, x_codes, src, factor / norm, half=half_arg,
-                                      out_dtype=torch.float16, count=live)
+            # (with a device count, the entries past it are not factors: normalize by the kept maximum; the
+            # gather divides each factor by the normalizer)
+            norm = _pow2_normalizer(factor) if live is None else _pow2_of_max(fmax)
+            a, b = _gather(g_src, x_codes, src, factor, n_rows, half=half, out_dtype=torch.float16,
+                           count=live, norm=norm)
             if a.shape[0] == 0:
-                prod = torch.zeros(m, k, dtype=torch.float32, device=dev)
+                prod = torch.zeros(m, k, dtype=f32, device=dev)
             else:
                 prod = _mm_fp32(a.t(), b)
-        grad_w = hadamard_rows(prod, block if rotate_back else None, scale=norm,
-                               out_dtype=w_dtype if rotate_back else torch.float32)
+        grad_w = _hadamard_rows(prod, blk_saved if rotate_back else 1, None, norm,
+                                w_dtype if rotate_back else f32)
     return grad_x, grad_w
+
+
+def _flat(scale: torch.Tensor) -> torch.Tensor:
+    """A one-element or per-column fp32 scale flattened for the Triton GEMM."""
+    return scale.reshape(-1)
+
+
+def _scaled_codes_f16(codes: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """fp16(codes · factor) with the product in fp32, as ``(codes.float() * factor).to(torch.float16)``: one
+    elementwise kernel for int8 codes (the int8 -> fp32 conversion happens in it, the fp32 product is rounded
+    once to the fp16 output); FP8 codes (which do not promote) are converted first."""
+    if codes.dtype == torch.int8:
+        out = torch.empty(codes.shape, dtype=torch.float16, device=codes.device)
+        return torch.mul(codes, factor, out=out)
+    return (codes.float() * factor).to(torch.float16)
 
 
 # ---------------------------------------------------------------------------------------------- custom ops
@@ -468,6 +581,64 @@ def _fwd_backward(ctx, grad_y, *_):
 _fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup)
 
 
+# ---------------------------------------------------------------------------------------------- eager path
+# Outside torch.compile the same forward / backward run through a plain autograd Function: the custom ops'
+# dispatch, schema checks and autograd wrapping cost about 0.1-0.3 ms of host time per layer and step, more
+# than the launchers themselves once those were trimmed. Same calls, same results bit for bit.
+
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _eager_ok(*tensors) -> bool:
+    """True outside tracing: not compiling, no dispatch mode (fake / meta tracing, FlopCounter...), no
+    functorch transform, plain tensors only (a subclass keeps the custom op, which it may know)."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    if _current_dispatch_mode() is not None:
+        return False
+    return all(t is None or type(t) in _PLAIN_TYPES for t in tensors)
+
+
+def _current_dispatch_mode():
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode()
+
+
+class _Int4LinearFunction(torch.autograd.Function):
+    """``_fwd_op`` with its registered autograd (``_fwd_setup`` / ``_fwd_backward``), eagerly."""
+
+    @staticmethod
+    def forward(ctx, x2d, weight, bias, seed, block_size, granularity, grad_quantizer, grad_granularity,
+                keep_ratio, grad_x_backend, grad_weight_fp8, out_dtype):
+        save_x_t, wt_dtype = _op_layout(granularity, grad_quantizer, grad_granularity, grad_x_backend)
+        y, saved = int4_linear_fwd(x2d, weight, bias, block_size=block_size or None, granularity=granularity,
+                                   out_dtype=out_dtype, save_x_codes_t=save_x_t, w_codes_t_dtype=wt_dtype)
+        ctx.save_for_backward(*saved[:5], saved.x_codes_t, seed)
+        ctx.args = (block_size or None, grad_quantizer, grad_granularity, keep_ratio or None, grad_x_backend,
+                    grad_weight_fp8)
+        ctx.dtypes = (x2d.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        block, grad_quantizer, grad_granularity, keep_ratio, grad_x_backend, grad_weight_fp8 = ctx.args
+        # (the options int4_linear_bwd checks, checked here as the custom op's backward does)
+        _check_bwd_options(grad_quantizer, grad_granularity, keep_ratio, False, grad_x_backend)
+        grad_y = grad_y.contiguous()
+        gx = gw = None
+        if need_x or need_w:
+            x_codes, x_scale, x_sumsq, w_codes_t, w_scale, x_codes_t, seed = ctx.saved_tensors
+            saved = Int4LinearSaved(x_codes, x_scale, x_sumsq, w_codes_t, w_scale, block, x_codes_t=x_codes_t)
+            gx, gw = _bwd_impl(grad_y, saved, grad_quantizer, grad_granularity, keep_ratio, None, need_x,
+                               need_w, x_dtype, w_dtype, True, None, None, grad_x_backend, grad_weight_fp8,
+                               seed, True)
+        grad_b = grad_y.float().sum(0).to(b_dtype) if need_b else None
+        return (gx if need_x else None, gw if need_w else None, grad_b) + (None,) * 9
+
+
 def int4_linear_triton(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -502,6 +673,17 @@ def int4_linear_triton(
         x2d = x2d.contiguous()
     if seed is None:
         seed = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=x.device, dtype=torch.int64)
-    y = _fwd_op(x2d, weight, bias, seed, block_size or 0, granularity, grad_quantizer, grad_granularity,
-                lss_keep_ratio or 0.0, grad_x_backend, grad_weight_fp8, out_dtype or x.dtype)[0]
+    args = (block_size or 0, granularity, grad_quantizer, grad_granularity, lss_keep_ratio or 0.0,
+            grad_x_backend, grad_weight_fp8, out_dtype or x.dtype)
+    if not _eager_ok(x2d, weight, bias, seed):
+        y = _fwd_op(x2d, weight, bias, seed, *args)[0]
+    else:
+        if torch.is_grad_enabled() and (x2d.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad)):
+            y = _Int4LinearFunction.apply(x2d, weight, bias, seed, *args)
+        else:  # nothing to differentiate: the forward alone
+            save_x_t, wt_dtype = _op_layout(granularity, grad_quantizer, grad_granularity, grad_x_backend)
+            y = int4_linear_fwd(x2d, weight, bias, block_size=block_size or None, granularity=granularity,
+                                out_dtype=out_dtype or x.dtype, save_x_codes_t=save_x_t,
+                                w_codes_t_dtype=wt_dtype)[0]
     return y.reshape(*x.shape[:-1], weight.shape[0])
