@@ -273,10 +273,12 @@ if HAS_TRITON:
         ROTATE: tl.constexpr, NSPLIT: tl.constexpr, DOT_F32: tl.constexpr, ROUND: tl.constexpr,
         MODE: tl.constexpr, WRITE_OUT: tl.constexpr, WRITE_T: tl.constexpr, HAS_RS: tl.constexpr,
         SPLIT: tl.constexpr, QMAX_C: tl.constexpr, TMAX: tl.constexpr, HAS_SCALE: tl.constexpr,
+        WRITE_ABS: tl.constexpr,
     ):
         """Program (i, j): rows [i·BR, (i+1)·BR), columns [j·CHUNK, (j+1)·CHUNK) in tiles of BC.
 
-        MODE 0 (stats): absmax of each row of x̂ (atomic max over column chunks when SPLIT); with TMAX also
+        MODE 0 (stats): absmax of each row of x̂ (atomic max over column chunks when SPLIT; written only with
+            WRITE_ABS, as in MODE 1); with TMAX also
             the absmax of the whole tensor, atomically into tmax_ptr (which must start at zero).
         MODE 1 (row): per-row scale, then codes; one chunk holds the whole row.
         MODE 2 (given): codes with the scale at scale_in_ptr (Σ codes² atomically added when SPLIT); with
@@ -305,10 +307,11 @@ if HAS_TRITON:
                 xr = tl.load(x_rows + cols[None, :], mask=mask, other=0.0)
                 y = _transform(xr, s, inv_sqrt_b, ROTATE, NSPLIT, DOT_F32, ROUND)
                 amax = tl.maximum(amax, tl.max(tl.abs(y), axis=1))
-            if SPLIT:
-                tl.atomic_max(absmax_ptr + rows, amax, mask=row_ok)
-            else:
-                tl.store(absmax_ptr + rows, amax, mask=row_ok)
+            if WRITE_ABS:
+                if SPLIT:
+                    tl.atomic_max(absmax_ptr + rows, amax, mask=row_ok)
+                else:
+                    tl.store(absmax_ptr + rows, amax, mask=row_ok)
             if MODE == 0 and TMAX:
                 tl.atomic_max(tmax_ptr, tl.max(amax, axis=0))
             scale = _scale_of_max(amax, QMAX_C)
@@ -372,7 +375,7 @@ if HAS_TRITON:
         lo = tl.where(mask, lo, 0.0)
         offs = rows64[:, None] * stride_or + cols[None, :]
         if WRITE_V:
-            tl.store(v_ptr + offs, (hi * 14.0 + lo).to(tl.int8), mask=mask)
+            tl.store(v_ptr + offs, (hi * 14.0 + lo).to(v_ptr.dtype.element_ty), mask=mask)  # int8 / fp16
         if WRITE_HL:
             hl = hi.to(tl.int32) * 16 + (lo.to(tl.int32) & 15)
             tl.store(hl_ptr + offs, hl.to(tl.int8), mask=mask)
@@ -388,12 +391,14 @@ if HAS_TRITON:
         R, C, stride_gr, stride_nr, stride_or, seed_ptr, scale_lo_ptr,
         BR: tl.constexpr, BC: tl.constexpr, GIVEN: tl.constexpr, HAS_NOISE: tl.constexpr,
         WRITE_V: tl.constexpr, WRITE_HL: tl.constexpr, WRITE_F8: tl.constexpr, SEED_IDX: tl.constexpr,
+        WRITE_SSQ: tl.constexpr,
     ):
         """BR whole rows per program. The noise of the lo rounding: one Philox call (tl.randint4x) per four
         elements, element (r, c0 + t·BC/4 + j) of a BC-column tile taking output t of counter
         r·ceil(C/4) + c0/4 + j. GIVEN (one scale per tensor): scale_in_ptr holds the tensor absmax, program 0
         writes s_hi and s_lo (one element each); else each row's s_hi and s_lo are written. The seed:
-        ``_load_seed(seed_ptr, SEED_IDX)``."""
+        ``_load_seed(seed_ptr, SEED_IDX)``. v is stored in v_ptr's dtype (int8, or fp16: exact). The row sums
+        of hi² and lo² are written only with WRITE_SSQ."""
         Q: tl.constexpr = BC // 4
         pid = tl.program_id(0)
         rows = pid * BR + tl.arange(0, BR)
@@ -445,8 +450,9 @@ if HAS_TRITON:
                                         WRITE_HL, WRITE_F8)
                 ssq_hi += h
                 ssq_lo += lw
-        tl.store(ssq_hi_ptr + rows, ssq_hi, mask=row_ok)
-        tl.store(ssq_lo_ptr + rows, ssq_lo, mask=row_ok)
+        if WRITE_SSQ:
+            tl.store(ssq_hi_ptr + rows, ssq_hi, mask=row_ok)
+            tl.store(ssq_lo_ptr + rows, ssq_lo, mask=row_ok)
 
     @triton.jit
     def _lss_score(j, mask, N, ssq_hi_ptr, ssq_lo_ptr, s_hi_ptr, s_lo_ptr, stride_s, xssq_ptr, sx_ptr,
@@ -736,13 +742,13 @@ def _hq_plan(n_rows, n_cols, dtype, b, mode, flags, round_rotated, block_rows, n
     br = max(16 if rotate else 1, min(br, max(16, triton.next_power_of_2(n_rows))))
     n_chunks = triton.cdiv(n_cols, cols_per_prog)
     round_mode = _round_mode(dtype) if round_rotated and mode != _TRANSFORM else _ROUND_NONE
-    write_out, write_t, has_rs, tmax, has_scale = flags
+    write_out, write_t, has_rs, tmax, has_scale, write_abs = flags
     meta = dict(
         CHUNK=cols_per_prog, inv_sqrt_b=1.0 / math.sqrt(b),
         BR=br, BC=width, HB=b, ROTATE=rotate, NSPLIT=_n_split(dtype), DOT_F32=interpreting(),
         ROUND=round_mode, MODE=mode, WRITE_OUT=write_out, WRITE_T=write_t, HAS_RS=has_rs,
         SPLIT=n_chunks > 1, QMAX_C=float(QMAX), TMAX=tmax, HAS_SCALE=has_scale,
-        num_warps=num_warps or _HQ_CONFIG["num_warps"],
+        WRITE_ABS=write_abs, num_warps=num_warps or _HQ_CONFIG["num_warps"],
         **({"enable_fp_fusion": False} if dev_type == "cuda" else {}),
     )
     plan = ((triton.cdiv(n_rows, br), n_chunks), n_chunks > 1, meta)
@@ -756,7 +762,7 @@ def _hq_split(x, b, mode, round_rotated=False, block_rows=None, num_warps=None, 
     """Whether a launch of _hq_kernel in ``mode`` splits the rows over programs (accumulators at zero)."""
     if mode == _ROW:
         return False
-    return _hq_plan(x.shape[0], x.shape[1], x.dtype, b, mode, (False, False, False, False, True),
+    return _hq_plan(x.shape[0], x.shape[1], x.dtype, b, mode, (False, False, False, False, True, False),
                     round_rotated, block_rows, num_warps, chunk, x.device.type)[1]
 
 
@@ -769,10 +775,10 @@ def _launch_hq(x, b, mode, *, scale_in=None, row_scale=None, out=None, out_t=Non
     n_rows, n_cols = x.shape
     grid, _, meta = _hq_plan(n_rows, n_cols, x.dtype, b, mode,
                              (out is not None, out_t is not None, row_scale is not None, tmax is not None,
-                              scale_in is not None),
+                              scale_in is not None, absmax is not None),
                              round_rotated, block_rows, num_warps, chunk, x.device.type)
     dummy = (absmax if absmax is not None else sumsq if sumsq is not None else out if out is not None
-             else scale_in)
+             else scale_in if scale_in is not None else tmax)
     if mode != _TRANSFORM:  # FP8 codes are written as their E4M3 bytes (_store_codes)
         if out is not None and out.dtype == torch.float8_e4m3fn:
             out = out.view(torch.uint8)
@@ -843,9 +849,10 @@ def hadamard_quantize(
 
 
 def _hadamard_quantize(x, b, row_wise, scale, codes_dtype, transposed_dtype, round_rotated=False,
-                       block_rows=None, num_warps=None, chunk=None) -> HadamardQuantized:
+                       block_rows=None, num_warps=None, chunk=None, want_absmax=True) -> HadamardQuantized:
     """:func:`hadamard_quantize` of checked arguments: b an int block (1: none), ``scale`` None or a
-    contiguous (1, 1) fp32 tensor on x's device."""
+    contiguous (1, 1) fp32 tensor on x's device. ``want_absmax=False``: the rows' absmax are not written
+    (``absmax`` None; the scales are the same)."""
     n_rows, n_cols = x.shape
     dev = x.device
     codes = None if codes_dtype is None else torch.empty(n_rows, n_cols, dtype=codes_dtype, device=dev)
@@ -871,16 +878,17 @@ def _hadamard_quantize(x, b, row_wise, scale, codes_dtype, transposed_dtype, rou
     if row_wise:
         # One pass per row block: every output is written whole (no accumulator to clear).
         sumsq = torch.empty(n_rows, dtype=f32, device=dev)
-        absmax = torch.empty(n_rows, dtype=f32, device=dev)
+        absmax = torch.empty(n_rows, dtype=f32, device=dev) if want_absmax else None
         out_scale = torch.empty(n_rows, 1, dtype=f32, device=dev)
         _launch_hq(x, b, _ROW, out=codes, out_t=codes_t, scale_out=out_scale, absmax=absmax, sumsq=sumsq,
                    round_rotated=round_rotated, block_rows=block_rows, num_warps=num_warps)
         return HadamardQuantized(codes, codes_t, out_scale, absmax, sumsq)
     # Per tensor. Pass 1: absmax of x̂ per row and of the whole tensor (atomic max); pass 2: the scale as
     # lowbit.quant computes it (true_div, 1 where not positive), written by the kernel, and the codes.
-    # One zeroed workspace holds the accumulators: [Σ codes² (R) | absmax (R) | tensor absmax].
-    ws = torch.zeros(2 * n_rows + 1, dtype=f32, device=dev)
-    sumsq, absmax, tmax = ws[:n_rows], ws[n_rows:2 * n_rows], ws[2 * n_rows:]
+    # One zeroed workspace holds the accumulators: [Σ codes² (R) | tensor absmax | absmax (R)].
+    ws = torch.zeros(n_rows + 1 + (n_rows if want_absmax else 0), dtype=f32, device=dev)
+    sumsq, tmax = ws[:n_rows], ws[n_rows:n_rows + 1]
+    absmax = ws[n_rows + 1:] if want_absmax else None
     out_scale = torch.empty(1, 1, dtype=f32, device=dev)
     _launch_hq(x, b, _STATS, absmax=absmax, tmax=tmax, round_rotated=round_rotated, block_rows=block_rows,
                num_warps=num_warps, chunk=chunk)
@@ -953,8 +961,8 @@ def hadamard_rows(
 
 
 def _hadamard_rows(x, b, row_scale, scale, out_dtype, block_rows=None, num_warps=None) -> torch.Tensor:
-    """:func:`hadamard_rows` of checked arguments: b an int block, ``row_scale`` None or (R,) contiguous
-    fp32, ``scale`` None (1) or one fp32 element, both on x's device."""
+    """:func:`hadamard_rows` of checked arguments: b an int block, ``row_scale`` None or R contiguous fp32
+    elements ((R,) or (R, 1)), ``scale`` None (1) or one fp32 element, both on x's device."""
     out = torch.empty(x.shape[0], x.shape[1], dtype=out_dtype, device=x.device)
     if out.numel() == 0:
         return out
@@ -1021,9 +1029,10 @@ def bit_split_quantize(
 
 
 def _bit_split(g, per_token, seed_t, seed_idx, noise, write_v, write_packed, write_fp8, block_rows=None,
-               block_cols=None, num_warps=None) -> BitSplitCodes:
+               block_cols=None, num_warps=None, v_dtype=torch.int8, write_sumsq=True) -> BitSplitCodes:
     """:func:`bit_split_quantize` of checked arguments: ``seed_t`` a one-element int64 tensor on g's device
-    (None with ``noise``), read through ``_load_seed(seed_t, seed_idx)`` in the kernel."""
+    (None with ``noise``), read through ``_load_seed(seed_t, seed_idx)`` in the kernel. ``v_dtype``: int8
+    or fp16 (the same integers, for an fp16 product); ``write_sumsq=False``: no row sums (None)."""
     n_rows, n_cols = g.shape
     dev = g.device
     f32 = torch.float32
@@ -1031,7 +1040,7 @@ def _bit_split(g, per_token, seed_t, seed_idx, noise, write_v, write_packed, wri
     def empty(flag, dtype):
         return torch.empty(n_rows, n_cols, dtype=dtype, device=dev) if flag else None
 
-    v, hl = empty(write_v, torch.int8), empty(write_packed, torch.int8)
+    v, hl = empty(write_v, v_dtype), empty(write_packed, torch.int8)
     hi8, lo8 = empty(write_fp8, torch.float8_e4m3fn), empty(write_fp8, torch.float8_e4m3fn)
     if n_rows == 0 or n_cols == 0:
         s_hi = torch.ones(n_rows if per_token else 1, 1, device=dev)
@@ -1039,8 +1048,8 @@ def _bit_split(g, per_token, seed_t, seed_idx, noise, write_v, write_packed, wri
         ssq_lo = torch.zeros(n_rows, dtype=f32, device=dev)
         return BitSplitCodes(v, hl, hi8, lo8, s_hi, true_div(s_hi, LO_RATIO), ssq_hi, ssq_lo)
     # (every row's sums and scales are written whole by the kernel: nothing to clear)
-    ssq_hi = torch.empty(n_rows, dtype=f32, device=dev)
-    ssq_lo = torch.empty(n_rows, dtype=f32, device=dev)
+    ssq_hi = torch.empty(n_rows, dtype=f32, device=dev) if write_sumsq else None
+    ssq_lo = torch.empty(n_rows, dtype=f32, device=dev) if write_sumsq else None
     s_rows = n_rows if per_token else 1
     s_hi = torch.empty(s_rows, 1, dtype=f32, device=dev)
     s_lo = torch.empty(s_rows, 1, dtype=f32, device=dev)
@@ -1049,22 +1058,21 @@ def _bit_split(g, per_token, seed_t, seed_idx, noise, write_v, write_packed, wri
     else:
         # The tensor absmax (one stats pass, atomic max into the last element of a zeroed workspace); the
         # split kernel turns it into s_hi = true_div(absmax, 7) (1 where not positive) and s_lo = s_hi / 14.
-        ws = torch.zeros(n_rows + 1, dtype=f32, device=dev)
-        scale_in = ws[n_rows:]
-        _launch_hq(g, 1, _STATS, absmax=ws[:n_rows], tmax=scale_in)
+        scale_in = torch.zeros(1, dtype=f32, device=dev)
+        _launch_hq(g, 1, _STATS, tmax=scale_in)
     br = block_rows or _BS_CONFIG["rows"]
     bc = block_cols or _BS_CONFIG["cols"]
     some = v if v is not None else hl if hl is not None else hi8
-    dummy = ssq_hi
+    dummy = s_hi
     _bit_split_kernel[(triton.cdiv(n_rows, br),)](
         g, noise if noise is not None else dummy, scale_in,
         v if v is not None else dummy, hl if hl is not None else dummy,
         hi8 if hi8 is not None else dummy, lo8 if lo8 is not None else dummy,
-        s_hi, ssq_hi, ssq_lo,
+        s_hi, ssq_hi if write_sumsq else dummy, ssq_lo if write_sumsq else dummy,
         n_rows, n_cols, g.stride(0), noise.stride(0) if noise is not None else 0,
         some.stride(0) if some is not None else 0, seed_t if seed_t is not None else dummy, s_lo,
         BR=br, BC=bc, GIVEN=not per_token, HAS_NOISE=noise is not None,
-        WRITE_V=write_v, WRITE_HL=write_packed, WRITE_F8=write_fp8, SEED_IDX=seed_idx,
+        WRITE_V=write_v, WRITE_HL=write_packed, WRITE_F8=write_fp8, SEED_IDX=seed_idx, WRITE_SSQ=write_sumsq,
         num_warps=num_warps or _BS_CONFIG["num_warps"], **_launch_options(dev),
     )
     return BitSplitCodes(v, hl, hi8, lo8, s_hi, s_lo, ssq_hi, ssq_lo)
@@ -1265,9 +1273,11 @@ def leverage_sample_compact(
 
 
 def _lss(sumsq_hi, sumsq_lo, s_hi, s_lo, x_sumsq, sx, keep_ratio, seed_t, seed_idx, *, block=2048, iters=40,
-         num_warps=8, capacity=None) -> LssSample:
-    """:func:`leverage_sample_compact` of checked arguments: contiguous fp32 vectors, the scales flat (N,) or
-    (1,), ``seed_t`` a one-element int64 tensor read through ``_load_seed(seed_t, seed_idx)``."""
+         num_warps=8, capacity=None, sliced=True) -> LssSample:
+    """:func:`leverage_sample_compact` of checked arguments: contiguous fp32 tensors, the scales N or one
+    element (any shape: (N, 1) reads as (N,)), ``seed_t`` a one-element int64 tensor read through
+    ``_load_seed(seed_t, seed_idx)``.
+    ``sliced=False`` returns src / half / factor whole (2N entries, the first ``count`` of them kept)."""
     n = sumsq_hi.numel()
     dev = sumsq_hi.device
     p = torch.empty(2 * n, dtype=torch.float32, device=dev)
@@ -1287,6 +1297,8 @@ def _lss(sumsq_hi, sumsq_lo, s_hi, s_lo, x_sumsq, sx, keep_ratio, seed_t, seed_i
     )
     if capacity is not None:
         r = min(int(capacity), 2 * n)
+        if not sliced:
+            return LssSample(r, src, half, factor, p, fmax, count)
         return LssSample(r, src[:r], half[:r], factor[:r], p, fmax, count)
     r = int(count.item())  # the one sync: the size of the compacted operands
     return LssSample(r, src[:r], half[:r], factor[:r], p, fmax, count)

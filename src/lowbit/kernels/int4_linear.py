@@ -150,8 +150,9 @@ def _given_scale(name: str, scale: torch.Tensor | None, device) -> torch.Tensor 
 def _fwd_impl(x2d, weight, bias, block_size, b, row_wise, x_scale, w_scale, out_dtype, save_x_codes_t,
               w_codes_t_dtype) -> tuple[torch.Tensor, Int4LinearSaved]:
     """:func:`int4_linear_fwd` of checked arguments (b: the int block, 1 for none)."""
-    qx = _hadamard_quantize(x2d, b, row_wise, x_scale, _F8, _F8 if save_x_codes_t else None)
-    qw = _hadamard_quantize(weight, b, row_wise, w_scale, _F8, w_codes_t_dtype)
+    qx = _hadamard_quantize(x2d, b, row_wise, x_scale, _F8, _F8 if save_x_codes_t else None,
+                            want_absmax=False)
+    qw = _hadamard_quantize(weight, b, row_wise, w_scale, _F8, w_codes_t_dtype, want_absmax=False)
     w_s = qw.scale if qw.scale.numel() == 1 else qw.scale.reshape(1, -1)
     y = _int4_mm(qx.codes, qw.codes, qx.scale, w_s, out_dtype)
     if bias is not None:
@@ -189,7 +190,7 @@ class _SeedSource:
         self.device = device
         self.drawn = None
         if seed is not None:
-            base = seed.reshape(1)
+            base = seed if seed.shape == (1,) else seed.reshape(1)
             if base.dtype != torch.int64 or base.device != device:
                 base = base.to(device=device, dtype=torch.int64)
             self.base = base
@@ -240,7 +241,8 @@ def _pow2_normalizer(values: torch.Tensor) -> torch.Tensor:
     Dividing a factor by it is exact, and puts factor · code (|code| <= 7) well inside the fp16 range:
     the largest rows keep 11 significant bits, and only rows 2^-36 times smaller reach fp16 subnormals.
     """
-    return _pow2_of_max(values.detach().abs().amax().reshape(1).float())
+    values = values.detach() if values.requires_grad else values
+    return _pow2_of_max(values.abs().amax().reshape(1).float())
 
 
 def _pow2_of_max(vmax: torch.Tensor) -> torch.Tensor:
@@ -363,8 +365,11 @@ def _bwd_impl(grad_y, saved, grad_quantizer, grad_granularity, lss_keep_ratio, g
         dual = need_grad_x and grad_x_backend == "fp8x2" and w_per_tensor
         write_v = (need_grad_x and not dual) or (need_grad_w and not sample)
         seed_t, seed_i = seeds(0) if noise is None else (None, -1)
+        # v in fp16 (the same integers) when its product is cuBLAS's fp16 one: no conversion pass
+        v_f16 = need_grad_x and not w_per_tensor and grad_x_backend == "cublas"
         bs = _bit_split(grad_y, grad_granularity == "token", seed_t, seed_i, noise, write_v,
-                        sample and need_grad_w, dual)
+                        sample and need_grad_w, dual, v_dtype=torch.float16 if v_f16 else torch.int8,
+                        write_sumsq=sample and need_grad_w and row_weights is None)
         g_codes, g_scale = bs.v, bs.scale_lo
     else:
         # One INT4 matrix: its products with INT4 codes are exact on FP8 tensor cores. ∇X on FP8 when the
@@ -375,7 +380,7 @@ def _bwd_impl(grad_y, saved, grad_quantizer, grad_granularity, lss_keep_ratio, g
         fp8_dw = need_grad_w and per_tensor and x_codes_t is not None and x_scale.numel() == 1
         codes_f8 = fp8_dx and (fp8_dw or not need_grad_w)  # else int8: the gather of the ∇W path reads int8
         q = _hadamard_quantize(grad_y, 1, not per_tensor, None, _F8 if codes_f8 else torch.int8,
-                               _F8 if fp8_dw else None)
+                               _F8 if fp8_dw else None, want_absmax=False)
         g_codes, g_scale = q.codes, q.scale
 
     grad_x = grad_w = None
@@ -405,9 +410,8 @@ def _bwd_impl(grad_y, saved, grad_quantizer, grad_granularity, lss_keep_ratio, g
             w_scaled = _scaled_codes_f16(w_codes_t, w_scale.reshape(1, m) / norm)  # (K, M)
             if grad_x_backend == "cublas":
                 prod = _mm_fp32(g_codes.to(torch.float16), w_scaled.t())
-                rs = g_scale.reshape(-1)
-                if rs.numel() != n:
-                    rs = rs.expand(n).contiguous()
+                # (a per-token scale is read as it is, (N, 1) contiguous: one float per row)
+                rs = g_scale if g_scale.numel() == n else g_scale.reshape(-1).expand(n).contiguous()
                 grad_x = _hadamard_rows(prod, blk, rs, norm, out_dtype)
             else:  # int8 codes converted on chip, fp16 tensor cores, scales and rotation in the epilogue
                 grad_x = _scaled_mm_triton(g_codes, None, w_scaled, g_scale.reshape(-1), norm, blk, out_dtype)
@@ -428,9 +432,9 @@ def _bwd_impl(grad_y, saved, grad_quantizer, grad_granularity, lss_keep_ratio, g
         if sample and row_weights is None:
             capacity = lss_capacity(2 * n, lss_keep_ratio) if sync_free else None
             seed_t, seed_i = seeds(1)
-            lss = _lss(bs.sumsq_hi, bs.sumsq_lo, bs.scale_hi.reshape(-1), bs.scale_lo.reshape(-1),
-                       x_sumsq.float().contiguous(), x_scale.reshape(-1), lss_keep_ratio, seed_t, seed_i,
-                       capacity=capacity)
+            lss = _lss(bs.sumsq_hi, bs.sumsq_lo, bs.scale_hi, bs.scale_lo, x_sumsq.float().contiguous(),
+                       x_scale.contiguous(), lss_keep_ratio, seed_t, seed_i,
+                       capacity=capacity, sliced=capacity is None)  # (the gather reads the first count rows)
             src, half, factor, fmax, n_rows = lss.src, lss.half, lss.factor, lss.factor_max, lss.count
             g_src = bs.hl
             live = lss.kept if sync_free else None
@@ -662,7 +666,9 @@ def int4_linear_triton(
     ``grad_weight_fp8``, ``grad_x_backend`` as in :func:`int4_linear_bwd`. The backward's randomness comes
     from ``seed`` (one-element int64 tensor on x's device, in [0, 2^31 - 1)), else from one draw of
     ``generator``. The forward and backward are the custom ops ``lowbit::int4_linear_fwd`` / ``_bwd``:
-    traceable by torch.compile, and free of host syncs (CUDA graphs).
+    traceable by torch.compile, and free of host syncs (CUDA graphs). Eagerly (not compiling, no dispatch
+    mode, plain tensors) the same pair runs through a plain autograd Function instead, which skips the custom
+    ops' host-side layers; the results are the same bit for bit.
     Returns (..., M) in ``out_dtype`` (default x's dtype). x's rows: a multiple of 16 on CUDA.
     """
     k = weight.shape[1]
