@@ -106,9 +106,22 @@ def _check_triton(name: str, *tensors: torch.Tensor) -> None:
             )
 
 
+_NO_FMA: dict = {"enable_fp_fusion": False}
+_NO_OPTIONS: dict = {}
+
+
 def _launch_options(device: torch.device) -> dict:
-    # No FMA contraction: the reference rounds every product and every sum.
-    return {} if device.type != "cuda" else {"enable_fp_fusion": False}
+    # No FMA contraction: the reference rounds every product and every sum. (Shared dicts, only unpacked.)
+    return _NO_OPTIONS if device.type != "cuda" else _NO_FMA
+
+
+def _cdiv(a: int, b: int) -> int:
+    # (plain arithmetic: triton.cdiv is a constexpr function in recent Triton, microseconds per host call)
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return n if n <= 1 else 1 << (n - 1).bit_length()  # (as triton.next_power_of_2: 0 -> 0)
 
 
 def _rotation_width(block: int, n_cols: int) -> int:
@@ -1064,7 +1077,7 @@ def _bit_split(g, per_token, seed_t, seed_idx, noise, write_v, write_packed, wri
     bc = block_cols or _BS_CONFIG["cols"]
     some = v if v is not None else hl if hl is not None else hi8
     dummy = s_hi
-    _bit_split_kernel[(triton.cdiv(n_rows, br),)](
+    _bit_split_kernel[(_cdiv(n_rows, br),)](
         g, noise if noise is not None else dummy, scale_in,
         v if v is not None else dummy, hl if hl is not None else dummy,
         hi8 if hi8 is not None else dummy, lo8 if lo8 is not None else dummy,
@@ -1184,7 +1197,7 @@ def _gather(g_codes, x_codes, src_idx, factor, n_out, *, half=None, out_dtype, t
     else:
         seed_idx = -1
         extra = (factor, factor, factor)
-    _gather_kernel[(triton.cdiv(n_out, block_rows),)](
+    _gather_kernel[(_cdiv(n_out, block_rows),)](
         src_idx, half if half is not None else src_idx, factor, g_codes, x_codes, a, b, *extra,
         count if count is not None else src_idx, norm if norm is not None else factor,
         n_out, n, k, g_codes.stride(0), x_codes.stride(0), a.stride(0), b.stride(0),
@@ -1292,7 +1305,7 @@ def _lss(sumsq_hi, sumsq_lo, s_hi, s_lo, x_sumsq, sx, keep_ratio, seed_t, seed_i
     _lss_kernel[(1,)](
         sumsq_hi, sumsq_lo, s_hi, s_lo, x_sumsq, sx, seed_t, p, src, half, factor, count, fmax,
         n, float(keep_ratio) * 2 * n, 0 if s_hi.numel() == 1 else 1, 0 if sx.numel() == 1 else 1,
-        BLOCK=min(block, max(16, triton.next_power_of_2(2 * n))), ITERS=iters, SEED_IDX=seed_idx,
+        BLOCK=min(block, max(16, _next_pow2(2 * n))), ITERS=iters, SEED_IDX=seed_idx,
         num_warps=num_warps, **_launch_options(dev),
     )
     if capacity is not None:

@@ -457,7 +457,7 @@ def _bwd_impl(grad_y, saved, grad_quantizer, grad_granularity, lss_keep_ratio, g
         if grad_weight_fp8:
             # INT4 codes against codes times powers of two: exact on FP8 tensor cores (K-major operands).
             a_t, b_t, t_scale = _gather(g_src, x_codes, src, factor, n_rows, half=half, out_dtype=_F8,
-                                        transposed=True, pad_to=16, pow2=(fmax.reshape(1), *seeds(2)),
+                                        transposed=True, pad_to=16, pow2=(fmax, *seeds(2)),
                                         count=live)
             one = torch.ones(1, device=dev)
             prod = _int4_mm(a_t, b_t, one, t_scale, f32)
@@ -591,12 +591,13 @@ _fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup)
 # than the launchers themselves once those were trimmed. Same calls, same results bit for bit.
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
 def _eager_ok(*tensors) -> bool:
     """True outside tracing: not compiling, no dispatch mode (fake / meta tracing, FlopCounter...), no
     functorch transform, plain tensors only (a subclass keeps the custom op, which it may know)."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    if torch.compiler.is_compiling() or _functorch_active():
         return False
     if _current_dispatch_mode() is not None:
         return False
@@ -674,7 +675,7 @@ def int4_linear_triton(
     k = weight.shape[1]
     if x.shape[-1] != k:
         raise ValueError(f"x's last dim ({x.shape[-1]}) must equal weight's D_in ({k})")
-    x2d = x.reshape(-1, k)
+    x2d = x if x.dim() == 2 else x.reshape(-1, k)  # (no view, no view node in the graph, for a 2-D x)
     if x2d.stride(1) != 1:
         x2d = x2d.contiguous()
     if seed is None:
@@ -692,4 +693,4 @@ def int4_linear_triton(
             y = int4_linear_fwd(x2d, weight, bias, block_size=block_size or None, granularity=granularity,
                                 out_dtype=out_dtype or x.dtype, save_x_codes_t=save_x_t,
                                 w_codes_t_dtype=wt_dtype)[0]
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
