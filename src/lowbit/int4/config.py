@@ -110,10 +110,11 @@ class Int4TrainingConfig:
         lss_keep_ratio: expected fraction of the 2N stacked rows kept, in (0, 1]; 0.5 keeps N rows, the
             cost of one INT4 product of N rows (the paper's choice).
         seed: base seed of the per-layer generators of the backward pass (stochastic rounding, sampling).
-        backend: "emulate" (default; PyTorch, exact integer products on float tensors: the reference the
-            training proofs of docs/int4.md ran on), "auto" ("triton" for a layer on CUDA when Triton is
-            installed and the kernels support its shape, "emulate" otherwise; the layer's repr says which
-            and why) or "triton" (``lowbit.kernels.int4_linear``: fused
+        backend: "auto" (default: "triton" for a layer on CUDA when Triton is installed and the kernels
+            support its shape, "emulate" otherwise; the layer's repr says which and why), "emulate"
+            (PyTorch, exact integer products on float tensors: the reference the training proofs of
+            docs/int4.md ran on, which the kernels' GPT trajectories match) or "triton"
+            (``lowbit.kernels.int4_linear``: fused
             quantizers, FP8 / int8 tensor cores; CUDA, or the CPU under TRITON_INTERPRET=1; a block_size
             above 128, or a layer the kernels cannot run, raises ValueError naming the field).
         hadamard, grad_quantizer: implied by the recipe ("bit_split" or "rtn"); not meant to be set.
@@ -129,7 +130,7 @@ class Int4TrainingConfig:
     seed: int = 0
     # Not "auto" yet: on the H100 the Triton path's first-step GPT loss differed from the emulation's by
     # 12 % of the quantization effect (test_triton_backend, gpu) and its training step was not faster.
-    backend: str = "emulate"
+    backend: str = "auto"
     hadamard: bool | None = None
     grad_quantizer: str | None = None
 
