@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from lowbit.bench.int4_linear import _host_ms  # the benchmark's own host-time measure
+
 
 def _cprofile(fn, n=10, top=25) -> str:
     torch.cuda.synchronize()
@@ -38,19 +40,6 @@ def _cprofile(fn, n=10, top=25) -> str:
     s = io.StringIO()
     pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(top)
     return s.getvalue()
-
-
-def _host_ms(fn, n=20) -> float:
-    """Mean host milliseconds to enqueue one call of fn, starting from an idle GPU each time."""
-    times = []
-    for _ in range(n):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    torch.cuda.synchronize()
-    times.sort()
-    return 1000 * times[len(times) // 2]
 
 
 def _kernel_table(fn, n=3, rows=30) -> str:
