@@ -293,6 +293,8 @@ def test_leverage_sample_with_a_capacity_does_not_sync_and_keeps_the_same_rows(d
 def test_lss_capacity_bound():
     # k + 8 sqrt(k) + 16 rounded up to 16, never more than the rows; Chernoff: P(overflow) < e^-32.
     assert hq.lss_capacity(0, 0.5) == 0
+    with pytest.raises(ValueError, match="keep_ratio must be in"):
+        hq.lss_capacity(100, 0.0)
     assert hq.lss_capacity(32, 0.5) == 32
     for rows, keep in [(2 * 16384, 0.5), (2 * 8192, 0.25), (160, 0.5), (10**6, 0.1)]:
         cap = hq.lss_capacity(rows, keep)

@@ -282,6 +282,10 @@ def test_custom_ops_pass_opcheck():
 
 def test_argument_errors():
     x, w, gy = _problem("cpu")
+    with pytest.raises(ValueError, match="seed must be a one-element int64 tensor"):
+        lin.int4_linear_triton(x, w, seed=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="seed must be a one-element int64 tensor"):
+        lin.int4_linear_triton(x, w, seed=torch.tensor([1.0]))
     with pytest.raises(ValueError, match="share K"):
         lin.int4_linear_fwd(x, w[:, :32], block_size=None)
     with pytest.raises(ValueError, match="granularity"):

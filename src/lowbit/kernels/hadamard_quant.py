@@ -1325,6 +1325,8 @@ def lss_capacity(rows: int, keep_ratio: float) -> int:
     P(count >= k + t) <= exp(-t² / (2(k + t/3))), which for t = 8·sqrt(k) + 16 is below e^-32 (1e-14) for
     every k. Rows kept beyond the capacity (that improbable event) would be dropped.
     """
+    if not 0 < keep_ratio <= 1:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
     if rows <= 0:
         return 0
     k = keep_ratio * rows

@@ -680,6 +680,11 @@ def int4_linear_triton(
         x2d = x2d.contiguous()
     if seed is None:
         seed = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=x.device, dtype=torch.int64)
+    elif not isinstance(seed, torch.Tensor) or seed.numel() != 1 or seed.dtype != torch.int64 or \
+            seed.device != x.device:
+        got = f"{getattr(seed, 'dtype', type(seed).__name__)} {tuple(getattr(seed, 'shape', ()))}"
+        raise ValueError(f"seed must be a one-element int64 tensor on x's device ({x.device}), got {got} on "
+                         f"{getattr(seed, 'device', None)}")
     args = (block_size or 0, granularity, grad_quantizer, grad_granularity, lss_keep_ratio or 0.0,
             grad_x_backend, grad_weight_fp8, out_dtype or x.dtype)
     if not _eager_ok(x2d, weight, bias, seed):
