@@ -245,6 +245,10 @@ class Int4Linear(nn.Linear):
         backend = self.backend_for(x.device)
         if backend == "triton":
             return self._forward_triton(x)
+        return self._forward_with_generator(x, backend)
+
+    def _forward_with_generator(self, x: torch.Tensor, backend: str) -> torch.Tensor:
+        # The randomness from the layer's Generator (the emulation; LSQ and reference draws on Triton).
         return int4_linear(
             x,
             self.weight,
@@ -274,17 +278,7 @@ class Int4Linear(nn.Linear):
         # LSQ and reference draws use the layer's Generator: an opaque call for torch.compile, which keeps
         # the Generator and seed out of compiled frames (the layers share one compiled forward instead of
         # recompiling per layer).
-        return int4_linear(
-            x,
-            self.weight,
-            self.bias,
-            spec=self.spec,
-            input_scale=self.input_scale,
-            weight_scale=self.weight_scale,
-            generator=self.generator(x.device),
-            backend="triton",
-            reference_draws=self.reference_draws,
-        )
+        return self._forward_with_generator(x, "triton")
 
     def extra_repr(self) -> str:
         block = self.block_size if self.block_size is not None else self.config.block_size
