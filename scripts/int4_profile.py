@@ -9,6 +9,11 @@ Parts (``--parts``, comma-separated; default all):
 - ``launch``: host time of one launch of a tiny Triton kernel and of one tiny cuBLAS call (the floor).
 - ``onebit``: host time of one eager ``onebit_matmul`` at M = 1 (4096 x 11008), with its cProfile.
 - ``e2e``: GPT 350m, bf16 vs INT4 hq, eager: step time, host enqueue time and the profiler's top ops.
+- ``kernels``: torch.profiler's kernel table (GPU time per kernel) of one fwd+bwd at 16384 x 4096 x 4096 for
+  the hq recipes, and the bytes each quantizer moves against a copy of the same bytes.
+- ``decode``: OneBit decode (SmolLM2-135M shape, random weights): the per-kernel GPU time of one eager step
+  for bf16 projections, packed OneBit projections, OneBit without its LayerNorm, and bf16 projections
+  followed by the same LayerNorm; plus each model's CUDA-graph step time.
 - ``agree``: GPT small under bf16 autocast, both backends on the same inputs of every INT4 layer at step 0:
   per layer the relative output gap and the fraction of X / W codes that differ.
 Everything printed and written to ``DIR/profile.json`` (+ ``*.txt`` tables).
@@ -94,6 +99,110 @@ def part_layer(args, out: dict, outdir: Path) -> None:
                 tab = _kernel_table(fn)
                 (outdir / f"kernels_{name}.txt").write_text(tab)
                 print(tab[:8000])
+
+
+def _kernel_rows(fn, n=5) -> list[dict]:
+    """GPU time per kernel name (µs per call of ``fn``, summed over its launches) under torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    rows: dict[str, list] = {}
+    for ev in prof.events():
+        if ev.device_type.name != "CUDA":
+            continue
+        r = rows.setdefault(ev.name, [0.0, 0])
+        r[0] += ev.device_time if hasattr(ev, "device_time") else ev.cuda_time
+        r[1] += 1
+    out = [{"kernel": k[:90], "us_per_call": v[0] / n, "launches_per_call": v[1] / n}
+           for k, v in rows.items()]
+    return sorted(out, key=lambda r: -r["us_per_call"])
+
+
+def part_kernels(args, out: dict, outdir: Path) -> None:
+    import triton.testing
+
+    from lowbit.bench.int4_linear import parse_ours
+    from lowbit.kernels import int4_linear as lin4
+
+    res = out.setdefault("kernels", {})
+    m, k, n = 16384, 4096, 4096
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    gy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    src = torch.empty(m, k, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    copy_ms = float(triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=50, return_mode="median"))
+    res["copy_bf16_16384x4096_us"] = copy_ms * 1e3
+    print(f"copy 16384x4096 bf16 (268 MB moved): {copy_ms * 1e3:.1f} us", flush=True)
+    for name in args.recipes.split(","):
+        kw = parse_ours(name)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+
+        def step(kw=kw, gen=gen):
+            y = lin4.int4_linear_triton(x, w, generator=gen, **kw)
+            return torch.autograd.grad(y, (x, w), gy)
+
+        step()
+        total = float(triton.testing.do_bench(step, warmup=10, rep=50, return_mode="median"))
+        rows = _kernel_rows(step)
+        res[name] = {"do_bench_ms": total, "kernels": rows}
+        print(f"== {name}: do_bench {total:.3f} ms, kernel sum {sum(r['us_per_call'] for r in rows):.0f} us",
+              flush=True)
+        for r in rows:
+            print(f"   {r['us_per_call']:8.1f} us  x{r['launches_per_call']:.0f}  {r['kernel']}", flush=True)
+
+
+def part_decode(args, out: dict, outdir: Path) -> None:
+    import torch.nn.functional as F
+
+    from lowbit.bench import onebit as bo
+
+    res = out.setdefault("decode", {})
+    dev = torch.device("cuda")
+    dtype = torch.bfloat16
+
+    class _Bf16LN(torch.nn.Linear):
+        def forward(self, x):
+            return F.layer_norm(super().forward(x).float(), (self.out_features,), eps=1e-5).to(x.dtype)
+
+    class _NoLN(bo._PackedOneBitLinear):
+        def forward(self, x):
+            from lowbit.kernels.onebit import onebit_matmul
+            return onebit_matmul(x, self.signs_packed, self.g, self.h, self.in_features, layernorm_eps=None)
+
+    def linear(cls):
+        def make(i, o, gen):
+            lin = cls(i, o, bias=False, device=dev, dtype=dtype)
+            with torch.no_grad():
+                lin.weight.normal_(0, 0.02, generator=gen)
+            return lin
+        return make
+
+    makers = {"bf16": linear(torch.nn.Linear), "bf16+ln": linear(_Bf16LN),
+              "onebit": lambda i, o, gen: bo._PackedOneBitLinear(i, o, dtype, dev, gen),
+              "onebit-noln": lambda i, o, gen: _NoLN(i, o, dtype, dev, gen)}
+    for name, make in makers.items():
+        gen = torch.Generator(device=dev).manual_seed(0)
+        model = bo._Decoder(bo.SMOLLM2_135M, lambda i, o, make=make, gen=gen: make(i, o, gen), dtype, dev,
+                            256, gen)
+        rate, _ = bo._decode_rate(model, 200, graph=True)
+        tok = torch.ones(1, dtype=torch.long, device=dev)
+        pos = torch.zeros(1, dtype=torch.long, device=dev)
+        rows = _kernel_rows(lambda model=model, tok=tok, pos=pos: model.step(tok, pos), n=3)
+        busy = sum(r["us_per_call"] for r in rows)
+        res[name] = {"graph_tokens_per_s": rate, "graph_us_per_token": 1e6 / rate, "kernel_busy_us": busy,
+                     "launches": sum(r["launches_per_call"] for r in rows), "kernels": rows[:25]}
+        print(f"== decode {name}: graph {rate:.1f} tok/s ({1e6 / rate:.0f} us/token), GPU busy {busy:.0f} us "
+              f"in {res[name]['launches']:.0f} launches", flush=True)
+        for r in rows[:14]:
+            print(f"   {r['us_per_call']:8.1f} us  x{r['launches_per_call']:.0f}  {r['kernel']}", flush=True)
+        del model
+        torch.cuda.empty_cache()
 
 
 def part_launch(args, out: dict, outdir: Path) -> None:
@@ -291,12 +400,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/profile")
     ap.add_argument("--parts", default="agree,launch,layer,onebit,e2e")
+    ap.add_argument("--recipes", default="ours-hq,ours-hq+tensor,ours-hq-lss", help="for the kernels part")
     args = ap.parse_args()
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     parts = {"layer": part_layer, "launch": part_launch, "onebit": part_onebit, "e2e": part_e2e,
-             "agree": part_agree, "grads": part_grads}
+             "agree": part_agree, "grads": part_grads, "kernels": part_kernels, "decode": part_decode}
     for p in args.parts.split(","):
         t0 = time.perf_counter()
         try:

@@ -21,6 +21,7 @@ from lowbit.int4 import (
     int_matmul,
     lsq_init_scale,
     lss_row_weights,
+    quantize_grad_for_input,
     quantize_grad_output,
     select_block_size,
     weight_grad_product,
@@ -91,8 +92,22 @@ def reference(x, w, bias, spec: Int4Spec, grad_y, gen, s_x=None, s_w=None):
     else:
         halves = [hi.double() * s_hi.double()]
 
-    grad_vx = sum(h @ wh for h in halves)  # ∇(XH) = Q(∇Y)·Ŵ
-    mag_vx = sum(h.abs() @ wh.abs() for h in halves)
+    if sw.numel() == 1:
+        grad_vx = sum(h @ wh for h in halves)  # ∇(XH) = Q(∇Y)·Ŵ
+        mag_vx = sum(h.abs() @ wh.abs() for h in halves)
+    else:
+        # per-channel s_w sits on the inner dimension: ∇(XH) = Q(∇Y ⊙ s_wᵀ)·q_w, the same quantizer and the
+        # same draws u applied to ∇Y ⊙ s_wᵀ (an fp32 product, as the implementation forms it)
+        g2 = g * sw.float().reshape(1, -1)
+        s2_hi = (g2.abs().amax(-1, keepdim=True) if per_token else g2.abs().max().reshape(1, 1)) / 7
+        hi2 = (g2 / s2_hi).round().clamp(-7, 7)
+        halves_x = [hi2.double() * s2_hi.double()]
+        if spec.grad_quantizer == "bit_split":
+            s2_lo = s2_hi / 14
+            lo2 = torch.floor((g2 - hi2 * s2_hi) / s2_lo + u).clamp(-7, 7)
+            halves_x.append(lo2.double() * s2_lo.double())
+        grad_vx = sum(h @ qw for h in halves_x)
+        mag_vx = sum(h.abs() @ qw.abs() for h in halves_x)
     weights = [torch.ones(n, 1, dtype=torch.float64) for _ in halves]
     if spec.lss_keep_ratio is not None:  # sample the 2N stacked rows, p_i ∝ ‖half row‖·‖X̂ row‖
         c = torch.cat([h.norm(dim=1) * xh.norm(dim=1) for h in halves])
@@ -334,6 +349,41 @@ def test_bit_split_and_lss_unbiased_for_the_fp_gradient():
     ):
         mean, se = _mean_and_se(samples)
         assert torch.all((mean - target).abs() <= Z * se + 64 * U32 * target.abs().max())
+
+
+def test_folded_input_gradient_is_exact_integer_product_and_unbiased():
+    """Per-channel weight scale: ∇V_x = Σ_h s'_h ⊙ (G'_h · q_w) with G' the bit split of ∇Y ⊙ s_wᵀ (same noise
+    as the split of ∇Y): equal to the split computed directly, and E[∇V_x] = ∇Y · (s_w ⊙ q_w)."""
+    torch.manual_seed(4)
+    n, m, k, draws = 24, 8, 16, 2000
+    g = torch.randn(n, m) * torch.logspace(-2, 0, n)[:, None]
+    w = torch.randn(m, k) * torch.logspace(-1, 0, m)[:, None]
+    qw, sw = hq_quantize(w, 16, granularity="token")  # one scale per row of W: per output channel
+    assert sw.shape == (m, 1)
+    noise = torch.rand(n, m, generator=torch.Generator().manual_seed(5))
+    gq = quantize_grad_output(g, "bit_split", "token", noise=noise)
+    gq_x, s_left = quantize_grad_for_input(g, gq, sw, "bit_split", "token", noise)
+    assert float(s_left) == 1.0
+    direct = quantize_grad_output(g * sw.reshape(1, -1), "bit_split", "token", noise=noise)
+    assert torch.equal(gq_x.codes, direct.codes) and torch.equal(gq_x.scales, direct.scales)
+    one = sw[:1]
+    same, s_same = quantize_grad_for_input(g, gq, one, "bit_split", "token", noise)
+    assert same is gq and s_same is one  # per-tensor: nothing folded
+    # exact integer products: only the scale multiplications and the sum of the halves round (3 roundings)
+    prod = input_grad_product(gq_x, qw, s_left).double()
+    terms = [gq_x.scales[h].double() * (gq_x.codes[h].double() @ qw.double()) for h in range(2)]
+    assert torch.all((prod - terms[0] - terms[1]).abs() <= 3 * U32 * (terms[0].abs() + terms[1].abs()))
+    target = g.double() @ (qw.double() * sw.double())
+    gen = torch.Generator().manual_seed(6)
+    samples = []
+    for _ in range(draws):
+        u = torch.rand(n, m, generator=gen)
+        gq_d = quantize_grad_output(g, "bit_split", "token", noise=u)
+        gx, s1 = quantize_grad_for_input(g, gq_d, sw, "bit_split", "token", u)
+        samples.append(input_grad_product(gx, qw, s1))
+    mean, se = _mean_and_se(torch.stack(samples).double())
+    assert torch.all((mean - target).abs() <= Z * se + 64 * U32 * target.abs().max())
+    assert float(se.max()) > 0
 
 
 def test_rtn_gradient_is_biased_for_small_rows():

@@ -197,6 +197,33 @@ def test_bit_split_matches_reference_given_the_same_noise(device, dtype, granula
 
 
 @pytest.mark.parametrize("device", [CPU, GPU])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_bit_split_folds_column_scales_in_the_same_pass(device, dtype):
+    # col_scale: the same pass also splits g ⊙ cs (fp32 products) with its own row scales and the same noise,
+    # bit for bit lowbit.quant.bit_split(g.float() * cs, noise=u); the split of g itself is unchanged.
+    shape = (19, 300) if device == "cpu" else (4096, 11008)
+    g = _rows(*shape, dtype, device, seed=6, spread=4.0)
+    cs = torch.logspace(-3, 1, shape[1], device=device)[torch.randperm(shape[1], device=device)]
+    noise = torch.rand(g.shape, generator=torch.Generator(device=device).manual_seed(12), device=device)
+    out = hq.bit_split_quantize(g, noise=noise, col_scale=cs)
+    plain = hq.bit_split_quantize(g, noise=noise)
+    torch.testing.assert_close(out.v, plain.v, rtol=0, atol=0)
+    ref = bit_split(g.float() * cs, noise=noise)
+    v2, s2_hi, s2_lo = out.folded
+    torch.testing.assert_close(v2, (14 * ref.hi.int() + ref.lo.int()).to(torch.int8), rtol=0, atol=0)
+    torch.testing.assert_close(s2_hi, ref.scale_hi, rtol=0, atol=0)
+    torch.testing.assert_close(s2_lo, ref.scale_lo, rtol=0, atol=0)
+    # the in-kernel noise is shared too: the folded split equals a separate split of g ⊙ cs, same seed
+    seeded = hq.bit_split_quantize(g, seed=9, col_scale=cs)
+    alone = hq.bit_split_quantize((g.float() * cs).contiguous(), seed=9)
+    torch.testing.assert_close(seeded.folded[0], alone.v, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="col_scale"):
+        hq.bit_split_quantize(g, noise=noise, col_scale=cs[:-1])
+    with pytest.raises(ValueError, match="col_scale"):
+        hq.bit_split_quantize(g, noise=noise, col_scale=cs, granularity="tensor")
+
+
+@pytest.mark.parametrize("device", [CPU, GPU])
 def test_bit_split_in_kernel_noise_is_unbiased_and_seeded(device):
     # Rows of one repeated value c: the mean reconstruction of a row estimates c. Per element the stochastic
     # half has variance <= s_lo^2 / 4, so the row mean of n elements has std <= s_lo / (2 sqrt(n)).

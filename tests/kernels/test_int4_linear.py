@@ -90,17 +90,26 @@ def test_forward_codes_and_product(device, granularity, block):
     _check(yb, ref + bias.double(), (3 * U32 + 2 * UBF) * (ref.abs() + bias.abs().double()), "Y + bias")
 
 
-def _reference_backward(gy, saved, bs, weights, quantizer="bit_split"):
-    """fp64 ∇X, ∇W on the kernel's saved codes, and the elementwise bounds of the kernels' roundings."""
+def _reference_backward(gy, saved, bs, weights, quantizer="bit_split", bs_x=None):
+    """fp64 ∇X, ∇W on the kernel's saved codes, and the elementwise bounds of the kernels' roundings.
+
+    ``bs_x``: with a per-channel weight scale, the split of ∇Y ⊙ s_wᵀ (same noise) that ∇X uses instead."""
     x_codes, x_scale, _, w_codes_t, w_scale, block = saved
     n, m = gy.shape
-    w_hat = w_codes_t.t().double() * w_scale.double()  # (M, K)
     x_hat = x_codes.double() * x_scale.double()  # (N, K)
-    if quantizer == "bit_split":
-        halves = [(bs.hi.double(), bs.scale_hi.double()), (bs.lo.double(), bs.scale_lo.double())]
-    else:
-        halves = [(bs.codes.double(), bs.scale.double())]
-    g_hat = sum(c * s for c, s in halves)
+
+    def dequant(q):
+        if quantizer == "bit_split":
+            return [(q.hi.double(), q.scale_hi.double()), (q.lo.double(), q.scale_lo.double())]
+        return [(q.codes.double(), q.scale.double())]
+
+    halves = dequant(bs)
+    if w_scale.numel() == 1:
+        w_hat = w_codes_t.t().double() * w_scale.double()  # (M, K)
+        g_hat = sum(c * s for c, s in halves)
+    else:  # folded: ∇X = Q(∇Y ⊙ s_wᵀ) · q_w
+        w_hat = w_codes_t.t().double()
+        g_hat = sum(c * s for c, s in dequant(bs_x))
     gvx = g_hat @ w_hat
     # ∇W: Σ_h (G_h ⊙ s_h ⊙ w_h)ᵀ · X̂, the kernel rounds each (factor · x code) to fp16
     a_abs = torch.zeros(m, x_codes.shape[1], dtype=torch.float64, device=gy.device)
@@ -110,10 +119,8 @@ def _reference_backward(gy, saved, bs, weights, quantizer="bit_split"):
         gvw += (c * s * wt).t() @ x_hat
         a_abs += (c.abs() * s * wt).t() @ x_hat.abs()
     r = n * len(halves)
-    if w_scale.numel() == 1:  # exact int products, fp32 rotation from bf16 pieces with 16 bits
-        ex = _rot_bound((2.0**-17 + (math.log2(block or 1) + 3) * U32) * (g_hat.abs() @ w_hat.abs()), block)
-    else:  # the per-channel weight scale is folded into an fp16 operand
-        ex = _rot_bound((U16 + m * U32) * (g_hat.abs() @ w_hat.abs()), block)
+    # exact int products (also when folded), fp32 rotation from bf16 pieces with 16 bits
+    ex = _rot_bound((2.0**-17 + (math.log2(block or 1) + 3) * U32) * (g_hat.abs() @ w_hat.abs()), block)
     ew = _rot_bound((U16 + r * U32) * a_abs, block)
     return _rot(gvx, block), _rot(gvw, block), ex, ew
 
@@ -134,7 +141,11 @@ def test_backward_bit_split_matches_reference(device, granularity, grad_granular
         weights = torch.where(keep, 1 / p, torch.zeros_like(p)).to(device)
     gx, gw = lin.int4_linear_bwd(gy, saved, grad_granularity=grad_granularity, noise=noise,
                                  row_weights=weights, x_dtype=torch.float32, w_dtype=torch.float32)
-    gx_ref, gw_ref, ex, ew = _reference_backward(gy, saved, bs, None if weights is None else weights.double())
+    bs_x = None
+    if granularity == "row":  # the per-channel weight scale is folded into ∇Y for ∇X (same noise)
+        bs_x = bit_split(gy.float() * saved.w_scale.reshape(1, -1), granularity=grad_granularity, noise=noise)
+    gx_ref, gw_ref, ex, ew = _reference_backward(gy, saved, bs, None if weights is None else weights.double(),
+                                                 bs_x=bs_x)
     assert gx.shape == x.shape and gw.shape == w.shape
     _check(gx, gx_ref, ex + 4 * U32 * gx_ref.abs(), "grad_x")
     _check(gw, gw_ref, ew + 4 * U32 * gw_ref.abs(), "grad_w")
@@ -336,7 +347,10 @@ def test_backward_fp8x2_grad_x_equals_int8(device, granularity):
     gx2, _ = lin.int4_linear_bwd(gy, saved, noise=noise, need_grad_w=False, x_dtype=torch.float32,
                                  grad_x_backend="fp8x2")
     bs, _ = _halves(gy, 5)
-    gx_ref, _, ex, _ = _reference_backward(gy, saved, bs, None)
+    bs_x = None  # row: the folded split (no FP8 halves of it: "fp8x2" runs the int8 product)
+    if granularity == "row":
+        bs_x = bit_split(gy.float() * saved.w_scale.reshape(1, -1), noise=noise)
+    gx_ref, _, ex, _ = _reference_backward(gy, saved, bs, None, bs_x=bs_x)
     _check(gx2, gx_ref, ex + 4 * U32 * gx_ref.abs(), "grad_x fp8x2")
     _check(gx8, gx_ref, ex + 4 * U32 * gx_ref.abs(), "grad_x int8")
 

@@ -314,15 +314,14 @@ def _kernel_rows(m, k, n, x, w, gy, args, budget, on_row=None) -> list[dict]:
                                     hadamard_block=b),
         flops=4 * m * n * k)
 
-    # per-row forward scales (the recipes' default): ∇X has the per-channel W scale on its inner dimension
+    # per-row forward scales (the recipes' default): the per-channel W scale lies on ∇X's inner dimension, so
+    # it is folded into ∇Y before the split (one more split in the same pass); ∇X is then the int8 product
     qwr = hq.hadamard_quantize(w, b, granularity="row", transposed_dtype=torch.int8)
-    norm_w = lin4._pow2_normalizer(qwr.scale)
-    w_scaled = (qwr.codes_t.float() * (qwr.scale.reshape(1, n) / norm_w)).to(torch.float16)
-    add("row: ∇X int8 v × fp16 s_w·W codes + scales + rotation (Triton)", lambda: mm.int8_scaled_mm(
-        bs.v, w_scaled, bs.scale_lo, norm_w, hadamard_block=b), flops=2 * m * n * k)
-    add("row, old: v → fp16, cuBLAS fp16 (fp32 out), rotation pass", lambda: hq.hadamard_rows(
-        lin4._mm_fp32(bs.v.to(torch.float16), w_scaled.t()), b, row_scale=bs.scale_lo, scale=norm_w),
-        flops=2 * m * n * k)
+    add("row: bit split with s_w folded (v + folded v2, one pass)", lambda: hq.bit_split_quantize(
+        gy, seed=1, col_scale=qwr.scale), bytes_=4 * m * n, note="bytes = 1 read + 2 int8 writes")
+    v2, _, s2_lo = hq.bit_split_quantize(gy, seed=1, col_scale=qwr.scale).folded
+    add("row: ∇X int8 (folded v2) + scales + rotation (Triton)", lambda: mm.int8_scaled_mm(
+        v2, qwr.codes_t, s2_lo, one, hadamard_block=b), flops=2 * m * n * k)
 
     # rtn: all three products on FP8, transposed codes written by the quantizer passes
     add("rtn fwd: HQ(X) per tensor, codes + transposed FP8 (no rotation)", lambda: hq.hadamard_quantize(
@@ -343,12 +342,6 @@ def _kernel_rows(m, k, n, x, w, gy, args, budget, on_row=None) -> list[dict]:
             tag = "x".join(str(v) for v in cfg.values())
             add(f"sweep ∇X int8 GEMM + rotation {tag}", lambda cfg=cfg: mm.int8_scaled_mm(
                 bs.v, qw.codes_t, bs.scale_lo, qw.scale, hadamard_block=b, config=cfg), flops=2 * m * n * k)
-        for cfg in ({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
-                    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
-                    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3}):
-            tag = "x".join(str(v) for v in cfg.values())
-            add(f"sweep row ∇X int8×fp16 + rotation {tag}", lambda cfg=cfg: mm.int8_scaled_mm(
-                bs.v, w_scaled, bs.scale_lo, norm_w, hadamard_block=b, config=cfg), flops=2 * m * n * k)
         for cfg in ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
                     {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}):
             tag = "x".join(str(v) for v in cfg.values())

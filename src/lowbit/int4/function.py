@@ -69,6 +69,7 @@ __all__ = [
     "lsq_grad",
     "lsq_init_scale",
     "lss_row_weights",
+    "quantize_grad_for_input",
     "quantize_grad_output",
     "resolve_backend",
     "select_block_size",
@@ -212,15 +213,16 @@ def quantize_grad_output(
     method: str = "bit_split",
     granularity: str = "token",
     generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
 ) -> GradCodes:
     """Quantize ∇Y (N, M) for the backward products.
 
     ``method``: "bit_split" (``lowbit.quant.bit_split``: hi by round to nearest, lo by stochastic rounding
-    of the residual drawn from ``generator``; E[result] = ∇Y) or "rtn" (one INT4 round to nearest, no
-    randomness). ``granularity``: "token" (one scale per row) or "tensor".
+    of the residual drawn from ``generator``, or with the given uniform ``noise``; E[result] = ∇Y) or "rtn"
+    (one INT4 round to nearest, no randomness). ``granularity``: "token" (one scale per row) or "tensor".
     """
     if method == "bit_split":
-        bs = bit_split(grad_y, generator, granularity=granularity)
+        bs = bit_split(grad_y, generator, granularity=granularity, noise=noise)
         return GradCodes(torch.stack((bs.hi, bs.lo)), torch.stack((bs.scale_hi, bs.scale_lo)))
     if method == "rtn":
         qt = quantize(grad_y, 4, granularity=granularity)
@@ -233,7 +235,9 @@ def input_grad_product(gq: GradCodes, w_codes: torch.Tensor, w_scale: torch.Tens
 
     w_codes (M, K); w_scale (1, 1) per tensor (then G_h · q_w is one exact integer product of the stacked
     (H·N, M) codes) or (M, 1) per channel (it sits on the inner dimension M, so it is applied to the weight
-    codes before an fp32 product).
+    codes before an fp32 product). The backward of a per-channel weight does not call the second form: it
+    folds s_w into the gradient before quantizing (:func:`quantize_grad_for_input`), so that its product
+    is exact as well.
     """
     H, N, M = gq.codes.shape
     stacked = gq.codes.reshape(H * N, M)
@@ -242,6 +246,29 @@ def input_grad_product(gq: GradCodes, w_codes: torch.Tensor, w_scale: torch.Tens
         return _sum_halves(prod, gq.scales) * w_scale.reshape(())
     prod = (stacked.float() @ (w_codes.float() * w_scale)).reshape(H, N, w_codes.shape[1])
     return _sum_halves(prod, gq.scales)
+
+
+def quantize_grad_for_input(
+    grad_y: torch.Tensor,
+    gq: GradCodes,
+    w_scale: torch.Tensor,
+    method: str = "bit_split",
+    granularity: str = "token",
+    noise: torch.Tensor | None = None,
+) -> tuple[GradCodes, torch.Tensor]:
+    """The quantized gradient of the ∇X product and the weight scale left for it: (codes, scale).
+
+    Per-tensor weight scale: ``gq`` itself and s_w (∇V_x = s_w · Σ_h s_h ⊙ (G_h · q_w)). Per-channel s_w
+    (M, 1): s_w lies on the product's inner dimension M, so it is folded into the gradient before
+    quantizing: Q(∇Y ⊙ s_wᵀ) with the same ``method`` and the same uniform ``noise`` as ``gq`` (bit
+    splitting), and scale 1: ∇V_x = Σ_h s'_h ⊙ (G'_h · q_w) is again an exact integer product, and
+    E[∇V_x] = ∇Y · (s_w ⊙ q_w) as before. ``gq`` (of ∇Y itself) still serves the ∇W product, whose inner
+    dimension is the tokens. ``grad_y`` fp32 (N, M).
+    """
+    if w_scale.numel() == 1:
+        return gq, w_scale
+    folded = quantize_grad_output(grad_y * w_scale.reshape(1, -1).float(), method, granularity, noise=noise)
+    return folded, torch.ones(1, 1, dtype=torch.float32, device=grad_y.device)
 
 
 def _sum_halves(prod: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -453,9 +480,15 @@ class _Int4Linear(torch.autograd.Function):
         grad_x = grad_w = grad_b = grad_sx = grad_sw = None
         with torch.autocast(grad_y.device.type, enabled=False):
             g = grad_y.float()
-            gq = quantize_grad_output(g, spec.grad_quantizer, spec.grad_granularity, ctx.generator)
+            noise = None
+            if s_w.numel() != 1 and spec.grad_quantizer == "bit_split" and (need_x or need_sx):
+                # one draw shared by the split of ∇Y and of ∇Y ⊙ s_w (the numbers bit_split would draw)
+                noise = torch.rand(g.shape, generator=ctx.generator, dtype=torch.float32, device=g.device)
+            gq = quantize_grad_output(g, spec.grad_quantizer, spec.grad_granularity, ctx.generator, noise)
             if need_x or need_sx:
-                grad_vx = input_grad_product(gq, q_w, s_w)
+                gq_x, s_wx = quantize_grad_for_input(g, gq, s_w, spec.grad_quantizer, spec.grad_granularity,
+                                                     noise)
+                grad_vx = input_grad_product(gq_x, q_w, s_wx)
                 if spec.lsq:
                     grad_vx, grad_sx = lsq_grad(grad_vx, lsq_saved[0], s_x)
                 grad_x = hadamard_rotate(grad_vx, spec.block_size).to(x_dtype) if need_x else None

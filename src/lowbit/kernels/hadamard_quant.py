@@ -371,12 +371,15 @@ if HAS_TRITON:
 
     @triton.jit
     def _bit_split_tile(g_rows, noise_rows, rows64, row_ok, cols, C, s_hi, s_lo, rnd,
-                        v_ptr, hl_ptr, hi8_ptr, lo8_ptr, stride_or,
+                        v_ptr, hl_ptr, hi8_ptr, lo8_ptr, stride_or, cs_ptr,
                         HAS_NOISE: tl.constexpr, WRITE_V: tl.constexpr, WRITE_HL: tl.constexpr,
-                        WRITE_F8: tl.constexpr):
-        """Split one (rows × cols) tile; returns the row sums of hi² and lo²."""
+                        WRITE_F8: tl.constexpr, COL_SCALED: tl.constexpr):
+        """Split one (rows × cols) tile (of g, or with COL_SCALED of g ⊙ cs, the fp32 product rounded
+        once); returns the row sums of hi² and lo²."""
         mask = row_ok[:, None] & (cols[None, :] < C)
         g = tl.load(g_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if COL_SCALED:
+            g = g * tl.load(cs_ptr + cols, mask=cols < C, other=0.0)[None, :]
         hi = _rint7(tl.math.div_rn(g, s_hi[:, None]))
         resid = g - hi * s_hi[:, None]
         if HAS_NOISE:
@@ -402,16 +405,19 @@ if HAS_TRITON:
         g_ptr, noise_ptr, scale_in_ptr,
         v_ptr, hl_ptr, hi8_ptr, lo8_ptr, scale_out_ptr, ssq_hi_ptr, ssq_lo_ptr,
         R, C, stride_gr, stride_nr, stride_or, seed_ptr, scale_lo_ptr,
+        cs_ptr, v2_ptr, scale2_hi_ptr, scale2_lo_ptr,
         BR: tl.constexpr, BC: tl.constexpr, GIVEN: tl.constexpr, HAS_NOISE: tl.constexpr,
         WRITE_V: tl.constexpr, WRITE_HL: tl.constexpr, WRITE_F8: tl.constexpr, SEED_IDX: tl.constexpr,
-        WRITE_SSQ: tl.constexpr,
+        WRITE_SSQ: tl.constexpr, FOLD: tl.constexpr,
     ):
         """BR whole rows per program. The noise of the lo rounding: one Philox call (tl.randint4x) per four
         elements, element (r, c0 + t·BC/4 + j) of a BC-column tile taking output t of counter
         r·ceil(C/4) + c0/4 + j. GIVEN (one scale per tensor): scale_in_ptr holds the tensor absmax, program 0
         writes s_hi and s_lo (one element each); else each row's s_hi and s_lo are written. The seed:
         ``_load_seed(seed_ptr, SEED_IDX)``. v is stored in v_ptr's dtype (int8, or fp16: exact). The row sums
-        of hi² and lo² are written only with WRITE_SSQ."""
+        of hi² and lo² are written only with WRITE_SSQ. FOLD (per token only): also split g ⊙ cs (cs: one fp32
+        factor per column) with its own row scales and the same noise, written as v2 (int8) and the scales
+        scale2_hi / scale2_lo: the input-gradient operand with a per-channel weight scale folded in."""
         Q: tl.constexpr = BC // 4
         pid = tl.program_id(0)
         rows = pid * BR + tl.arange(0, BR)
@@ -424,15 +430,25 @@ if HAS_TRITON:
             tl.store(scale_out_ptr + rows * 0, s_hi, mask=rows == 0)
         else:
             amax = tl.zeros([BR], dtype=tl.float32)
+            amax2 = tl.zeros([BR], dtype=tl.float32)
             cols0 = tl.arange(0, BC)
             for c0 in range(0, C, BC):
                 cols = c0 + cols0
                 mask = row_ok[:, None] & (cols[None, :] < C)
                 g = tl.load(g_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
                 amax = tl.maximum(amax, tl.max(tl.abs(g), axis=1))
+                if FOLD:
+                    csv = tl.load(cs_ptr + cols, mask=cols < C, other=0.0)
+                    amax2 = tl.maximum(amax2, tl.max(tl.abs(g * csv[None, :]), axis=1))
             s_hi = tl.math.div_rn(amax, tl.full([BR], 7.0, tl.float32))
             s_hi = tl.where(s_hi > 0, s_hi, 1.0)
             tl.store(scale_out_ptr + rows, s_hi, mask=row_ok)
+            if FOLD:
+                s2_hi = tl.math.div_rn(amax2, tl.full([BR], 7.0, tl.float32))
+                s2_hi = tl.where(s2_hi > 0, s2_hi, 1.0)
+                s2_lo = tl.math.div_rn(s2_hi, tl.full([BR], 14.0, tl.float32))
+                tl.store(scale2_hi_ptr + rows, s2_hi, mask=row_ok)
+                tl.store(scale2_lo_ptr + rows, s2_lo, mask=row_ok)
         s_lo = tl.math.div_rn(s_hi, tl.full([BR], 14.0, tl.float32))
         if GIVEN:
             tl.store(scale_lo_ptr + rows * 0, s_lo, mask=rows == 0)
@@ -459,10 +475,14 @@ if HAS_TRITON:
                 else:
                     rnd = r3
                 h, lw = _bit_split_tile(g_rows, noise_rows, rows64, row_ok, c0 + t * Q + cq, C, s_hi, s_lo,
-                                        rnd, v_ptr, hl_ptr, hi8_ptr, lo8_ptr, stride_or, HAS_NOISE, WRITE_V,
-                                        WRITE_HL, WRITE_F8)
+                                        rnd, v_ptr, hl_ptr, hi8_ptr, lo8_ptr, stride_or, cs_ptr, HAS_NOISE,
+                                        WRITE_V, WRITE_HL, WRITE_F8, False)
                 ssq_hi += h
                 ssq_lo += lw
+                if FOLD:  # the same noise, g ⊙ cs with its own scales: only v2 is written
+                    _bit_split_tile(g_rows, noise_rows, rows64, row_ok, c0 + t * Q + cq, C, s2_hi, s2_lo, rnd,
+                                    v2_ptr, v2_ptr, v2_ptr, v2_ptr, stride_or, cs_ptr, HAS_NOISE, True, False,
+                                    False, True)
         if WRITE_SSQ:
             tl.store(ssq_hi_ptr + rows, ssq_hi, mask=row_ok)
             tl.store(ssq_lo_ptr + rows, ssq_lo, mask=row_ok)
@@ -670,6 +690,8 @@ class BitSplitCodes(NamedTuple):
     hi_f8, lo_f8: (R, C) FP8 E4M3 halves (None unless requested).
     scale_hi, scale_lo: fp32 (R, 1) per token or (1, 1) per tensor, scale_lo = scale_hi / 14.
     sumsq_hi, sumsq_lo: (R,) fp32 Σ hi², Σ lo² per row (exact integers).
+    folded: None, or (v2, scale2_hi, scale2_lo): the bit split of g ⊙ cs for given column factors cs, with
+        the same noise (v2 int8 as v; per-token scales (R, 1)); see ``_bit_split``'s ``col_scale``.
     """
 
     v: torch.Tensor | None
@@ -680,6 +702,7 @@ class BitSplitCodes(NamedTuple):
     scale_lo: torch.Tensor
     sumsq_hi: torch.Tensor
     sumsq_lo: torch.Tensor
+    folded: tuple | None = None
 
 
 def unpack_hi_lo(hl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1000,6 +1023,7 @@ def bit_split_quantize(
     block_rows: int | None = None,
     block_cols: int | None = None,
     num_warps: int | None = None,
+    col_scale: torch.Tensor | None = None,
 ) -> BitSplitCodes:
     """Bit splitting of ∇Y into two INT4 halves in one pass (two with a per-tensor scale).
 
@@ -1016,6 +1040,9 @@ def bit_split_quantize(
             one element on g's device (e.g. drawn from a CUDA generator: no host sync).
         noise: optional (R, C) fp32 uniform noise in [0, 1).
         write_v, write_packed, write_fp8: which operands to write (:class:`BitSplitCodes`).
+        col_scale: optional (C,) positive factors cs, one per column (granularity "token" only): the same
+            pass also splits g ⊙ cs (fp32 products) with its own row scales and the same noise, returned
+            as ``folded`` = (v2, scale_hi, scale_lo); equals ``bit_split(g.float() * cs)`` given that noise.
 
     Returns:
         :class:`BitSplitCodes`.
@@ -1033,19 +1060,30 @@ def bit_split_quantize(
     bc = block_cols or _BS_CONFIG["cols"]
     if bc < 64 or bc & (bc - 1):
         raise ValueError(f"block_cols must be a power of two >= 64, got {bc}")
+    if col_scale is not None:
+        if granularity != "token":
+            raise ValueError("col_scale needs granularity='token'")
+        if not (isinstance(col_scale, torch.Tensor) and col_scale.numel() == g.shape[1]
+                and col_scale.device == dev):
+            raise ValueError(f"col_scale must be a tensor of {g.shape[1]} elements (one per column of g) on "
+                             f"{dev}, got {getattr(col_scale, 'shape', type(col_scale).__name__)}")
+        col_scale = col_scale.detach().reshape(-1).float().contiguous()
     if noise is not None:
         seed_t = None
     else:
         seed_t = _seed_tensor(seed, dev)
     return _bit_split(g, granularity == "token", seed_t, -1, noise, write_v, write_packed, write_fp8,
-                      block_rows, bc, num_warps)
+                      block_rows, bc, num_warps, col_scale=col_scale)
 
 
 def _bit_split(g, per_token, seed_t, seed_idx, noise, write_v, write_packed, write_fp8, block_rows=None,
-               block_cols=None, num_warps=None, v_dtype=torch.int8, write_sumsq=True) -> BitSplitCodes:
+               block_cols=None, num_warps=None, v_dtype=torch.int8, write_sumsq=True, col_scale=None
+               ) -> BitSplitCodes:
     """:func:`bit_split_quantize` of checked arguments: ``seed_t`` a one-element int64 tensor on g's device
     (None with ``noise``), read through ``_load_seed(seed_t, seed_idx)`` in the kernel. ``v_dtype``: int8
-    or fp16 (the same integers, for an fp16 product); ``write_sumsq=False``: no row sums (None)."""
+    or fp16 (the same integers, for an fp16 product); ``write_sumsq=False``: no row sums (None).
+    ``col_scale``: None, or (C,) contiguous fp32 column factors cs (per token only): the result's ``folded``
+    is then the bit split of g ⊙ cs drawn with the same noise, as (v2 int8, scale_hi, scale_lo)."""
     n_rows, n_cols = g.shape
     dev = g.device
     f32 = torch.float32
@@ -1059,7 +1097,11 @@ def _bit_split(g, per_token, seed_t, seed_idx, noise, write_v, write_packed, wri
         s_hi = torch.ones(n_rows if per_token else 1, 1, device=dev)
         ssq_hi = torch.zeros(n_rows, dtype=f32, device=dev)
         ssq_lo = torch.zeros(n_rows, dtype=f32, device=dev)
-        return BitSplitCodes(v, hl, hi8, lo8, s_hi, true_div(s_hi, LO_RATIO), ssq_hi, ssq_lo)
+        folded = None
+        if col_scale is not None:
+            s2 = torch.ones(n_rows, 1, device=dev)
+            folded = (torch.zeros(n_rows, n_cols, dtype=torch.int8, device=dev), s2, true_div(s2, LO_RATIO))
+        return BitSplitCodes(v, hl, hi8, lo8, s_hi, true_div(s_hi, LO_RATIO), ssq_hi, ssq_lo, folded)
     # (every row's sums and scales are written whole by the kernel: nothing to clear)
     ssq_hi = torch.empty(n_rows, dtype=f32, device=dev) if write_sumsq else None
     ssq_lo = torch.empty(n_rows, dtype=f32, device=dev) if write_sumsq else None
@@ -1075,7 +1117,16 @@ def _bit_split(g, per_token, seed_t, seed_idx, noise, write_v, write_packed, wri
         _launch_hq(g, 1, _STATS, tmax=scale_in)
     br = block_rows or _BS_CONFIG["rows"]
     bc = block_cols or _BS_CONFIG["cols"]
-    some = v if v is not None else hl if hl is not None else hi8
+    fold = col_scale is not None
+    if fold:
+        if not per_token:
+            raise ValueError("col_scale (a folded per-column factor) needs the per-token granularity")
+        v2 = torch.empty(n_rows, n_cols, dtype=torch.int8, device=dev)
+        s2_hi = torch.empty(n_rows, 1, dtype=f32, device=dev)
+        s2_lo = torch.empty(n_rows, 1, dtype=f32, device=dev)
+    some = v if v is not None else hl if hl is not None else hi8 if hi8 is not None else v2 if fold else None
+    if some is not None and fold and some.stride(0) != v2.stride(0):
+        raise AssertionError("every output of one bit split shares its row stride")
     dummy = s_hi
     _bit_split_kernel[(_cdiv(n_rows, br),)](
         g, noise if noise is not None else dummy, scale_in,
@@ -1084,11 +1135,14 @@ def _bit_split(g, per_token, seed_t, seed_idx, noise, write_v, write_packed, wri
         s_hi, ssq_hi if write_sumsq else dummy, ssq_lo if write_sumsq else dummy,
         n_rows, n_cols, g.stride(0), noise.stride(0) if noise is not None else 0,
         some.stride(0) if some is not None else 0, seed_t if seed_t is not None else dummy, s_lo,
+        col_scale if fold else dummy, v2 if fold else dummy, s2_hi if fold else dummy,
+        s2_lo if fold else dummy,
         BR=br, BC=bc, GIVEN=not per_token, HAS_NOISE=noise is not None,
         WRITE_V=write_v, WRITE_HL=write_packed, WRITE_F8=write_fp8, SEED_IDX=seed_idx, WRITE_SSQ=write_sumsq,
-        num_warps=num_warps or _BS_CONFIG["num_warps"], **_launch_options(dev),
+        FOLD=fold, num_warps=num_warps or _BS_CONFIG["num_warps"], **_launch_options(dev),
     )
-    return BitSplitCodes(v, hl, hi8, lo8, s_hi, s_lo, ssq_hi, ssq_lo)
+    return BitSplitCodes(v, hl, hi8, lo8, s_hi, s_lo, ssq_hi, ssq_lo,
+                         folded=(v2, s2_hi, s2_lo) if fold else None)
 
 
 def gather_scaled_rows(

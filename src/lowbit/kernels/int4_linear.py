@@ -356,20 +356,25 @@ def _bwd_impl(grad_y, saved, grad_quantizer, grad_granularity, lss_keep_ratio, g
     sample = lss_keep_ratio is not None or row_weights is not None
     w_per_tensor = w_scale.numel() == 1
     if grad_x_backend == "auto":
-        grad_x_backend = "triton" if w_per_tensor else "cublas"
+        grad_x_backend = "triton"
     fp8_dw = False
     bit_split = grad_quantizer == "bit_split"
+    per_token = grad_granularity == "token"
+    # A per-channel weight scale lies on the inner dimension of the ∇X product: it is folded into the
+    # gradient before quantizing (lowbit.int4.function.quantize_grad_for_input): ∇X = Q(∇Y ⊙ s_wᵀ)·q_w, an
+    # exact integer product like the per-tensor one. With bit splitting per token the folded split comes from
+    # the same kernel pass (the same noise); otherwise from a second quantization of the fp32 product.
+    fold = need_grad_x and not w_per_tensor
+    fold_in_split = fold and bit_split and per_token
     # (given noise and sampling weights, only the power-of-two rounding of grad_weight_fp8 draws)
     seeds = _SeedSource(seed, generator, dev, bit_split and (noise is None or grad_weight_fp8))
     if bit_split:
         dual = need_grad_x and grad_x_backend == "fp8x2" and w_per_tensor
-        write_v = (need_grad_x and not dual) or (need_grad_w and not sample)
+        write_v = (need_grad_x and not dual and not fold) or (need_grad_w and not sample)
         seed_t, seed_i = seeds(0) if noise is None else (None, -1)
-        # v in fp16 (the same integers) when its product is cuBLAS's fp16 one: no conversion pass
-        v_f16 = need_grad_x and not w_per_tensor and grad_x_backend == "cublas"
-        bs = _bit_split(grad_y, grad_granularity == "token", seed_t, seed_i, noise, write_v,
-                        sample and need_grad_w, dual, v_dtype=torch.float16 if v_f16 else torch.int8,
-                        write_sumsq=sample and need_grad_w and row_weights is None)
+        bs = _bit_split(grad_y, per_token, seed_t, seed_i, noise, write_v, sample and need_grad_w, dual,
+                        write_sumsq=sample and need_grad_w and row_weights is None,
+                        col_scale=w_scale.reshape(-1) if fold_in_split else None)
         g_codes, g_scale = bs.v, bs.scale_lo
     else:
         # One INT4 matrix: its products with INT4 codes are exact on FP8 tensor cores. ∇X on FP8 when the
@@ -387,34 +392,18 @@ def _bwd_impl(grad_y, saved, grad_quantizer, grad_granularity, lss_keep_ratio, g
     if need_grad_x:
         out_dtype = x_dtype if rotate_back else f32
         blk = blk_saved if rotate_back else 1
-        if w_per_tensor and bit_split and grad_x_backend == "fp8x2":
-            grad_x = _scaled_mm_triton(bs.hi_f8, bs.lo_f8, _as_codes(w_codes_t, _F8), bs.scale_lo.reshape(-1),
-                                       _flat(w_scale), blk, out_dtype, GEMM_CONFIG_DUAL)
-        elif w_per_tensor and g_codes.dtype == _F8:
-            w_t8 = _as_codes(w_codes_t, _F8)
-            if blk == 1:
-                grad_x = _int4_mm(g_codes, w_t8, g_scale, w_scale, out_dtype)
-            else:  # the FP8 Triton GEMM with the rotation in its epilogue
-                grad_x = _scaled_mm_triton(g_codes, None, w_t8, g_scale.reshape(-1), _flat(w_scale), blk,
-                                           out_dtype)
-        elif w_per_tensor and grad_x_backend == "cublas":
-            grad_x = int8_scaled_mm(g_codes, _as_codes(w_codes_t, torch.int8), g_scale, w_scale,
-                                    hadamard_block=blk, out_dtype=out_dtype, backend="cublas")
-        elif w_per_tensor:
-            grad_x = _scaled_mm_triton(g_codes, None, _as_codes(w_codes_t, torch.int8), g_scale.reshape(-1),
-                                       _flat(w_scale), blk, out_dtype)
-        else:
-            # A per-channel weight scale lies on the inner dimension M: fold it into an fp16 operand (one
-            # rounding, relative 2^-11, after an exact power-of-two normalization).
-            norm = _pow2_normalizer(w_scale)
-            w_scaled = _scaled_codes_f16(w_codes_t, w_scale.reshape(1, m) / norm)  # (K, M)
-            if grad_x_backend == "cublas":
-                prod = _mm_fp32(g_codes.to(torch.float16), w_scaled.t())
-                # (a per-token scale is read as it is, (N, 1) contiguous: one float per row)
-                rs = g_scale if g_scale.numel() == n else g_scale.reshape(-1).expand(n).contiguous()
-                grad_x = _hadamard_rows(prod, blk, rs, norm, out_dtype)
-            else:  # int8 codes converted on chip, fp16 tensor cores, scales and rotation in the epilogue
-                grad_x = _scaled_mm_triton(g_codes, None, w_scaled, g_scale.reshape(-1), norm, blk, out_dtype)
+        gx_codes, gx_scale, wx_scale = g_codes, g_scale, w_scale
+        if fold_in_split:
+            gx_codes, _, gx_scale = bs.folded
+            wx_scale = torch.ones(1, 1, dtype=f32, device=dev)
+        elif fold:
+            gx_codes, gx_scale = _fold_quantize(grad_y, w_scale, bit_split, per_token, noise, seeds,
+                                                w_codes_t.dtype)
+            wx_scale = torch.ones(1, 1, dtype=f32, device=dev)
+        if fold and grad_x_backend == "fp8x2":
+            grad_x_backend = "triton"  # (no FP8 halves of the folded split: the int8 product)
+        grad_x = _grad_x_product(gx_codes, gx_scale, wx_scale, w_codes_t, bs if bit_split else None, blk,
+                                 out_dtype, grad_x_backend)
 
     if need_grad_w and fp8_dw:
         # ∇W = s_g·s_x · (Gᵀ · q_x) · H: both operands K-major over the tokens, exact on FP8 tensor cores.
@@ -477,19 +466,45 @@ def _bwd_impl(grad_y, saved, grad_quantizer, grad_granularity, lss_keep_ratio, g
     return grad_x, grad_w
 
 
+def _fold_quantize(grad_y, w_scale, bit_split, per_token, noise, seeds, w_codes_dtype):
+    """(codes, scale) of Q(∇Y ⊙ s_wᵀ) for the ∇X product, where the bit split's own pass cannot fold s_w
+    (a per-tensor gradient scale, or "rtn"): the fp32 product, then the same quantizer with the same noise
+    stream (seeds(0): the same Philox counters, or the given ``noise``). Codes as the product wants them:
+    v (int8) of a bit split, INT4 codes in the dtype of the saved W codes for "rtn"."""
+    g2 = grad_y.float() * w_scale.reshape(1, -1)
+    if bit_split:
+        seed_t, seed_i = seeds(0) if noise is None else (None, -1)
+        b2 = _bit_split(g2, per_token, seed_t, seed_i, noise, True, False, False, write_sumsq=False)
+        return b2.v, b2.scale_lo
+    q2 = _hadamard_quantize(g2, 1, per_token, None, _F8 if w_codes_dtype == _F8 else torch.int8, None,
+                            want_absmax=False)
+    return q2.codes, q2.scale
+
+
+def _grad_x_product(codes, scale, w_scale, w_codes_t, bs, blk, out_dtype, backend):
+    """∇X = (scale ⊙ (codes · q_w) · w_scale)·H of a per-tensor (or folded: 1) weight scale: an exact integer
+    product. FP8 codes ("rtn") on FP8 tensor cores; int8 v (bit split) on the Triton int8 GEMM with the
+    scales and the rotation in its epilogue ("cublas": torch._int_mm, then a rotation pass); "fp8x2": the
+    split's FP8 halves as two FP8 products in one Triton kernel."""
+    if backend == "fp8x2" and bs is not None and bs.hi_f8 is not None:
+        return _scaled_mm_triton(bs.hi_f8, bs.lo_f8, _as_codes(w_codes_t, _F8), bs.scale_lo.reshape(-1),
+                                 _flat(w_scale), blk, out_dtype, GEMM_CONFIG_DUAL)
+    if codes.dtype == _F8:
+        w_t8 = _as_codes(w_codes_t, _F8)
+        if blk == 1:
+            return _int4_mm(codes, w_t8, scale, w_scale, out_dtype)
+        # the FP8 Triton GEMM with the rotation in its epilogue
+        return _scaled_mm_triton(codes, None, w_t8, scale.reshape(-1), _flat(w_scale), blk, out_dtype)
+    if backend == "cublas":
+        return int8_scaled_mm(codes, _as_codes(w_codes_t, torch.int8), scale, w_scale, hadamard_block=blk,
+                              out_dtype=out_dtype, backend="cublas")
+    return _scaled_mm_triton(codes, None, _as_codes(w_codes_t, torch.int8), scale.reshape(-1), _flat(w_scale),
+                             blk, out_dtype)
+
+
 def _flat(scale: torch.Tensor) -> torch.Tensor:
     """A one-element or per-column fp32 scale flattened for the Triton GEMM."""
     return scale.reshape(-1)
-
-
-def _scaled_codes_f16(codes: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """fp16(codes · factor) with the product in fp32, as ``(codes.float() * factor).to(torch.float16)``: one
-    elementwise kernel for int8 codes (the int8 -> fp32 conversion happens in it, the fp32 product is rounded
-    once to the fp16 output); FP8 codes (which do not promote) are converted first."""
-    if codes.dtype == torch.int8:
-        out = torch.empty(codes.shape, dtype=torch.float16, device=codes.device)
-        return torch.mul(codes, factor, out=out)
-    return (codes.float() * factor).to(torch.float16)
 
 
 # ---------------------------------------------------------------------------------------------- custom ops

@@ -54,7 +54,8 @@ class BitSplit(NamedTuple):
 
 
 def bit_split(
-    g: torch.Tensor, generator: torch.Generator | None = None, *, granularity: str = "token"
+    g: torch.Tensor, generator: torch.Generator | None = None, *, granularity: str = "token",
+    noise: torch.Tensor | None = None,
 ) -> BitSplit:
     """Split ``g`` into two INT4 halves (module docstring equations).
 
@@ -62,6 +63,8 @@ def bit_split(
         g: floating tensor (..., C), any dtype (computed in fp32), at least 1 dim for "token".
         generator: random source for the stochastic rounding of lo, on g's device.
         granularity: "token" (one scale per row, last dim reduced; default) or "tensor".
+        noise: optional fp32 uniform draws u in [0, 1) of g's shape for the stochastic rounding of lo
+            (floor(v + u)); default: drawn from ``generator`` (``torch.rand(g.shape)``, the same numbers).
 
     Returns:
         :class:`BitSplit`. Rows (or tensors) that are all zero get scale_hi = 1.0 and codes 0.
@@ -75,7 +78,12 @@ def bit_split(
     hi = round_to_int(g32 / scale_hi).clamp_(-_INT4_QMAX, _INT4_QMAX)
     residual = g32 - hi * scale_hi
     scale_lo = true_div(scale_hi, _LO_RATIO)
-    lo = round_to_int(residual / scale_lo, stochastic=True, generator=generator)
+    if noise is None:
+        lo = round_to_int(residual / scale_lo, stochastic=True, generator=generator)
+    else:
+        if noise.shape != g32.shape:
+            raise ValueError(f"noise must have g's shape {tuple(g32.shape)}, got {tuple(noise.shape)}")
+        lo = torch.floor(residual / scale_lo + noise.float())
     lo = lo.clamp_(-_INT4_QMAX, _INT4_QMAX)
     return BitSplit(hi.to(torch.int8), lo.to(torch.int8), scale_hi, scale_lo)
 
