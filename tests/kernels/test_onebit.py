@@ -264,6 +264,72 @@ def test_post_layernorm(path, fuse, out_dtype):
         torch.testing.assert_close(again, y, rtol=0, atol=0)
 
 
+# The fused LN tail on long ragged rows: (path, M, N, LN_ONE_PASS_MAX or None for the module's value, output
+# dtype). N <= the limit: the row is read once into registers; N > the limit: three passes over chunks (the
+# limit is lowered to reach that regime cheaply; N = 4100 crosses the real one). Tiles are chosen for the
+# interpreter, whose tl.reduce with a combine function runs per element: the core GEMV (split-K 1, as the
+# decode default core1_n16_kw8) reduces N·32·BLOCK_KW values, so it gets the smaller rows.
+LN_ROW_CONFIGS = {
+    "core": lambda mod: mod.GemvConfig(block_n=128, block_kw=1, split_k=1),
+    "tc_gemv": lambda mod: mod.MMConfig(block_m=16, block_n=128, block_k=64, group_m=1, split_k=2,
+                                        num_warps=4),
+    "planes": lambda mod: mod.PlanesConfig(block_n=128, block_kw=2, split_k=2),
+    "lut": lambda mod: mod.LutConfig(block_n=128, block_kw=2, split_k=1),
+}
+BF16, F32 = torch.bfloat16, torch.float32
+LN_ROW_CASES = [("core", 1, 1000, None, BF16), ("core", 1, 1536, None, F32), ("core", 1, 1536, 512, BF16),
+                ("tc_gemv", 2, 1000, None, F32), ("tc_gemv", 2, 1000, 256, BF16),
+                ("tc_gemv", 2, 4100, None, BF16), ("planes", 2, 1536, None, BF16),
+                ("planes", 2, 1536, 512, F32), ("planes", 1, 4100, None, F32), ("lut", 1, 1000, 256, BF16)]
+
+
+@pytest.mark.parametrize("path,m,n_out,limit,out_dtype", LN_ROW_CASES)
+def test_post_layernorm_long_rows_registers_and_chunked(path, m, n_out, limit, out_dtype, monkeypatch,
+                                                        request):
+    """The fused LN on rows in both regimes of the tail.
+
+    1. Against LN of the fp64 product, within test_post_layernorm's propagated bound (its 4·N·u term covers
+       the fp32 sums of the mean and the variance in any order: the one-read path's single reduction and the
+       chunked path's per-chunk sums are both inside it).
+    2. Against the fp64 LN of the kernel's own fp32 product v (the same config without LN writes the values
+       the tail reads), which isolates the tail's arithmetic. First order in u = 2^-24, any summation order,
+       A = mean|v|, σ' = sqrt(var(v) + eps), z = (v - mean) / σ':
+         mean: |Δμ| <= (N + 1)·u·A (a sum of N terms, then the division by N);
+         Σd²: relative error <= (N + 2)·u (rounded d and squares, the sum) + (Δμ/σ')² (the shifted mean);
+         rstd: /N and + eps 2u, halved by the sqrt, then sqrt and 1/x 4u each (the GPU's approximate
+               ones): relative error <= (N/2 + 10)·u + (Δμ/σ')²/2;
+         z = d·rstd: |Δz| <= |Δμ|/σ' + |z|·((N/2 + 12)·u + (Δμ/σ')²) + u_out·|z|.
+       Much tighter than 1.: it catches an unbiased variance (a relative error of 1/(2N) in z) up to
+       N ~ 4096."""
+    mod = _interp
+    if limit is not None:
+        monkeypatch.setattr(mod, "LN_ONE_PASS_MAX", limit)
+    mod._cached_plan.cache_clear()  # plans hold LN_BLOCK: none made under another limit
+    request.addfinalizer(mod._cached_plan.cache_clear)
+    k, eps = 100, 1e-5
+    cfg = LN_ROW_CONFIGS[path](mod)
+    plan = mod.onebit_matmul_plan(m, n_out, k, device="cpu", x_dtype=torch.bfloat16, out_dtype=out_dtype,
+                                  layernorm_eps=eps, config=cfg)
+    one_read = n_out <= (limit or mod.LN_ONE_PASS_MAX)
+    assert plan.fuse_ln and (plan.meta["LN_BLOCK"] >= n_out) == one_read
+    x, s, g, h = _problem(m, k, n_out, torch.bfloat16, seed=n_out + m)
+    y_exact, terms = _exact(x, s, g, h)
+    z = F.layer_norm(y_exact, (n_out,), eps=eps)
+    sigma = (y_exact.var(dim=-1, unbiased=False, keepdim=True) + eps).sqrt()
+    eps_y = _bound(k, terms, y_exact, torch.float32).amax(dim=-1, keepdim=True)
+    w = pack_bits_int32(s)
+    y = mod.onebit_matmul(x, w, g, h, k, out_dtype=out_dtype, layernorm_eps=eps, config=cfg)
+    note = f"; {path}, LN_BLOCK {plan.meta['LN_BLOCK']}"
+    bound = (2 * eps_y / sigma + 4 * n_out * U32) * (1 + z.abs()) + U_OUT[out_dtype] * z.abs()
+    _assert_within(y, z, bound, note)
+    v = mod.onebit_matmul(x, w, g, h, k, out_dtype=torch.float32, config=cfg).double()
+    z_v = F.layer_norm(v, (n_out,), eps=eps)
+    sigma_v = (v.var(dim=-1, unbiased=False, keepdim=True) + eps).sqrt()
+    d_mu = (n_out + 1) * U32 * v.abs().mean(dim=-1, keepdim=True) / sigma_v
+    bound = d_mu + z_v.abs() * ((n_out / 2 + 12) * U32 + d_mu.square() + U_OUT[out_dtype])
+    _assert_within(y, z_v, bound, note + " (against LN of the kernel's own fp32 product)")
+
+
 def test_split_k_is_deterministic_and_matches_unsplit():
     m, k, n_out = 2, 320, 20
     x, s, g, h = _problem(m, k, n_out, torch.bfloat16, seed=3, integer=True)

@@ -25,8 +25,9 @@ Two kernels, chosen by the number of tokens M (rows of x) in :func:`onebit_matmu
   tensor-core GEMV for 2..16 tokens; with large tiles it is the GEMM.
 
 Epilogue (both kernels): multiply by h in fp32, cast to the output dtype. With ``LN`` the tile is written
-in fp32 to a work buffer and the last program of the launch (a second counter) normalizes all rows; this
-single-program tail is only worth it for small M·m (decode), which :func:`onebit_matmul` checks.
+in fp32 to a work buffer and the last program of the launch (a second counter) normalizes all rows, reading
+a row of up to LN_ONE_PASS_MAX values once into registers; this single-program tail is only worth it for
+small M·m (decode), which :func:`onebit_matmul` checks.
 
 Counters live in a per-device, per-stream int32 buffer that every launch leaves at zero (the last program
 resets what it used), so launches are CUDA-graph safe once the buffer exists: call once before capture.
@@ -76,6 +77,12 @@ HAS_TRITON = triton is not None
 #: Fuse the post-LayerNorm into the kernel when M · out_features is at most this (the normalization then
 #: runs in one program at the end of the launch); larger outputs use F.layer_norm on the fp32 product.
 LN_FUSE_MAX_ELEMENTS = 16384
+#: The fused LayerNorm reads a row of N <= this many values once into registers (LN_BLOCK = next_pow2(N));
+#: longer rows take three passes over chunks of this size. 4096 fp32 are 32 registers per thread at
+#: num_warps = 4. Checked offline (sm_90 ptxas -v, decode specializations): at 4096 the LN tail adds no
+#: register to core1_n16_kw8 (95), planes_n64/n32_kw32 (168/128), planes_n128_kw32_w8 (178) or
+#: tc16_n64_k256_swap (124); at 8192 core1_n16_kw8 rises to 128 and a num_warps = 2 GEMV spills.
+LN_ONE_PASS_MAX = 4096
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -128,30 +135,55 @@ if HAS_TRITON:
             return y.to(OUT_DTYPE)
 
     @triton.jit
+    def _layernorm_row_in_registers(row, out_row, N, stride_on, eps, LN_BLOCK: tl.constexpr):
+        """One row of N <= LN_BLOCK fp32 values: read once, mean and the two-pass variance from registers."""
+        offs = tl.arange(0, LN_BLOCK)
+        mask = offs < N
+        v = tl.load(row + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        mean = tl.reduce(v, 0, _add) / N
+        d = tl.where(mask, v - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.reduce(d * d, 0, _add) / N + eps)
+        tl.store(out_row + offs * stride_on, _to_out(d * rstd, out_row.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _layernorm_row_chunked(row, out_row, N, stride_on, eps, LN_BLOCK: tl.constexpr):
+        """One row of N > LN_BLOCK fp32 values: three passes (mean, variance, normalize) over LN_BLOCK-chunks,
+        each chunk read from L2 again."""
+        offs = tl.arange(0, LN_BLOCK)
+        s1 = tl.full((LN_BLOCK,), 0.0, tl.float32)
+        for n0 in range(0, N, LN_BLOCK):
+            mask = n0 + offs < N
+            s1 += tl.load(row + n0 + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        mean = tl.reduce(s1, 0, _add) / N
+        s2 = tl.full((LN_BLOCK,), 0.0, tl.float32)
+        for n0 in range(0, N, LN_BLOCK):
+            mask = n0 + offs < N
+            v = tl.load(row + n0 + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            d = tl.where(mask, v - mean, 0.0)
+            s2 += d * d
+        rstd = 1.0 / tl.sqrt(tl.reduce(s2, 0, _add) / N + eps)
+        for n0 in range(0, N, LN_BLOCK):
+            mask = n0 + offs < N
+            v = tl.load(row + n0 + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            z = _to_out((v - mean) * rstd, out_row.dtype.element_ty)
+            tl.store(out_row + (n0 + offs) * stride_on, z, mask=mask)
+
+    @triton.jit
     def _layernorm_rows(ypre_ptr, out_ptr, M, N, stride_om, stride_on, eps, LN_BLOCK: tl.constexpr):
         """out[m, :] = (y[m, :] - mean) / sqrt(var + eps) for every row of the fp32 (M, N) work buffer
-        (biased variance, two passes, as F.layer_norm)."""
-        offs = tl.arange(0, LN_BLOCK)
+        (biased variance, two passes over the values, as F.layer_norm).
+
+        The tail runs in one program after all tiles, so its dependent L2 round trips are the cost (decode
+        is latency-bound): a row that fits one block (N <= LN_BLOCK, which the plan makes next_pow2(N) up to
+        LN_ONE_PASS_MAX) is read once and both passes run on registers; a longer row takes three passes over
+        chunks. The branch is on N, uniform across the program."""
         for m in range(0, M):
             row = ypre_ptr + m * N  # LN is fused only for small M·N (no int32 overflow)
-            s1 = tl.full((LN_BLOCK,), 0.0, tl.float32)
-            for n0 in range(0, N, LN_BLOCK):
-                mask = n0 + offs < N
-                s1 += tl.load(row + n0 + offs, mask=mask, other=0.0, cache_modifier=".cg")
-            mean = tl.reduce(s1, 0, _add) / N
-            s2 = tl.full((LN_BLOCK,), 0.0, tl.float32)
-            for n0 in range(0, N, LN_BLOCK):
-                mask = n0 + offs < N
-                v = tl.load(row + n0 + offs, mask=mask, other=0.0, cache_modifier=".cg")
-                d = tl.where(mask, v - mean, 0.0)
-                s2 += d * d
-            rstd = 1.0 / tl.sqrt(tl.reduce(s2, 0, _add) / N + eps)
             out_row = out_ptr + m * stride_om
-            for n0 in range(0, N, LN_BLOCK):
-                mask = n0 + offs < N
-                v = tl.load(row + n0 + offs, mask=mask, other=0.0, cache_modifier=".cg")
-                z = _to_out((v - mean) * rstd, out_ptr.dtype.element_ty)
-                tl.store(out_row + (n0 + offs) * stride_on, z, mask=mask)
+            if N <= LN_BLOCK:
+                _layernorm_row_in_registers(row, out_row, N, stride_on, eps, LN_BLOCK)
+            else:
+                _layernorm_row_chunked(row, out_row, N, stride_on, eps, LN_BLOCK)
 
     @triton.jit
     def _finish_tile(
@@ -929,7 +961,9 @@ def _check_eps(layernorm_eps):
 
 
 def _ln_block(n_out: int) -> int:
-    return min(1024, triton.next_power_of_2(max(n_out, 16)))
+    """LN_BLOCK of the fused LayerNorm tail: the whole row (next_pow2) up to LN_ONE_PASS_MAX, else chunks of
+    LN_ONE_PASS_MAX."""
+    return min(LN_ONE_PASS_MAX, triton.next_power_of_2(max(n_out, 16)))
 
 
 _SM_COUNTS: dict = {}
