@@ -11,14 +11,13 @@ of >= 20 back-to-back calls, each call on the next of C copies of the weights (C
 so weights come from HBM, not L2); the median over 7 replays divided by the number of calls.
 
 Phase 3 (before the timing, fast) measures the host side of eager calls at M <= 16: the packed
-``OneBitLinear`` (bf16, post-LN; the cached words + plan path), the same layer with
-``PREFER_SINGLE_LAUNCH_M1`` set, the plan alone, the public ``onebit_matmul`` (argument checks + plan
-cache) and bf16 ``nn.Linear``. "host µs" is the median of time.perf_counter around one call made right after
-torch.cuda.synchronize (no sync after: the host cost of issuing the call); "loop µs" is the wall time per call
-of 200 back-to-back calls with one sync at the end (eager throughput: max of host and GPU time).
+``OneBitLinear`` (bf16, post-LN; the cached words + plan path), the plan alone, the public
+``onebit_matmul`` (argument checks + plan cache) and bf16 ``nn.Linear``. "host µs" is the median of
+time.perf_counter around one call made right after torch.cuda.synchronize (no sync after: the host cost of
+issuing the call); "loop µs" is the wall time per call of 200 back-to-back calls with one sync at the end
+(eager throughput: max of host and GPU time).
 
-The timing phase also times, for M <= 16, the decode call (post-LN fused) with the default rule and, at
-M = 1, with ``PREFER_SINGLE_LAUNCH_M1 = True`` (the single-launch variants ``SINGLE_LAUNCH_M1``).
+The timing phase also times, for M <= 16, the decode call (post-LN fused) through the dispatcher.
 
 Error bound of a check (relative to Σ_k |x_k g_k h_n| per output): 2 · (3K + 2) · 2^-24 (the kernel's fp32
 summation and the fp32 reference's own) + 2^-8 (bf16 output), + 2^-8 more for the unpack variant whose
@@ -104,16 +103,12 @@ def worker(shard: int, shards: int, shapes, ms, path: str) -> None:
                 json.dump(results, f)
     # the decode-style calls: post-LN fused, through the dispatcher (compiles those specializations too)
     if shard == 0:
-        import lowbit.kernels.onebit as kern
         from lowbit.kernels.onebit import onebit_matmul
 
         for k, n in shapes:
             x, (w,), g, h = _operands(k, n, 1, device)
             onebit_matmul(x, w, g, h, k, layernorm_eps=1e-5)
-            kern.PREFER_SINGLE_LAUNCH_M1 = True  # and the single-launch rule's decode calls
-            onebit_matmul(x, w, g, h, k, layernorm_eps=1e-5)
             onebit_matmul(x, w, g, h, k)
-            kern.PREFER_SINGLE_LAUNCH_M1 = False
     torch.cuda.synchronize()
 
 
@@ -181,21 +176,6 @@ def time_row(k, n, m, names, device) -> dict:
                                               for w in ws])
         except Exception as exc:
             row["dispatch_ln_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-    if m == 1:  # the same with the single-launch rule (one kernel per linear)
-        import lowbit.kernels.onebit as kern
-
-        saved = kern.PREFER_SINGLE_LAUNCH_M1
-        kern.PREFER_SINGLE_LAUNCH_M1 = True
-        try:
-            row["single_launch_config"] = repr(kern.select_config(m, n, k))
-            row["single_launch_ln_us"] = graph_us(
-                [lambda w=w: onebit_matmul(x, w, g, h, k, layernorm_eps=1e-5) for w in ws])
-            row["single_launch_us"] = graph_us([lambda w=w: onebit_matmul(x, w, g, h, k) for w in ws])
-        except Exception as exc:
-            row["single_launch_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-            torch.cuda.synchronize()
-        finally:
-            kern.PREFER_SINGLE_LAUNCH_M1 = saved
     try:
         row["dispatch_us"] = graph_us([lambda w=w: onebit_matmul(x, w, g, h, k) for w in ws])
     except Exception as exc:
@@ -235,25 +215,16 @@ def _host_row(layer, lin, k: int, n: int, m: int, device, direct: bool = False) 
     x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
     row = {"K": k, "N": n, "M": m, "direct_launch": direct}
     if direct:  # the same calls with DIRECT_LAUNCH; first check that it gives the JIT path's bits
-        saved = kern.PREFER_SINGLE_LAUNCH_M1
-        refs = {}
-        for rule in (False, True):
-            kern.PREFER_SINGLE_LAUNCH_M1 = rule
-            refs[rule] = layer(x)
+        ref = layer(x)
         kern.DIRECT_LAUNCH = True
         try:
-            same = True
-            for rule in (False, True):
-                kern.PREFER_SINGLE_LAUNCH_M1 = rule
-                same = same and all(torch.equal(layer(x), refs[rule]) for _ in range(3))
-            kern.PREFER_SINGLE_LAUNCH_M1 = saved
+            same = all(torch.equal(layer(x), ref) for _ in range(3))
             row["direct_same_bits"] = same
             if not same:
                 return row
             return {**row, **_host_entries(layer, lin, k, n, m, x, device, ("layer", "plan"))}
         finally:
             kern.DIRECT_LAUNCH = False
-            kern.PREFER_SINGLE_LAUNCH_M1 = saved
     return {**row, **_host_entries(layer, lin, k, n, m, x, device,
                                    ("layer", "plan", "onebit_matmul", "bf16_linear"))}
 
@@ -282,18 +253,6 @@ def _host_entries(layer, lin, k, n, m, x, device, names) -> dict:
         except Exception as exc:
             row[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             torch.cuda.synchronize()
-    if m == 1:
-        saved = kern.PREFER_SINGLE_LAUNCH_M1
-        kern.PREFER_SINGLE_LAUNCH_M1 = True
-        try:
-            row["single_launch_plan"] = repr(kern.onebit_matmul_plan(
-                m, n, k, device=device, x_dtype=x.dtype, g_dtype=layer.g.dtype, layernorm_eps=layer.eps))
-            row["layer_single_launch_host_us"], row["layer_single_launch_loop_us"] = host_us(lambda: layer(x))
-        except Exception as exc:
-            row["layer_single_launch_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-            torch.cuda.synchronize()
-        finally:
-            kern.PREFER_SINGLE_LAUNCH_M1 = saved
     return row
 
 
@@ -318,7 +277,7 @@ def host_rows(shapes, ms, device, direct: bool = False) -> list[dict]:
                 rows.append(row)
                 print(f"host{' (DIRECT_LAUNCH)' if direct else ''} K={k} N={n} M={m}: " + " ".join(
                     f"{e} {row.get(e + '_host_us', nan):.1f}/{row.get(e + '_loop_us', nan):.1f}"
-                    for e in ("layer", "layer_single_launch", "plan", "onebit_matmul", "bf16_linear")
+                    for e in ("layer", "plan", "onebit_matmul", "bf16_linear")
                 ) + f" (host/loop µs; {row.get('plan')}; direct same bits {row.get('direct_same_bits')})",
                     flush=True)
     torch.cuda.empty_cache()
@@ -437,8 +396,6 @@ def main(argv=None) -> int:
                   f"{row.get('best_us', nan):.1f} ({row.get('best_vs_bf16', nan):.2f}x bf16, "
                   f"{100 * row.get('best_frac_copy', nan):.0f}% copy) | dispatch "
                   f"{row.get('dispatch_us', nan):.1f} ln {row.get('dispatch_ln_us', nan):.1f}"
-                  f" | single-launch rule {row.get('single_launch_us', nan):.1f} ln "
-                  f"{row.get('single_launch_ln_us', nan):.1f}"
                   f" | {times}", flush=True)
             with open(os.path.join(out_dir, "onebit_probe.json"), "w") as f:
                 json.dump({**result, "rows": rows}, f, indent=1)
@@ -460,26 +417,21 @@ def main(argv=None) -> int:
               f"{r.get('dispatch_us', nan):.1f} |")
     if result.get("host"):
         print("\n| K | N | M | launches (plan) | layer host µs | layer loop µs |"
-              " single-launch layer host / loop µs | plan host µs | onebit_matmul host µs |"
-              " bf16 nn.Linear host / loop µs |")
-        print("|---:|---:|---:|---:|---:|---:|---|---:|---:|---|")
+              " plan host µs | onebit_matmul host µs | bf16 nn.Linear host / loop µs |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
         for r in result["host"]:
             nan = float("nan")
             print(f"| {r['K']} | {r['N']} | {r['M']} | {r.get('plan_launches')} | "
-                  f"{r.get('layer_host_us', nan):.1f} | {r.get('layer_loop_us', nan):.1f} | "
-                  f"{r.get('layer_single_launch_host_us', nan):.1f} / "
-                  f"{r.get('layer_single_launch_loop_us', nan):.1f}"
+                  f"{r.get('layer_host_us', nan):.1f} | {r.get('layer_loop_us', nan):.1f}"
                   f" | {r.get('plan_host_us', nan):.1f} | {r.get('onebit_matmul_host_us', nan):.1f} | "
                   f"{r.get('bf16_linear_host_us', nan):.1f} / {r.get('bf16_linear_loop_us', nan):.1f} |")
     if result.get("host_direct"):
-        print("\nDIRECT_LAUNCH | K | N | M | same bits | layer host / loop µs |"
-              " single-launch layer host / loop µs | plan host µs |")
+        print("\nDIRECT_LAUNCH | K | N | M | same bits | layer host / loop µs | plan host µs |")
         for r in result["host_direct"]:
             nan = float("nan")
             print(f"| {r['K']} | {r['N']} | {r['M']} | {r.get('direct_same_bits')} | "
                   f"{r.get('layer_host_us', nan):.1f} / {r.get('layer_loop_us', nan):.1f} | "
-                  f"{r.get('layer_single_launch_host_us', nan):.1f} / "
-                  f"{r.get('layer_single_launch_loop_us', nan):.1f} | {r.get('plan_host_us', nan):.1f} |")
+                  f"{r.get('plan_host_us', nan):.1f} |")
     print(f"[{time.perf_counter() - t_start:.0f}s] JSON: {os.path.join(out_dir, 'onebit_probe.json')}")
     return 0
 

@@ -150,11 +150,6 @@ def _planes(mod, *a, **kw):
     return mod.onebit_gemv(*a, config=cfg, **kw)
 
 
-def _planesx(mod, *a, **kw):  # the bit-plane GEMV in one launch (x ⊙ g formed in the main kernel)
-    cfg = mod.PlanesConfig(block_n=16, block_kw=2, split_k=kw.pop("split_k", 2), fused_xg=True)
-    return mod.onebit_gemv(*a, config=cfg, **kw)
-
-
 def _lut(mod, *a, **kw):
     cfg = mod.LutConfig(block_n=16, block_kw=2, split_k=kw.pop("split_k", 2))
     return mod.onebit_gemv(*a, config=cfg, **kw)
@@ -173,7 +168,7 @@ def _unpack_mm16(mod, *a, **kw):  # cuBLAS result rounded to x's dtype before h 
 
 
 PATHS = {"core": _core, "tc_gemv": _tc_gemv, "tc_swap": _tc_swap, "tc_gemm": _tc_gemm, "dispatch": _dispatch,
-         "planes": _planes, "planesx": _planesx, "lut": _lut, "unpack_mm": _unpack_mm}
+         "planes": _planes, "lut": _lut, "unpack_mm": _unpack_mm}
 # The rounding of the cuBLAS result to x's dtype before h: one more u_x·|y| in the bound (u_x of x's dtype).
 U_MID = {"unpack_mm16": True}
 
@@ -184,8 +179,7 @@ U_MID = {"unpack_mm16": True}
 # One ragged shape per path (M by the path's regime; the core GEMV is one token per program and slow in the
 # interpreter); K is not a multiple of 32 and N not of the tile, so every tail is exercised.
 SHAPES = {"core": (2, 100, 33), "tc_gemv": (3, 100, 33), "tc_swap": (5, 77, 40), "tc_gemm": (17, 130, 40),
-          "dispatch": (17, 130, 19), "planes": (3, 100, 33), "planesx": (2, 100, 33), "lut": (2, 100, 33),
-          "unpack_mm": (6, 130, 40)}
+          "dispatch": (17, 130, 19), "planes": (3, 100, 33), "lut": (2, 100, 33), "unpack_mm": (6, 130, 40)}
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
@@ -240,7 +234,6 @@ def test_equals_reference_function():
 LN_CASES = [("core", True, torch.bfloat16), ("core", False, torch.float32), ("tc_gemv", True, torch.float32),
             ("tc_gemv", False, torch.bfloat16), ("dispatch", None, torch.bfloat16),
             ("planes", True, torch.bfloat16), ("planes", False, torch.float32), ("lut", True, torch.float32),
-            ("planesx", True, torch.bfloat16), ("planesx", False, torch.float32),
             ("unpack_mm", None, torch.bfloat16)]
 
 
@@ -336,7 +329,7 @@ def test_split_k_is_deterministic_and_matches_unsplit():
     w = pack_bits_int32(s)
     ys = [PATHS[p](_interp, x, w, g, h, k, out_dtype=torch.float32, split_k=sk)
           for p, sk in (("core", 1), ("core", 5), ("tc_gemv", 1), ("tc_gemv", 3), ("planes", 1),
-                        ("planes", 4), ("planesx", 1), ("planesx", 3), ("lut", 1), ("lut", 3))]
+                        ("planes", 4), ("lut", 1), ("lut", 3))]
     for y in ys[1:]:
         torch.testing.assert_close(y, ys[0], rtol=0, atol=0)
 
@@ -468,23 +461,11 @@ def test_config_argument_errors():
         _interp.onebit_matmul(x.expand(17, 64), pack_bits_int32(s), g, h, 64, config="planes_n64_kw32")
 
 
-def test_planesx_equals_planes_bit_for_bit():
-    """The single-launch bit-plane kernel forms the same fp32 products and adds them in the same order as the
-    planes pre-kernel + main kernel: the same bits on random data (split-K, ragged K, fused LN too)."""
-    m, k, n_out = 3, 100, 33
-    x, s, g, h = _problem(m, k, n_out, torch.bfloat16, seed=31)
-    w = pack_bits_int32(s)
-    for split_k, eps in ((2, None), (1, 1e-5)):
-        a = _planes(_interp, x, w, g, h, k, out_dtype=torch.float32, split_k=split_k, layernorm_eps=eps)
-        b = _planesx(_interp, x, w, g, h, k, out_dtype=torch.float32, split_k=split_k, layernorm_eps=eps)
-        torch.testing.assert_close(b, a, rtol=0, atol=0)
-
-
 # Cached plans: (M, config name or None, layernorm_eps, x dtype, out dtype); one call each.
 PLAN_CASES = [(1, None, None, torch.bfloat16, torch.bfloat16),
               (1, None, 1e-5, torch.bfloat16, torch.bfloat16),
               (1, "core1_n16_kw8", 1e-5, torch.float32, torch.float32),
-              (2, "planesx_n32_kw32", None, torch.bfloat16, torch.float32),
+              (2, "core_n32_kw8", None, torch.bfloat16, torch.float32),
               (3, "tc16_n64_k256_swap", 1e-5, torch.bfloat16, torch.bfloat16),
               (2, "planes_n32_kw32", None, torch.float16, torch.float16),
               (17, None, 1e-5, torch.bfloat16, torch.float32)]  # 17: the Triton tensor-core GEMM
@@ -533,8 +514,8 @@ class _CountEmpty(torch.overrides.TorchFunctionMode):
 
 
 @pytest.mark.parametrize("name,eps,launches,empties", [
-    ("core1_n32_kw8", 1e-5, 1, 1), ("core1_n32_kw8", None, 1, 1), ("planesx1_n32_kw32", 1e-5, 1, 1),
-    ("planesx_n32_kw32", None, 1, 2),  # split-K 2 here: + the partials
+    ("core1_n32_kw8", 1e-5, 1, 1), ("core1_n32_kw8", None, 1, 1),
+    ("core_n32_kw8", None, 1, 2),  # split-K 2 here: + the partials
     ("planes_n32_kw32", None, 2, 3)])  # pre-kernel and its planes buffer, split-K partials
 def test_warm_plan_call_launches_and_allocations(name, eps, launches, empties, monkeypatch):
     """A warm call of the layer's path at M = 1: the single-launch variants make one Triton launch and
@@ -594,8 +575,7 @@ class _FakeCompiled:
         jit.kernel[(g0, g1)](*params[:cut], **dict(zip(names[cut:], params[cut:])), **jit.options)
 
 
-@pytest.mark.parametrize("name", ["core1_n32_kw8", "planesx_n32_kw32", "tc16_n64_k256_swap",
-                                  "planes_n32_kw32"])
+@pytest.mark.parametrize("name", ["core1_n32_kw8", "lut_n64_kw16", "tc16_n64_k256_swap", "planes_n32_kw32"])
 def test_direct_launch_argument_list(name, monkeypatch):
     """DIRECT_LAUNCH (off by default; the GPU test checks it for real): the first call per argument
     specialization goes through the JIT, later ones through the launcher with the same bits; a new x
@@ -624,27 +604,6 @@ def test_direct_launch_argument_list(name, monkeypatch):
     mod._cached_plan.cache_clear()
     for y in ys:
         torch.testing.assert_close(y, ref, rtol=0, atol=0)
-
-
-def test_single_launch_rule_flag(monkeypatch):
-    """select_config keeps the measured rule by default; PREFER_SINGLE_LAUNCH_M1 switches M = 1 to the
-    single-launch variants named in SINGLE_LAUNCH_M1 (and the dispatcher's result stays within the bound)."""
-    mod = _interp
-    assert mod.PREFER_SINGLE_LAUNCH_M1 is False
-    assert mod.select_config(1, 11008, 4096) is mod.VARIANTS["planes_n64_kw32"]
-    monkeypatch.setattr(mod, "PREFER_SINGLE_LAUNCH_M1", True)
-    assert mod.select_config(1, 1536, 576) is mod.VARIANTS[mod.SINGLE_LAUNCH_M1["small"]]
-    assert mod.select_config(1, 4096, 11008) is mod.VARIANTS[mod.SINGLE_LAUNCH_M1["k_gt_n"]]
-    assert mod.select_config(1, 11008, 4096) is mod.VARIANTS[mod.SINGLE_LAUNCH_M1["other"]]
-    assert mod.select_config(4, 4096, 4096) is mod.VARIANTS["tc16_n64_k256_swap"]  # M > 1 unchanged
-    for v in mod.SINGLE_LAUNCH_M1.values():
-        assert mod.OneBitPlan(1, 64, 64, torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.device("cpu"),
-                              None, mod.VARIANTS[v], None).launches == 1
-    k, n_out = 300, 40
-    x, s, g, h = _problem(1, k, n_out, torch.bfloat16, seed=8)
-    y_exact, terms = _exact(x, s, g, h)
-    y = mod.onebit_matmul(x, pack_bits_int32(s), g, h, k, out_dtype=torch.float32)
-    _assert_within(y, y_exact, _bound(k, terms, y_exact, torch.float32))
 
 
 # ------------------------------------------------------------------------------------------------ GPU
@@ -768,8 +727,7 @@ def test_gpu_cuda_graph_replay():
 
 
 @CUDA
-@pytest.mark.parametrize("name,m", [("core1_n32_kw8", 1), ("core_n32_kw8", 1), ("planesx_n64_kw32", 1),
-                                    ("planesx1_n32_kw32", 1), ("planes_n64_kw32", 1),
+@pytest.mark.parametrize("name,m", [("core1_n32_kw8", 1), ("core_n32_kw8", 1), ("planes_n64_kw32", 1),
                                     ("tc16_n64_k256_swap", 4), ("tc16_n128_k128", 16)])
 def test_gpu_single_launch_and_direct_launch_same_bits(name, m, monkeypatch):
     """The new variants on the GPU against the integer-exact product, and DIRECT_LAUNCH (the CompiledKernel's

@@ -474,59 +474,6 @@ if HAS_TRITON:
                             pid_k, h_ptr, out_ptr, stride_om, stride_on, ypre_ptr,
                             (N + BLOCK_N - 1) // BLOCK_N, ln_eps, LN, LN_BLOCK)
 
-    @triton.jit
-    def _onebit_planesx_kernel(
-        x_ptr, g_ptr, w_ptr, h_ptr, out_ptr, part_ptr, cnt_ptr, ypre_ptr,
-        M, N, K, KW, kw_per_split, split_k,
-        stride_xm, stride_xk, stride_wn, stride_om, stride_on,
-        ln_eps,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-        LN: tl.constexpr, LN_BLOCK: tl.constexpr,
-    ):
-        """The bit-plane GEMV in one launch: as ``_onebit_planes_kernel``, but plane j of x ⊙ g is formed
-        here from x and g (x[32 i + j] · g[32 i + j] in fp32, the same products as ``_xg_planes_kernel``,
-        0 past K) instead of being read from the planes buffer. No pre-kernel and no planes buffer; x and g
-        are read with a stride of 32 elements per plane (the 32 planes of a step touch the same lines, so
-        all but the first hit L1). Same summation order as the planes kernel: the same bits.
-        grid = (cdiv(N, BLOCK_N), split_k); kw_per_split is a multiple of BLOCK_KW."""
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
-        w_rows = w_ptr + (offs_n % N).to(tl.int64)[:, None] * stride_wn
-        kw_lo = pid_k * kw_per_split
-        kw_hi = tl.minimum(kw_lo + kw_per_split, KW)
-        offs_w = tl.arange(0, BLOCK_KW)
-        offs_m = tl.arange(0, BLOCK_M)
-        tile = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-        for m in range(0, M):
-            x_row = x_ptr + m * stride_xm
-            acc = tl.full((BLOCK_N, BLOCK_KW), 0.0, tl.float32)
-            w = tl.load(w_rows + (kw_lo + offs_w)[None, :], mask=(kw_lo + offs_w < kw_hi)[None, :], other=0)
-            for kw0 in range(kw_lo, kw_hi, BLOCK_KW):
-                nxt = kw0 + BLOCK_KW + offs_w
-                w_next = tl.load(w_rows + nxt[None, :], mask=(nxt < kw_hi)[None, :], other=0)
-                # a block lies inside this split or past KW (splits are whole blocks): k < K masks both
-                k0 = (kw0 + offs_w) * 32
-                for j in tl.static_range(32):
-                    kmask = k0 + j < K
-                    xv = tl.load(x_row + (k0 + j) * stride_xk, mask=kmask, other=0.0).to(tl.float32)
-                    gv = tl.load(g_ptr + k0 + j, mask=kmask, other=0.0).to(tl.float32)
-                    xgj = (xv * gv).to(tl.int32, bitcast=True)
-                    sign = (w << (31 - j)) & -2147483648  # bit j -> the fp32 sign bit
-                    acc += (xgj[None, :] ^ sign).to(tl.float32, bitcast=True)
-                w = w_next
-            y = -tl.reduce(acc, 1, _add)  # (BLOCK_N,): (x_m ⊙ g)·Sᵀ
-            tile = tl.where(offs_m[:, None] == m, y[None, :], tile)
-        m_mask = offs_m < M
-        if split_k == 1:
-            _finish_tile(tile, offs_m, offs_n, m_mask, n_mask, h_ptr, out_ptr, stride_om, stride_on, ypre_ptr,
-                         cnt_ptr, (N + BLOCK_N - 1) // BLOCK_N, M, N, ln_eps, LN, LN_BLOCK)
-        else:
-            _reduce_split_k(tile, pid_n, offs_m, offs_n, m_mask, n_mask, part_ptr, cnt_ptr, M, N, split_k,
-                            pid_k, h_ptr, out_ptr, stride_om, stride_on, ypre_ptr,
-                            (N + BLOCK_N - 1) // BLOCK_N, ln_eps, LN, LN_BLOCK)
-
     # --------------------------------------------------------------------------- LUT GEMV (CUDA cores)
 
     @triton.jit
@@ -702,7 +649,6 @@ class PlanesConfig:
     waves: int = 4
     num_warps: int = 4
     num_stages: int = 1
-    fused_xg: bool = False  # one launch: form x ⊙ g in the main kernel (``_onebit_planesx_kernel``)
 
 
 @dataclass(frozen=True)
@@ -759,15 +705,11 @@ VARIANTS: dict = {
     "tc_m128_n128_k64_w8": MMConfig(block_m=128, block_n=128, block_k=64, num_warps=8),
     "unpack_mm": UnpackMMConfig(),
     "unpack_mm_f32acc": UnpackMMConfig(fp32_acc=True),
-    # Single-launch variants for few tokens (third round, not measured yet): no pre-kernel and, with
+    # Single-launch variants for few tokens (third round, measured): no pre-kernel and, with
     # split_k = 1, no split-K partials either (h and the fused post-LN are in the same launch).
     "core1_n32_kw8": GemvConfig(block_n=32, block_kw=8, split_k=1, num_warps=4),
     "core1_n16_kw8": GemvConfig(block_n=16, block_kw=8, split_k=1, num_warps=4),
     "core1_n64_kw8_w8": GemvConfig(block_n=64, block_kw=8, split_k=1, num_warps=8),
-    "planesx_n64_kw32": PlanesConfig(block_n=64, block_kw=32, num_warps=4, fused_xg=True),
-    "planesx_n32_kw32": PlanesConfig(block_n=32, block_kw=32, num_warps=4, fused_xg=True),
-    "planesx1_n32_kw32": PlanesConfig(block_n=32, block_kw=32, split_k=1, num_warps=4, fused_xg=True),
-    "planesx1_n16_kw16": PlanesConfig(block_n=16, block_kw=16, split_k=1, num_warps=2, fused_xg=True),
 }
 VARIANT_M_RANGE: dict = {
     "planes_n64_kw32": (1, 16), "planes_n128_kw32_w8": (1, 16), "planes_n32_kw32": (1, 16),
@@ -776,15 +718,7 @@ VARIANT_M_RANGE: dict = {
     "tc16_n128_k256_swap_w8": (2, 16), "tc_m64_n128_k64": (17, 1 << 30), "tc_m128_n128_k64_w8": (17, 1 << 30),
     "unpack_mm": (1, 1 << 30), "unpack_mm_f32acc": (1, 1 << 30),
     "core1_n32_kw8": (1, 2), "core1_n16_kw8": (1, 2), "core1_n64_kw8_w8": (1, 2),
-    "planesx_n64_kw32": (1, 16), "planesx_n32_kw32": (1, 16), "planesx1_n32_kw32": (1, 16),
-    "planesx1_n16_kw16": (1, 16),
 }
-
-#: Flip to True (after measuring) to let ``select_config`` pick the single-launch variants at M = 1:
-#: ``SINGLE_LAUNCH_M1`` maps the three M = 1 cases of the rule (small weight, K > N, else) to variant names.
-#: Default False: the measured second-round rule.
-PREFER_SINGLE_LAUNCH_M1 = False
-SINGLE_LAUNCH_M1 = {"small": "core1_n16_kw8", "k_gt_n": "planesx_n32_kw32", "other": "planesx_n64_kw32"}
 
 
 def select_config(m: int, n_out: int, k: int, sm_count: int = _SM_COUNT_DEFAULT):
@@ -800,9 +734,6 @@ def select_config(m: int, n_out: int, k: int, sm_count: int = _SM_COUNT_DEFAULT)
     - 17 <= M < UNPACK_MM_MIN_M: ``tc_m64_n128_k64``; from UNPACK_MM_MIN_M: unpack, then cuBLAS.
     """
     if m <= GEMV_CORE_MAX_M:
-        if PREFER_SINGLE_LAUNCH_M1:
-            case = "small" if n_out * k <= GEMV_SMALL_WEIGHT else "k_gt_n" if k > n_out else "other"
-            return VARIANTS[SINGLE_LAUNCH_M1[case]]
         if n_out * k <= GEMV_SMALL_WEIGHT:
             return VARIANTS["core1_n16_kw8"]
         return VARIANTS["planes_n32_kw32" if k > n_out else "planes_n64_kw32"]
@@ -1098,8 +1029,6 @@ class OneBitPlan:
                 self.prep_grid = (m, triton.cdiv(self.kb, 16))
                 self.prep_meta = dict(BLOCK_B=16, num_warps=4)
                 self._call = self._call_lut
-            elif cfg.fused_xg:
-                self._call = self._call_planesx
             else:
                 self.kwp = triton.cdiv(self.kw, cfg.block_kw) * cfg.block_kw  # planes padded with zeros
                 self.block_w = min(64, triton.next_power_of_2(self.kwp))
@@ -1137,9 +1066,7 @@ class OneBitPlan:
     def launches(self) -> int:
         """Triton launches per call (the unpack path: 2 plus cuBLAS)."""
         cfg = self.cfg
-        if isinstance(cfg, (LutConfig, UnpackMMConfig)):
-            return 2
-        if isinstance(cfg, PlanesConfig) and not cfg.fused_xg:
+        if isinstance(cfg, (PlanesConfig, LutConfig, UnpackMMConfig)):
             return 2
         return 1
 
@@ -1203,15 +1130,6 @@ class OneBitPlan:
         self._launch(0, _onebit_mm_kernel, self.grid, (
             x2, w, g.view(torch.int16) if self.g_as_int16 else g, h, out, part, cnt, ypre,
             self.m, self.n_out, self.k, self.kw, self.k_per_split, self.split_k,
-            x2.stride(0), x2.stride(1), w.stride(0), self.n_out, 1, self.eps_arg), self.meta, vkey)
-        return out
-
-    def _call_planesx(self, x2, w, g, h, vkey):
-        out = self._out()
-        cnt, part, ypre = self._scratch()
-        self._launch(0, _onebit_planesx_kernel, self.grid, (
-            x2, g, w, h, out, part, cnt, ypre,
-            self.m, self.n_out, self.k, self.kw, self.kw_per_split, self.split_k,
             x2.stride(0), x2.stride(1), w.stride(0), self.n_out, 1, self.eps_arg), self.meta, vkey)
         return out
 
