@@ -14,8 +14,9 @@ Backward (bit splitting; "rtn" uses one INT4 code matrix G with its scale instea
 
     v = 14·hi + lo, s_lo = s_hi / 14             bit_split_quantize: one fused pass over ∇Y
     ∇X = (s_lo ⊙ (v · q_w) · s_w) · H             int8_scaled_mm: Triton int8 GEMM, scales and the rotation
-                                                 back in the epilogue (per-tensor s_w; a per-channel s_w
-                                                 sits on the inner dimension: fp16 product, then rotation)
+                                                 back in the epilogue. A per-channel s_w (on the inner
+                                                 dimension) is folded into ∇Y first: v' s'_lo from the split
+                                                 of ∇Y ⊙ s_wᵀ, made in the same pass with the same noise
     ∇W = (Σ_rows a_jᵀ (f_j · b_j)) · H             a_j: INT4 / v codes of a row (exact in fp16), b_j: the
                                                  saved q_x row, f_j = s_j · w_j · s_x (times a power of two,
                                                  one fp16 rounding); an fp16 product with fp32 accumulation,
@@ -289,12 +290,11 @@ def int4_linear_bwd(
         noise: optional (N, M) fp32 uniform noise of the lo rounding (``bit_split_quantize``); for tests.
         row_weights: optional (2, N) / (2, N, 1) given sampling weights (1/p kept, 0 dropped), as
             ``lowbit.int4.function.lss_row_weights`` returns; replaces the draw. For tests.
-        grad_x_backend: "auto" (default: "triton" with a per-tensor weight scale, "cublas" with a per-channel
-            one, the faster of each pair on the H100), "triton" (fused int8 GEMM; with a per-channel weight
-            scale the fused fp16 GEMM: 1.94 ms against cuBLAS's 1.03 ms at 16384×4096×4096), "cublas"
-            (torch._int_mm, or the fp16 cuBLAS product, + a rotation pass) or "fp8x2" (the bit-split
-            gradient as two FP8 products, hi and lo, in one Triton kernel; per-tensor weight scale, else as
-            "triton"). A "rtn" gradient runs on FP8 (exact) unless "cublas".
+        grad_x_backend: "auto" (default, = "triton"), "triton" (the fused int8 GEMM), "cublas"
+            (torch._int_mm + a rotation pass) or "fp8x2" (the bit-split gradient as two FP8 products, hi and
+            lo, in one Triton kernel; per-tensor weight scale, else as "triton"). A "rtn" gradient runs on
+            FP8 (exact) unless "cublas". A per-channel weight scale is folded into ∇Y before quantizing
+            (``lowbit.int4.function.quantize_grad_for_input``), so every backend's product is exact.
         grad_weight_fp8: with sampling, run the ∇W product on FP8 tensor cores: each kept row's factor
             s_h · s_x / p is rounded to a power of two, stochastically and unbiased (``gather_scaled_rows``'s
             ``pow2_round``), so that the product is exact; E[∇W] is unchanged, each row's factor gets a
