@@ -7,7 +7,7 @@
 # Weak scaling: every GPU keeps PER_GPU_BATCH sequences, so the global batch is PER_GPU_BATCH * N. Each run
 # trains STEPS steps of MODEL on the bundled Shakespeare corpus and writes OUT/<parallel>-<precision>-<N>/.
 # The throughput of a run is the median of its metrics lines' tokens_per_s after the first LOG_EVERY steps
-# (warm-up excluded), times N: metrics.jsonl holds rank 0's share. The table (Markdown) goes to stdout and
+# (warm-up excluded): metrics.jsonl counts the global batch (every rank's tokens). The table (Markdown) goes to stdout and
 # OUT/scaling.md; docs/benchmarks.md takes it by hand with the date, device and this command.
 #
 # Settings (environment): GPUS (default "1 2 4", capped at the GPUs present), PARALLEL ("ddp fsdp2"),
@@ -59,7 +59,7 @@ for name in sorted(os.listdir(out)):
     lines = [json.loads(l) for l in open(path)]
     tps = [r["tokens_per_s"] for r in lines if "tokens_per_s" in r and r["step"] > log_every]
     if tps:
-        rows[(parallel, precision, int(n))] = statistics.median(tps) * int(n)
+        rows[(parallel, precision, int(n))] = statistics.median(tps)  # already the global batch
 print("| parallel | precision | GPUs | tokens/s | vs 1 GPU | INT4 / bf16 |")
 print("|---|---|---|---|---|---|")
 for (parallel, precision, n), tok in sorted(rows.items()):

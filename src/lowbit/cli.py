@@ -371,8 +371,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     summary = f"step {r.step}: train loss {_fmt(r.train_loss)}"
     if r.val_loss is not None:
         summary += f", val loss {_fmt(r.val_loss)} (ppl {_fmt(r.val_ppl, 3)})"
-    # rank 0 counts its own slice: the job trained world times as many tokens
-    summary += f", {r.tokens_per_s * world:,.0f} tokens/s, {r.elapsed_s:.1f} s"
+    # (the loop counts the global batch: every rank's tokens)
+    summary += f", {r.tokens_per_s:,.0f} tokens/s, {r.elapsed_s:.1f} s"
     say(summary)
     say(f"checkpoint: {r.checkpoint_path}\nmetrics:    {r.metrics_path}\nplot:       {r.plot_path}")
     return 0

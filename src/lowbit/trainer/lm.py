@@ -124,8 +124,8 @@ def train_lm(
     picks the wrapping; ``config.batch_size`` is the GLOBAL batch (a multiple of the world size), every rank
     runs on ``cuda:LOCAL_RANK`` (or the CPU with ``device="cpu"``), rank 0 alone writes the metrics, plot and
     ``checkpoint.pt`` (the single-process format, so it resumes and evaluates at any world size), and
-    ``tokens`` / ``tokens_per_s`` in the result and the metrics are rank 0's share (multiply by the world
-    size for the job's). The returned model is the plain one (for FSDP2 still sharded). The process group
+    ``tokens`` / ``tokens_per_s`` in the result and the metrics count the global batch (every rank's
+    tokens). The returned model is the plain one (for FSDP2 still sharded). The process group
     is left for the caller to destroy.
     """
     from ..data import tokenizer_from_state_dict
