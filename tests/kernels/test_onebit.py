@@ -257,11 +257,58 @@ def test_post_layernorm(path, fuse, out_dtype):
         torch.testing.assert_close(again, y, rtol=0, atol=0)
 
 
+def _ln_tail_bound(v, eps, ln_block, u_out):
+    """Bound on |LN_kernel(v) - LN(v)| (elementwise, fp64) for the fused LN tail on the fp32 values v (M, N),
+    given LN_BLOCK: first order in u = 2^-24 plus the squares of the mean errors, any summation order within
+    a chunk, every division 4u (the GPU's approximate ones). Chunks c of n_c values (one chunk, the one-read
+    path, when N <= LN_BLOCK), exact chunk means μ_c and M2_c = Σ_c (v - μ_c)², T_c = Σ_c |v|:
+      chunk mean: |e_c| <= (n_c + 3)·u·T_c/n_c (a sum of n_c terms, then the division);
+      M2_c around the rounded mean: relative (n_c + 2)·u (rounded d, d², the sum) + n_c·e_c² (the shift).
+    Chan's merge of chunk k (n = values so far, N' = n + n_c, w = n_c/N', δ = μ_c - mean, W = n·w):
+      mean += δ·w: E' = (n·E + n_c·e_c)/N' + 6u·|δ|·w + u·|mean'| (δ, w, δ·w; the add);
+      M2 += M2_c + δ·(δ·w)·n: the term W·δ² >= 0 gets 8u (δ twice, w, two products), its δ is off by
+      |Δδ| <= e_c + E, so 2·W·|δ|·|Δδ| + W·Δδ², and the two adds u·(M2_c + W·δ²) + u·M2'.
+    Then with ρ = ΔM2 / (N·σ'²), σ'² = M2/N + eps, z = (v - mean)/σ': rstd = 1/sqrt(M2/N + eps) is off by
+    (ρ + 5u)/2 + 4u + 4u relative (/N, + eps, halved by the sqrt; sqrt; 1/x), and z = (v - mean)·rstd by
+      |Δz| <= E/σ' + |z|·(ρ/2 + 13u) + u_out·|z|   (the subtraction, the product; the output cast).
+    For one chunk this is the two-pass bound: E = (N + 3)·u·mean|v|, ρ = (N + 2)·u + (E/σ')². With several,
+    the first-order term 2·W·|δ|·|Δδ| is Chan's price: the between-chunk term uses the rounded chunk means
+    (the two-pass variance is insensitive to its mean's error to first order)."""
+    u = U32
+    n = v.shape[-1]
+    count = 0
+    for c in v.split(ln_block, dim=-1):
+        n_c = c.shape[-1]
+        mu_c = c.mean(-1, keepdim=True)
+        m2_c = (c - mu_c).square().sum(-1, keepdim=True)
+        e_c = (n_c + 3) * u * c.abs().mean(-1, keepdim=True)
+        dm2_c = (n_c + 2) * u * m2_c + n_c * e_c.square()
+        if count == 0:
+            mean, err_mean, m2, dm2 = mu_c, e_c, m2_c, dm2_c
+        else:
+            total = count + n_c
+            delta = mu_c - mean
+            w = n_c / total
+            between = count * w * delta.square()
+            d_delta = e_c + err_mean
+            mean = mean + delta * w
+            err_mean = (count * err_mean + n_c * e_c) / total + 6 * u * delta.abs() * w + u * mean.abs()
+            dm2 = (dm2 + dm2_c + 8 * u * between + count * w * (2 * delta.abs() * d_delta + d_delta.square())
+                   + u * (m2_c + between) + u * (m2 + m2_c + between))
+            m2 = m2 + m2_c + between
+        count += n_c
+    sigma = (m2 / n + eps).sqrt()
+    z = (v - mean) / sigma
+    rho = dm2 / (n * sigma.square())
+    return err_mean / sigma + z.abs() * (rho / 2 + 13 * u + u_out)
+
+
 # The fused LN tail on long ragged rows: (path, M, N, LN_ONE_PASS_MAX or None for the module's value, output
-# dtype). N <= the limit: the row is read once into registers; N > the limit: three passes over chunks (the
-# limit is lowered to reach that regime cheaply; N = 4100 crosses the real one). Tiles are chosen for the
-# interpreter, whose tl.reduce with a combine function runs per element: the core GEMV (split-K 1, as the
-# decode default core1_n16_kw8) reduces N·32·BLOCK_KW values, so it gets the smaller rows.
+# dtype). N <= the limit: the row is read once into registers; N > the limit: two reads of chunks, the mean
+# and variance merged per chunk (the limit is lowered to reach that regime cheaply; N = 4100 crosses the
+# real one, with a last chunk of 4). Tiles are chosen for the interpreter, whose tl.reduce with a combine
+# function runs per element: the core GEMV (split-K 1, as the decode default core1_n16_kw8) reduces
+# N·32·BLOCK_KW values, so it gets the smaller rows.
 LN_ROW_CONFIGS = {
     "core": lambda mod: mod.GemvConfig(block_n=128, block_kw=1, split_k=1),
     "tc_gemv": lambda mod: mod.MMConfig(block_m=16, block_n=128, block_k=64, group_m=1, split_k=2,
@@ -276,35 +323,38 @@ LN_ROW_CASES = [("core", 1, 1000, None, BF16), ("core", 1, 1536, None, F32), ("c
                 ("planes", 2, 1536, 512, F32), ("planes", 1, 4100, None, F32), ("lut", 1, 1000, 256, BF16)]
 
 
+def _ln_plan(mod, m, n_out, k, out_dtype, eps, cfg, limit, request, monkeypatch):
+    """The LN plan under LN_ONE_PASS_MAX = ``limit`` (None: the module's); asserts the tail's regime."""
+    if limit is not None:
+        monkeypatch.setattr(mod, "LN_ONE_PASS_MAX", limit)
+    mod._cached_plan.cache_clear()  # plans hold LN_BLOCK: none made under another limit
+    request.addfinalizer(mod._cached_plan.cache_clear)
+    plan = mod.onebit_matmul_plan(m, n_out, k, device="cpu", x_dtype=torch.bfloat16, out_dtype=out_dtype,
+                                  layernorm_eps=eps, config=cfg)
+    one_read = n_out <= (limit or mod.LN_ONE_PASS_MAX)
+    assert plan.fuse_ln and (plan.meta["LN_BLOCK"] >= n_out) == one_read
+    return plan
+
+
 @pytest.mark.parametrize("path,m,n_out,limit,out_dtype", LN_ROW_CASES)
 def test_post_layernorm_long_rows_registers_and_chunked(path, m, n_out, limit, out_dtype, monkeypatch,
                                                         request):
     """The fused LN on rows in both regimes of the tail.
 
-    1. Against LN of the fp64 product, within test_post_layernorm's propagated bound (its 4·N·u term covers
-       the fp32 sums of the mean and the variance in any order: the one-read path's single reduction and the
-       chunked path's per-chunk sums are both inside it).
+    1. Against LN of the fp64 product, within test_post_layernorm's propagated bound. Its 4·N·u term covers
+       the tail's rounding (any summation order, the chunk merge included) on rows whose mean|y| is not far
+       above σ, as here (random signs: the row mean is about 0); checked on these rows: _ln_tail_bound of
+       the fp64 product is below it.
     2. Against the fp64 LN of the kernel's own fp32 product v (the same config without LN writes the values
-       the tail reads), which isolates the tail's arithmetic. First order in u = 2^-24, any summation order,
-       A = mean|v|, σ' = sqrt(var(v) + eps), z = (v - mean) / σ':
-         mean: |Δμ| <= (N + 1)·u·A (a sum of N terms, then the division by N);
-         Σd²: relative error <= (N + 2)·u (rounded d and squares, the sum) + (Δμ/σ')² (the shifted mean);
-         rstd: /N and + eps 2u, halved by the sqrt, then sqrt and 1/x 4u each (the GPU's approximate
-               ones): relative error <= (N/2 + 10)·u + (Δμ/σ')²/2;
-         z = d·rstd: |Δz| <= |Δμ|/σ' + |z|·((N/2 + 12)·u + (Δμ/σ')²) + u_out·|z|.
-       Much tighter than 1.: it catches an unbiased variance (a relative error of 1/(2N) in z) up to
-       N ~ 4096."""
+       the tail reads), which isolates the tail's arithmetic, within _ln_tail_bound (derived there). Much
+       tighter than 1.: with fp32 output it catches an unbiased variance (a relative error of 1/(2N) in z)
+       in the one-read rows and in the 512-chunk rows of 1536; not at N = 4100, where the first-order
+       rounding of 4096-value sums reaches 1/(2N)."""
     mod = _interp
-    if limit is not None:
-        monkeypatch.setattr(mod, "LN_ONE_PASS_MAX", limit)
-    mod._cached_plan.cache_clear()  # plans hold LN_BLOCK: none made under another limit
-    request.addfinalizer(mod._cached_plan.cache_clear)
     k, eps = 100, 1e-5
     cfg = LN_ROW_CONFIGS[path](mod)
-    plan = mod.onebit_matmul_plan(m, n_out, k, device="cpu", x_dtype=torch.bfloat16, out_dtype=out_dtype,
-                                  layernorm_eps=eps, config=cfg)
-    one_read = n_out <= (limit or mod.LN_ONE_PASS_MAX)
-    assert plan.fuse_ln and (plan.meta["LN_BLOCK"] >= n_out) == one_read
+    plan = _ln_plan(mod, m, n_out, k, out_dtype, eps, cfg, limit, request, monkeypatch)
+    ln_block = plan.meta["LN_BLOCK"]
     x, s, g, h = _problem(m, k, n_out, torch.bfloat16, seed=n_out + m)
     y_exact, terms = _exact(x, s, g, h)
     z = F.layer_norm(y_exact, (n_out,), eps=eps)
@@ -312,15 +362,47 @@ def test_post_layernorm_long_rows_registers_and_chunked(path, m, n_out, limit, o
     eps_y = _bound(k, terms, y_exact, torch.float32).amax(dim=-1, keepdim=True)
     w = pack_bits_int32(s)
     y = mod.onebit_matmul(x, w, g, h, k, out_dtype=out_dtype, layernorm_eps=eps, config=cfg)
-    note = f"; {path}, LN_BLOCK {plan.meta['LN_BLOCK']}"
+    note = f"; {path}, LN_BLOCK {ln_block}"
     bound = (2 * eps_y / sigma + 4 * n_out * U32) * (1 + z.abs()) + U_OUT[out_dtype] * z.abs()
+    tail = _ln_tail_bound(y_exact, eps, ln_block, U_OUT[out_dtype])
+    assert bool((tail <= 4 * n_out * U32 * (1 + z.abs()) + U_OUT[out_dtype] * z.abs()).all()), note
     _assert_within(y, z, bound, note)
     v = mod.onebit_matmul(x, w, g, h, k, out_dtype=torch.float32, config=cfg).double()
     z_v = F.layer_norm(v, (n_out,), eps=eps)
-    sigma_v = (v.var(dim=-1, unbiased=False, keepdim=True) + eps).sqrt()
-    d_mu = (n_out + 1) * U32 * v.abs().mean(dim=-1, keepdim=True) / sigma_v
-    bound = d_mu + z_v.abs() * ((n_out / 2 + 12) * U32 + d_mu.square() + U_OUT[out_dtype])
-    _assert_within(y, z_v, bound, note + " (against LN of the kernel's own fp32 product)")
+    _assert_within(y, z_v, _ln_tail_bound(v, eps, ln_block, U_OUT[out_dtype]),
+                   note + " (against LN of the kernel's own fp32 product)")
+
+
+def test_post_layernorm_chunk_merge_with_unequal_chunk_means(monkeypatch, request):
+    """The chunked tail where the merge matters: rows whose chunks have very different means (S rows all +1
+    in every other chunk of 128 and x > 0 for token 0: those outputs are h_n·Σ|x_k g_k|, the others about
+    0), so the between-chunk term δ²·n·n_c/(n + n_c) carries most of the variance; token 1 (x of both signs)
+    is an ordinary row. N = 600 = 4·128 + 88: a ragged last chunk. Against the fp64 LN of the kernel's own
+    fp32 product within _ln_tail_bound, and against the LN of the fp64 product within the propagated product
+    error 2ε(1 + |z|)/σ plus that tail bound. A merge that dropped or misweighted the between term, or
+    divided the ragged chunk by LN_BLOCK, is off by O(1)."""
+    mod = _interp
+    m, k, n_out, limit, eps = 2, 64, 600, 128, 1e-5
+    cfg = LN_ROW_CONFIGS["lut"](mod)
+    plan = _ln_plan(mod, m, n_out, k, torch.float32, eps, cfg, limit, request, monkeypatch)
+    assert plan.meta["LN_BLOCK"] == limit
+    x, s, g, h = _problem(m, k, n_out, torch.bfloat16, seed=11)
+    x[0] = x[0].abs()
+    g, h = g.abs(), h.abs() + 0.5
+    plus = (torch.arange(n_out) // limit) % 2 == 0
+    s[plus] = 1
+    y_exact, terms = _exact(x, s, g, h)
+    z = F.layer_norm(y_exact, (n_out,), eps=eps)
+    between = torch.stack([c.mean(-1) for c in y_exact[0].split(limit)])
+    assert between.std() > y_exact[0].std() / 2  # the chunk means do differ: the premise of the test
+    sigma = (y_exact.var(dim=-1, unbiased=False, keepdim=True) + eps).sqrt()
+    eps_y = _bound(k, terms, y_exact, torch.float32).amax(dim=-1, keepdim=True)
+    w = pack_bits_int32(s)
+    y = mod.onebit_matmul(x, w, g, h, k, out_dtype=torch.float32, layernorm_eps=eps, config=cfg)
+    v = mod.onebit_matmul(x, w, g, h, k, out_dtype=torch.float32, config=cfg).double()
+    _assert_within(y, F.layer_norm(v, (n_out,), eps=eps), _ln_tail_bound(v, eps, limit, 0.0),
+                   " (against LN of the kernel's own fp32 product)")
+    _assert_within(y, z, 2 * eps_y / sigma * (1 + z.abs()) + _ln_tail_bound(y_exact, eps, limit, 0.0))
 
 
 def test_split_k_is_deterministic_and_matches_unsplit():

@@ -26,8 +26,9 @@ Two kernels, chosen by the number of tokens M (rows of x) in :func:`onebit_matmu
 
 Epilogue (both kernels): multiply by h in fp32, cast to the output dtype. With ``LN`` the tile is written
 in fp32 to a work buffer and the last program of the launch (a second counter) normalizes all rows, reading
-a row of up to LN_ONE_PASS_MAX values once into registers; this single-program tail is only worth it for
-small M·m (decode), which :func:`onebit_matmul` checks.
+a row of up to LN_ONE_PASS_MAX values once into registers (longer rows: twice, in chunks whose mean and
+variance are merged, Chan et al. 1979); this single-program tail is only worth it for small M·m (decode),
+which :func:`onebit_matmul` checks.
 
 Counters live in a per-device, per-stream int32 buffer that every launch leaves at zero (the last program
 resets what it used), so launches are CUDA-graph safe once the buffer exists: call once before capture.
@@ -78,7 +79,8 @@ HAS_TRITON = triton is not None
 #: runs in one program at the end of the launch); larger outputs use F.layer_norm on the fp32 product.
 LN_FUSE_MAX_ELEMENTS = 16384
 #: The fused LayerNorm reads a row of N <= this many values once into registers (LN_BLOCK = next_pow2(N));
-#: longer rows take three passes over chunks of this size. 4096 fp32 are 32 registers per thread at
+#: longer rows are read twice in chunks of this size (per-chunk mean and M2 merged, then normalize), holding
+#: one chunk in registers at a time like the one-read path. 4096 fp32 are 32 registers per thread at
 #: num_warps = 4. Checked offline (sm_90 ptxas -v, decode specializations): at 4096 the LN tail adds no
 #: register to core1_n16_kw8 (95), planes_n64/n32_kw32 (168/128), planes_n128_kw32_w8 (178) or
 #: tc16_n64_k256_swap (124); at 8192 core1_n16_kw8 rises to 128 and a num_warps = 2 GEMV spills.
@@ -147,21 +149,29 @@ if HAS_TRITON:
 
     @triton.jit
     def _layernorm_row_chunked(row, out_row, N, stride_on, eps, LN_BLOCK: tl.constexpr):
-        """One row of N > LN_BLOCK fp32 values: three passes (mean, variance, normalize) over LN_BLOCK-chunks,
-        each chunk read from L2 again."""
+        """One row of N > LN_BLOCK fp32 values in two reads of LN_BLOCK-chunks. Read 1: each chunk's count
+        n_c, mean and M2_c = Σ(v - mean_c)² (two-pass, from registers), merged into the running (n, mean, M2)
+        by Chan, Golub and LeVeque (1979): with δ = mean_c - mean, mean += δ·n_c/(n + n_c) and
+        M2 += M2_c + δ²·n·n_c/(n + n_c), in fp32 (every term of M2 is >= 0, no cancellation). Read 2:
+        normalize. The last chunk may be ragged (n_c = N - n); the first is full since N > LN_BLOCK."""
         offs = tl.arange(0, LN_BLOCK)
-        s1 = tl.full((LN_BLOCK,), 0.0, tl.float32)
-        for n0 in range(0, N, LN_BLOCK):
+        v = tl.load(row + offs, cache_modifier=".cg")
+        mean = tl.reduce(v, 0, _add) / LN_BLOCK
+        d = v - mean
+        m2 = tl.reduce(d * d, 0, _add)
+        for n0 in range(LN_BLOCK, N, LN_BLOCK):
             mask = n0 + offs < N
-            s1 += tl.load(row + n0 + offs, mask=mask, other=0.0, cache_modifier=".cg")
-        mean = tl.reduce(s1, 0, _add) / N
-        s2 = tl.full((LN_BLOCK,), 0.0, tl.float32)
-        for n0 in range(0, N, LN_BLOCK):
-            mask = n0 + offs < N
+            n_prev = n0 * 1.0  # fp32, exact (< 2^24); no .to(): the interpreter's loop index is a Python int
+            n_c = tl.minimum(N - n0, LN_BLOCK).to(tl.float32)
             v = tl.load(row + n0 + offs, mask=mask, other=0.0, cache_modifier=".cg")
-            d = tl.where(mask, v - mean, 0.0)
-            s2 += d * d
-        rstd = 1.0 / tl.sqrt(tl.reduce(s2, 0, _add) / N + eps)
+            mean_c = tl.reduce(v, 0, _add) / n_c
+            d = tl.where(mask, v - mean_c, 0.0)
+            m2_c = tl.reduce(d * d, 0, _add)
+            delta = mean_c - mean
+            step = delta * (n_c / (n_prev + n_c))
+            mean += step
+            m2 += m2_c + delta * step * n_prev  # δ·(δ·n_c/n)·n_prev = δ²·n_prev·n_c/n
+        rstd = 1.0 / tl.sqrt(m2 / N + eps)
         for n0 in range(0, N, LN_BLOCK):
             mask = n0 + offs < N
             v = tl.load(row + n0 + offs, mask=mask, other=0.0, cache_modifier=".cg")
@@ -171,12 +181,13 @@ if HAS_TRITON:
     @triton.jit
     def _layernorm_rows(ypre_ptr, out_ptr, M, N, stride_om, stride_on, eps, LN_BLOCK: tl.constexpr):
         """out[m, :] = (y[m, :] - mean) / sqrt(var + eps) for every row of the fp32 (M, N) work buffer
-        (biased variance, two passes over the values, as F.layer_norm).
+        (biased variance, in fp32; the variance two-pass as F.layer_norm, or merged per chunk).
 
         The tail runs in one program after all tiles, so its dependent L2 round trips are the cost (decode
         is latency-bound): a row that fits one block (N <= LN_BLOCK, which the plan makes next_pow2(N) up to
-        LN_ONE_PASS_MAX) is read once and both passes run on registers; a longer row takes three passes over
-        chunks. The branch is on N, uniform across the program."""
+        LN_ONE_PASS_MAX) is read once and both passes run on registers; a longer row is read twice in
+        chunks (mean and variance merged per chunk, Chan et al. 1979; then normalize). The branch is on N,
+        uniform across the program."""
         for m in range(0, M):
             row = ypre_ptr + m * N  # LN is fused only for small M·N (no int32 overflow)
             out_row = out_ptr + m * stride_om
