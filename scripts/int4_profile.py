@@ -126,19 +126,31 @@ def _kernel_rows(fn, n=5) -> list[dict]:
 def part_kernels(args, out: dict, outdir: Path) -> None:
     import triton.testing
 
-    from lowbit.bench.int4_linear import parse_ours
-    from lowbit.kernels import int4_linear as lin4
-
     res = out.setdefault("kernels", {})
-    m, k, n = 16384, 4096, 4096
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    gy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-    src = torch.empty(m, k, device="cuda", dtype=torch.bfloat16)
+    src = torch.empty(16384, 4096, device="cuda", dtype=torch.bfloat16)
     dst = torch.empty_like(src)
     copy_ms = float(triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=50, return_mode="median"))
     res["copy_bf16_16384x4096_us"] = copy_ms * 1e3
     print(f"copy 16384x4096 bf16 (268 MB moved): {copy_ms * 1e3:.1f} us", flush=True)
+    for shape in args.kshapes.split(","):
+        m, k, n = (int(v) for v in shape.split("x"))
+        _kernels_of_shape(args, res if shape == "16384x4096x4096" else res.setdefault(shape, {}), m, k, n)
+
+
+def _kernels_of_shape(args, res: dict, m: int, k: int, n: int) -> None:
+    import triton.testing
+
+    from lowbit.bench.int4_linear import parse_ours
+    from lowbit.kernels import int4_linear as lin4
+
+    print(f"-- M x K x N = {m} x {k} x {n}", flush=True)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    gy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    bf = float(triton.testing.do_bench(lambda: torch.autograd.grad(x @ w.t(), (x, w), gy), warmup=10, rep=50,
+                                       return_mode="median"))
+    res["bf16_do_bench_ms"] = bf
+    print(f"== bf16: do_bench {bf:.3f} ms", flush=True)
     for name in args.recipes.split(","):
         kw = parse_ours(name)
         gen = torch.Generator(device="cuda").manual_seed(0)
@@ -401,6 +413,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/profile")
     ap.add_argument("--parts", default="agree,launch,layer,onebit,e2e")
     ap.add_argument("--recipes", default="ours-hq,ours-hq+tensor,ours-hq-lss", help="for the kernels part")
+    ap.add_argument("--kshapes", default="16384x4096x4096", help="MxKxN,... for the kernels part")
     args = ap.parse_args()
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)

@@ -224,6 +224,32 @@ def test_bit_split_folds_column_scales_in_the_same_pass(device, dtype):
 
 
 @pytest.mark.parametrize("device", [CPU, GPU])
+def test_bit_split_exact_where_the_fast_division_does_not_apply(device):
+    # The kernel divides by multiplying with the row's reciprocal plus two FMA corrections, exact while the
+    # scales and nonzero quotients are normal numbers; a program with a row outside that (a nonzero |g| under
+    # 2^-96 of its row's scale, a scale under 2^-96) takes the correctly rounded division instead. Rows of
+    # both kinds, and an all-zero row, in one tensor: every code equals the reference's, folded split too.
+    g = _rows(40, 300, torch.float32, device, seed=8, spread=2.0)
+    g[2, 5] = g[2].abs().max() * 2.0**-110  # quotient g / s_lo: a subnormal number
+    g[17] = g[17] * 1e-39  # s_hi and s_lo subnormal: 1 / s_lo overflows
+    g[26] = 0.0
+    g[33, 7] = -g[33].abs().max() * 2.0**-140
+    cs = torch.logspace(-2, 1, 300, device=device)
+    noise = torch.rand(g.shape, generator=torch.Generator(device=device).manual_seed(3), device=device)
+    noise[2, 5] = noise[33, 7] = 0.0  # floor(q + 0) sees the sign of a subnormal q
+    out = hq.bit_split_quantize(g, noise=noise, write_packed=True, col_scale=cs)
+    ref = bit_split(g, noise=noise)
+    hi, lo = hq.unpack_hi_lo(out.hl)
+    torch.testing.assert_close(hi, ref.hi, rtol=0, atol=0)
+    torch.testing.assert_close(lo, ref.lo, rtol=0, atol=0)
+    torch.testing.assert_close(out.scale_lo, ref.scale_lo, rtol=0, atol=0)
+    ref2 = bit_split(g * cs, noise=noise)
+    torch.testing.assert_close(out.folded[0], (14 * ref2.hi.int() + ref2.lo.int()).to(torch.int8), rtol=0,
+                               atol=0)
+    assert int(ref.lo[33, 7]) == -1  # the case the guard is for: floor of a tiny negative quotient
+
+
+@pytest.mark.parametrize("device", [CPU, GPU])
 def test_bit_split_in_kernel_noise_is_unbiased_and_seeded(device):
     # Rows of one repeated value c: the mean reconstruction of a row estimates c. Per element the stochastic
     # half has variance <= s_lo^2 / 4, so the row mean of n elements has std <= s_lo / (2 sqrt(n)).

@@ -31,8 +31,12 @@ exact (the inputs' exponents span less than 16 binades, the usual case); fp32 in
 three bf16 pieces. Where a sum does round, the two paths can differ by an ulp, which flips a code only when
 x̂ / s lies within a few ulps of a .5 boundary (tests/kernels/test_hadamard_quant.py bounds this).
 
-Arithmetic that decides codes follows ``lowbit.quant`` exactly: divisions correctly rounded (``div_rn``),
-round half to even, no FMA contraction (the launch passes ``enable_fp_fusion=False``). On the CPU the
+Arithmetic that decides codes follows ``lowbit.quant`` exactly: divisions correctly rounded, round half to
+even, no FMA contraction (the launch passes ``enable_fp_fusion=False``). A division by a row's scale s is
+x · (1/s) plus two FMA corrections (``_div_by``: the correctly rounded quotient, without the MUFU
+reciprocal of ``div_rn`` per element) wherever that is proven exact (normal scales and quotients, checked
+once per program); elsewhere ``div_rn``. Integer codes leave fp32 by adding 1.5·2^23 and reading the low
+bits, not through conversion instructions (quarter rate on Hopper). On the CPU the
 kernels run under ``TRITON_INTERPRET=1`` (tests, small shapes).
 """
 
@@ -185,8 +189,37 @@ if HAS_TRITON:
             bits = ((b >> 24) & 0x80) | ((((b >> 23) & 0xFF) - 120) << 3) | ((b >> 20) & 7)
             bits = tl.where(q == 0.0, 0, bits)
             tl.store(ptrs, bits.to(tl.uint8), mask=mask)
+        elif ptrs.dtype.element_ty == tl.int8:
+            tl.store(ptrs, _small_int(q).to(tl.int8), mask=mask)
         else:
             tl.store(ptrs, q.to(ptrs.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _small_int(q):
+        """int32 of an fp32 q holding an integer, |q| < 2^22, without a conversion instruction (those issue
+        at a quarter of the FMA rate): q + 1.5·2^23 is exact and keeps q in its low mantissa bits."""
+        return (q + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
+
+    @triton.jit
+    def _floor_small(x):
+        """floor(x) for |x| < 2^22 on the FMA pipe: round to nearest by adding and subtracting 1.5·2^23,
+        then one down where that went up."""
+        r = (x + 12582912.0) - 12582912.0
+        return tl.where(r > x, r - 1.0, r)
+
+    @triton.jit
+    def _div_by(a, b, inv_b, FAST: tl.constexpr):
+        """a / b correctly rounded (``div_rn``'s result). FAST: from inv_b = div_rn(1, b), q = a·inv_b and
+        two Markstein corrections q += (a - q·b)·inv_b, each two FMAs (the remainder a - q·b is exact once q
+        is faithful, and the last step of a faithful q rounds correctly: Markstein 1990). Valid when b,
+        1/b and every nonzero quotient are normal numbers and no quotient overflows: the caller checks
+        that per program and passes FAST only then. It takes no MUFU reciprocal per element."""
+        if FAST:
+            q = a * inv_b
+            q = tl.fma(tl.fma(-q, b, a), inv_b, q)
+            return tl.fma(tl.fma(-q, b, a), inv_b, q)
+        else:
+            return tl.math.div_rn(a, b)
 
     @triton.jit
     def _round_to_input(y, ROUND: tl.constexpr):
@@ -277,6 +310,28 @@ if HAS_TRITON:
         return tl.where(scale > 0, scale, 1.0)
 
     @triton.jit
+    def _hq_codes(x_rows, rows64, row_ok, cols0, c_begin, c_end, C, s, inv_sqrt_b, scale, out_ptr, out_t_ptr,
+                  stride_or, stride_tc, BR: tl.constexpr, BC: tl.constexpr, ROTATE: tl.constexpr,
+                  NSPLIT: tl.constexpr, DOT_F32: tl.constexpr, ROUND: tl.constexpr, WRITE_OUT: tl.constexpr,
+                  WRITE_T: tl.constexpr, FAST: tl.constexpr):
+        """The code pass of ``_hq_kernel`` (MODE 1 and 2): codes of x̂ / scale stored, row sums of codes²."""
+        inv = tl.math.div_rn(tl.full([BR], 1.0, tl.float32), scale)
+        ssq = tl.zeros([BR], dtype=tl.float32)
+        for c0 in range(c_begin, c_end, BC):
+            cols = c0 + cols0
+            mask = row_ok[:, None] & (cols[None, :] < C)
+            xr = tl.load(x_rows + cols[None, :], mask=mask, other=0.0)
+            y = _transform(xr, s, inv_sqrt_b, ROTATE, NSPLIT, DOT_F32, ROUND)
+            q = _rint7(_div_by(y, scale[:, None], inv[:, None], FAST))
+            ssq += tl.sum(q * q, axis=1)
+            if WRITE_OUT:
+                _store_codes(out_ptr + rows64[:, None] * stride_or + cols[None, :], q, mask)
+            if WRITE_T:
+                t_ptrs = out_t_ptr + cols.to(tl.int64)[None, :] * stride_tc + rows64[:, None]
+                _store_codes(t_ptrs, q, mask)
+        return ssq
+
+    @triton.jit
     def _hq_kernel(
         x_ptr, scale_in_ptr, rs_ptr,
         out_ptr, out_t_ptr, scale_out_ptr, absmax_ptr, sumsq_ptr, tmax_ptr,
@@ -339,19 +394,20 @@ if HAS_TRITON:
             scale = tl.zeros([BR], dtype=tl.float32) + tl.load(scale_in_ptr)
 
         if MODE == 1 or MODE == 2:
-            ssq = tl.zeros([BR], dtype=tl.float32)
-            for c0 in range(c_begin, c_end, BC):
-                cols = c0 + cols0
-                mask = row_ok[:, None] & (cols[None, :] < C)
-                xr = tl.load(x_rows + cols[None, :], mask=mask, other=0.0)
-                y = _transform(xr, s, inv_sqrt_b, ROTATE, NSPLIT, DOT_F32, ROUND)
-                q = _rint7(tl.math.div_rn(y, scale[:, None]))
-                ssq += tl.sum(q * q, axis=1)
-                if WRITE_OUT:
-                    _store_codes(out_ptr + rows64[:, None] * stride_or + cols[None, :], q, mask)
-                if WRITE_T:
-                    t_ptrs = out_t_ptr + cols.to(tl.int64)[None, :] * stride_tc + rows64[:, None]
-                    _store_codes(t_ptrs, q, mask)
+            # A scale from an absmax (MODE 1, or MODE 2 with TMAX) bounds every |x̂ / scale| by 7: the FAST
+            # division (``_div_by``) is exact there once the program's scales and their reciprocals are
+            # normal (a subnormal quotient rounds to code 0 either way). A given scale keeps div_rn.
+            fast = False
+            if MODE == 1 or TMAX:
+                fast = (tl.min(scale, axis=0) >= 2.350988701644575e-38) & (tl.max(scale, axis=0) <= 1e37)
+            if fast:
+                ssq = _hq_codes(x_rows, rows64, row_ok, cols0, c_begin, c_end, C, s, inv_sqrt_b, scale,
+                                out_ptr, out_t_ptr, stride_or, stride_tc, BR, BC, ROTATE, NSPLIT, DOT_F32,
+                                ROUND, WRITE_OUT, WRITE_T, True)
+            else:
+                ssq = _hq_codes(x_rows, rows64, row_ok, cols0, c_begin, c_end, C, s, inv_sqrt_b, scale,
+                                out_ptr, out_t_ptr, stride_or, stride_tc, BR, BC, ROTATE, NSPLIT, DOT_F32,
+                                ROUND, WRITE_OUT, WRITE_T, False)
             if SPLIT:
                 tl.atomic_add(sumsq_ptr + rows, ssq, mask=row_ok)
             else:
@@ -370,92 +426,55 @@ if HAS_TRITON:
                 _store_cast(out_ptr + rows64[:, None] * stride_or + cols[None, :], y * rscale[:, None], mask)
 
     @triton.jit
-    def _bit_split_tile(g_rows, noise_rows, rows64, row_ok, cols, C, s_hi, s_lo, rnd,
+    def _bit_split_tile(g_rows, noise_rows, rows64, row_ok, cols, C, s_hi, s_lo, inv_hi, inv_lo, rnd,
                         v_ptr, hl_ptr, hi8_ptr, lo8_ptr, stride_or, cs_ptr,
                         HAS_NOISE: tl.constexpr, WRITE_V: tl.constexpr, WRITE_HL: tl.constexpr,
-                        WRITE_F8: tl.constexpr, COL_SCALED: tl.constexpr):
+                        WRITE_F8: tl.constexpr, COL_SCALED: tl.constexpr, FAST: tl.constexpr):
         """Split one (rows × cols) tile (of g, or with COL_SCALED of g ⊙ cs, the fp32 product rounded
-        once); returns the row sums of hi² and lo²."""
+        once); returns the row sums of hi² and lo². Integer codes are formed without conversion
+        instructions (``_small_int``, ``_floor_small``), divisions by ``_div_by``."""
         mask = row_ok[:, None] & (cols[None, :] < C)
         g = tl.load(g_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if COL_SCALED:
             g = g * tl.load(cs_ptr + cols, mask=cols < C, other=0.0)[None, :]
-        hi = _rint7(tl.math.div_rn(g, s_hi[:, None]))
+        hi = _rint7(_div_by(g, s_hi[:, None], inv_hi[:, None], FAST))
         resid = g - hi * s_hi[:, None]
         if HAS_NOISE:
             u = tl.load(noise_rows + cols[None, :], mask=mask, other=0.0)
         else:
-            u = tlr.uint_to_uniform_float(rnd)
-        lo = tl.floor(tl.math.div_rn(resid, s_lo[:, None]) + u)
+            # 23 random bits as the mantissa of a number in [1, 2), minus 1: u on the grid k·2^-23 in [0, 1)
+            u = ((rnd >> 9) | 0x3F800000).to(tl.float32, bitcast=True) - 1.0
+        lo = _floor_small(_div_by(resid, s_lo[:, None], inv_lo[:, None], FAST) + u)
         lo = tl.minimum(tl.maximum(lo, -7.0), 7.0)
         lo = tl.where(mask, lo, 0.0)
         offs = rows64[:, None] * stride_or + cols[None, :]
+        hi_i = _small_int(hi)
+        lo_i = _small_int(lo)
         if WRITE_V:
-            tl.store(v_ptr + offs, (hi * 14.0 + lo).to(v_ptr.dtype.element_ty), mask=mask)  # int8 / fp16
+            if v_ptr.dtype.element_ty == tl.int8:
+                tl.store(v_ptr + offs, (hi_i * 14 + lo_i).to(tl.int8), mask=mask)
+            else:  # fp16: the same integers, exact
+                tl.store(v_ptr + offs, (hi * 14.0 + lo).to(v_ptr.dtype.element_ty), mask=mask)
         if WRITE_HL:
-            hl = hi.to(tl.int32) * 16 + (lo.to(tl.int32) & 15)
-            tl.store(hl_ptr + offs, hl.to(tl.int8), mask=mask)
+            tl.store(hl_ptr + offs, (hi_i * 16 + (lo_i & 15)).to(tl.int8), mask=mask)
         if WRITE_F8:
             tl.store(hi8_ptr + offs, hi.to(hi8_ptr.dtype.element_ty), mask=mask)
             tl.store(lo8_ptr + offs, lo.to(lo8_ptr.dtype.element_ty), mask=mask)
         return tl.sum(hi * hi, axis=1), tl.sum(lo * lo, axis=1)
 
     @triton.jit
-    def _bit_split_kernel(
-        g_ptr, noise_ptr, scale_in_ptr,
-        v_ptr, hl_ptr, hi8_ptr, lo8_ptr, scale_out_ptr, ssq_hi_ptr, ssq_lo_ptr,
-        R, C, stride_gr, stride_nr, stride_or, seed_ptr, scale_lo_ptr,
-        cs_ptr, v2_ptr, scale2_hi_ptr, scale2_lo_ptr,
-        BR: tl.constexpr, BC: tl.constexpr, GIVEN: tl.constexpr, HAS_NOISE: tl.constexpr,
-        WRITE_V: tl.constexpr, WRITE_HL: tl.constexpr, WRITE_F8: tl.constexpr, SEED_IDX: tl.constexpr,
-        WRITE_SSQ: tl.constexpr, FOLD: tl.constexpr,
-    ):
-        """BR whole rows per program. The noise of the lo rounding: one Philox call (tl.randint4x) per four
-        elements, element (r, c0 + t·BC/4 + j) of a BC-column tile taking output t of counter
-        r·ceil(C/4) + c0/4 + j. GIVEN (one scale per tensor): scale_in_ptr holds the tensor absmax, program 0
-        writes s_hi and s_lo (one element each); else each row's s_hi and s_lo are written. The seed:
-        ``_load_seed(seed_ptr, SEED_IDX)``. v is stored in v_ptr's dtype (int8, or fp16: exact). The row sums
-        of hi² and lo² are written only with WRITE_SSQ. FOLD (per token only): also split g ⊙ cs (cs: one fp32
-        factor per column) with its own row scales and the same noise, written as v2 (int8) and the scales
-        scale2_hi / scale2_lo: the input-gradient operand with a per-channel weight scale folded in."""
+    def _bit_split_pass(g_rows, noise_rows, rows64, row_ok, C, s_hi, s_lo, s2_hi, s2_lo, seed,
+                        v_ptr, hl_ptr, hi8_ptr, lo8_ptr, stride_or, cs_ptr, v2_ptr,
+                        BR: tl.constexpr, BC: tl.constexpr, HAS_NOISE: tl.constexpr, WRITE_V: tl.constexpr,
+                        WRITE_HL: tl.constexpr, WRITE_F8: tl.constexpr, FOLD: tl.constexpr,
+                        FAST: tl.constexpr):
+        """The code pass of ``_bit_split_kernel`` over the program's rows; returns row sums of hi², lo²."""
         Q: tl.constexpr = BC // 4
-        pid = tl.program_id(0)
-        rows = pid * BR + tl.arange(0, BR)
-        row_ok = rows < R
-        rows64 = rows.to(tl.int64)
-        g_rows = g_ptr + rows64[:, None] * stride_gr
-        noise_rows = noise_ptr + rows64[:, None] * stride_nr
-        if GIVEN:
-            s_hi = _scale_of_max(tl.zeros([BR], dtype=tl.float32) + tl.load(scale_in_ptr), 7.0)
-            tl.store(scale_out_ptr + rows * 0, s_hi, mask=rows == 0)
-        else:
-            amax = tl.zeros([BR], dtype=tl.float32)
-            amax2 = tl.zeros([BR], dtype=tl.float32)
-            cols0 = tl.arange(0, BC)
-            for c0 in range(0, C, BC):
-                cols = c0 + cols0
-                mask = row_ok[:, None] & (cols[None, :] < C)
-                g = tl.load(g_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                amax = tl.maximum(amax, tl.max(tl.abs(g), axis=1))
-                if FOLD:
-                    csv = tl.load(cs_ptr + cols, mask=cols < C, other=0.0)
-                    amax2 = tl.maximum(amax2, tl.max(tl.abs(g * csv[None, :]), axis=1))
-            s_hi = tl.math.div_rn(amax, tl.full([BR], 7.0, tl.float32))
-            s_hi = tl.where(s_hi > 0, s_hi, 1.0)
-            tl.store(scale_out_ptr + rows, s_hi, mask=row_ok)
-            if FOLD:
-                s2_hi = tl.math.div_rn(amax2, tl.full([BR], 7.0, tl.float32))
-                s2_hi = tl.where(s2_hi > 0, s2_hi, 1.0)
-                s2_lo = tl.math.div_rn(s2_hi, tl.full([BR], 14.0, tl.float32))
-                tl.store(scale2_hi_ptr + rows, s2_hi, mask=row_ok)
-                tl.store(scale2_lo_ptr + rows, s2_lo, mask=row_ok)
-        s_lo = tl.math.div_rn(s_hi, tl.full([BR], 14.0, tl.float32))
-        if GIVEN:
-            tl.store(scale_lo_ptr + rows * 0, s_lo, mask=rows == 0)
-        else:
-            tl.store(scale_lo_ptr + rows, s_lo, mask=row_ok)
-        if not HAS_NOISE:
-            seed = _load_seed(seed_ptr, SEED_IDX)
+        one = tl.full([BR], 1.0, tl.float32)
+        inv_hi = tl.math.div_rn(one, s_hi)
+        inv_lo = tl.math.div_rn(one, s_lo)
+        inv2_hi = tl.math.div_rn(one, s2_hi)
+        inv2_lo = tl.math.div_rn(one, s2_lo)
         ssq_hi = tl.zeros([BR], dtype=tl.float32)
         ssq_lo = tl.zeros([BR], dtype=tl.float32)
         cq = tl.arange(0, Q)
@@ -475,14 +494,98 @@ if HAS_TRITON:
                 else:
                     rnd = r3
                 h, lw = _bit_split_tile(g_rows, noise_rows, rows64, row_ok, c0 + t * Q + cq, C, s_hi, s_lo,
-                                        rnd, v_ptr, hl_ptr, hi8_ptr, lo8_ptr, stride_or, cs_ptr, HAS_NOISE,
-                                        WRITE_V, WRITE_HL, WRITE_F8, False)
+                                        inv_hi, inv_lo, rnd, v_ptr, hl_ptr, hi8_ptr, lo8_ptr, stride_or,
+                                        cs_ptr, HAS_NOISE, WRITE_V, WRITE_HL, WRITE_F8, False, FAST)
                 ssq_hi += h
                 ssq_lo += lw
                 if FOLD:  # the same noise, g ⊙ cs with its own scales: only v2 is written
-                    _bit_split_tile(g_rows, noise_rows, rows64, row_ok, c0 + t * Q + cq, C, s2_hi, s2_lo, rnd,
-                                    v2_ptr, v2_ptr, v2_ptr, v2_ptr, stride_or, cs_ptr, HAS_NOISE, True, False,
-                                    False, True)
+                    _bit_split_tile(g_rows, noise_rows, rows64, row_ok, c0 + t * Q + cq, C, s2_hi, s2_lo,
+                                    inv2_hi, inv2_lo, rnd, v2_ptr, v2_ptr, v2_ptr, v2_ptr, stride_or, cs_ptr,
+                                    HAS_NOISE, True, False, False, True, FAST)
+        return ssq_hi, ssq_lo
+
+    @triton.jit
+    def _bit_split_kernel(
+        g_ptr, noise_ptr, scale_in_ptr,
+        v_ptr, hl_ptr, hi8_ptr, lo8_ptr, scale_out_ptr, ssq_hi_ptr, ssq_lo_ptr,
+        R, C, stride_gr, stride_nr, stride_or, seed_ptr, scale_lo_ptr,
+        cs_ptr, v2_ptr, scale2_hi_ptr, scale2_lo_ptr,
+        BR: tl.constexpr, BC: tl.constexpr, GIVEN: tl.constexpr, HAS_NOISE: tl.constexpr,
+        WRITE_V: tl.constexpr, WRITE_HL: tl.constexpr, WRITE_F8: tl.constexpr, SEED_IDX: tl.constexpr,
+        WRITE_SSQ: tl.constexpr, FOLD: tl.constexpr,
+    ):
+        """BR whole rows per program. The noise of the lo rounding: one Philox call (tl.randint4x) per four
+        elements, element (r, c0 + t·BC/4 + j) of a BC-column tile taking output t of counter
+        r·ceil(C/4) + c0/4 + j. GIVEN (one scale per tensor): scale_in_ptr holds the tensor absmax, program 0
+        writes s_hi and s_lo (one element each); else each row's s_hi and s_lo are written. The seed:
+        ``_load_seed(seed_ptr, SEED_IDX)``. v is stored in v_ptr's dtype (int8, or fp16: exact). The row sums
+        of hi² and lo² are written only with WRITE_SSQ. FOLD (per token only): also split g ⊙ cs (cs: one fp32
+        factor per column) with its own row scales and the same noise, written as v2 (int8) and the scales
+        scale2_hi / scale2_lo: the input-gradient operand with a per-channel weight scale folded in."""
+        pid = tl.program_id(0)
+        rows = pid * BR + tl.arange(0, BR)
+        row_ok = rows < R
+        rows64 = rows.to(tl.int64)
+        g_rows = g_ptr + rows64[:, None] * stride_gr
+        noise_rows = noise_ptr + rows64[:, None] * stride_nr
+        # FAST division (``_div_by``) needs normal scales and normal nonzero quotients: every nonzero |g| at
+        # least 2^-96 of its row's s_hi (|g| / s_lo >= 14·2^-96; a nonzero residual of hi != 0 is at least
+        # 2^-25 of s_hi), s_hi in [2^-96, 2^96]. Checked once per program from the min nonzero |g|.
+        amin = tl.full([BR], float("inf"), tl.float32)
+        amin2 = tl.full([BR], float("inf"), tl.float32)
+        if GIVEN:
+            s_hi = _scale_of_max(tl.zeros([BR], dtype=tl.float32) + tl.load(scale_in_ptr), 7.0)
+            tl.store(scale_out_ptr + rows * 0, s_hi, mask=rows == 0)
+            amin = tl.zeros([BR], dtype=tl.float32)  # not tracked: the exact division
+        else:
+            amax = tl.zeros([BR], dtype=tl.float32)
+            amax2 = tl.zeros([BR], dtype=tl.float32)
+            cols0 = tl.arange(0, BC)
+            for c0 in range(0, C, BC):
+                cols = c0 + cols0
+                mask = row_ok[:, None] & (cols[None, :] < C)
+                ga = tl.abs(tl.load(g_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32))
+                amax = tl.maximum(amax, tl.max(ga, axis=1))
+                amin = tl.minimum(amin, tl.min(tl.where(ga > 0, ga, float("inf")), axis=1))
+                if FOLD:
+                    csv = tl.load(cs_ptr + cols, mask=cols < C, other=0.0)
+                    ga2 = ga * csv[None, :]
+                    amax2 = tl.maximum(amax2, tl.max(ga2, axis=1))
+                    amin2 = tl.minimum(amin2, tl.min(tl.where(ga2 > 0, ga2, float("inf")), axis=1))
+            s_hi = tl.math.div_rn(amax, tl.full([BR], 7.0, tl.float32))
+            s_hi = tl.where(s_hi > 0, s_hi, 1.0)
+            tl.store(scale_out_ptr + rows, s_hi, mask=row_ok)
+        s2_hi = s_hi
+        s2_lo = s_hi
+        if FOLD:
+            s2_hi = tl.math.div_rn(amax2, tl.full([BR], 7.0, tl.float32))
+            s2_hi = tl.where(s2_hi > 0, s2_hi, 1.0)
+            s2_lo = tl.math.div_rn(s2_hi, tl.full([BR], 14.0, tl.float32))
+            tl.store(scale2_hi_ptr + rows, s2_hi, mask=row_ok)
+            tl.store(scale2_lo_ptr + rows, s2_lo, mask=row_ok)
+        s_lo = tl.math.div_rn(s_hi, tl.full([BR], 14.0, tl.float32))
+        if GIVEN:
+            tl.store(scale_lo_ptr + rows * 0, s_lo, mask=rows == 0)
+        else:
+            tl.store(scale_lo_ptr + rows, s_lo, mask=row_ok)
+        seed = 0
+        if not HAS_NOISE:
+            seed = _load_seed(seed_ptr, SEED_IDX)
+        tiny = 1.2621774483536189e-29  # 2^-96
+        ok = (amin >= s_hi * tiny) & (s_hi >= tiny) & (s_hi <= 1.0 / tiny)
+        if FOLD:
+            ok = ok & (amin2 >= s2_hi * tiny) & (s2_hi >= tiny) & (s2_hi <= 1.0 / tiny)
+        fast = tl.min(tl.where(row_ok, ok, True).to(tl.int32), axis=0) == 1
+        if fast:
+            ssq_hi, ssq_lo = _bit_split_pass(
+                g_rows, noise_rows, rows64, row_ok, C, s_hi, s_lo, s2_hi, s2_lo, seed, v_ptr, hl_ptr, hi8_ptr,
+                lo8_ptr, stride_or, cs_ptr, v2_ptr, BR, BC, HAS_NOISE, WRITE_V, WRITE_HL, WRITE_F8, FOLD,
+                True)
+        else:
+            ssq_hi, ssq_lo = _bit_split_pass(
+                g_rows, noise_rows, rows64, row_ok, C, s_hi, s_lo, s2_hi, s2_lo, seed, v_ptr, hl_ptr, hi8_ptr,
+                lo8_ptr, stride_or, cs_ptr, v2_ptr, BR, BC, HAS_NOISE, WRITE_V, WRITE_HL, WRITE_F8, FOLD,
+                False)
         if WRITE_SSQ:
             tl.store(ssq_hi_ptr + rows, ssq_hi, mask=row_ok)
             tl.store(ssq_lo_ptr + rows, ssq_lo, mask=row_ok)
@@ -1030,8 +1133,9 @@ def bit_split_quantize(
     Equals ``lowbit.quant.bit_split(g, granularity=...)`` given the same uniform noise u: pass
     ``noise`` = the tensor ``torch.rand(g.shape, generator=gen)`` that bit_split draws from the same
     generator state, and hi, lo, scales are bit for bit the same. Without ``noise`` the kernel draws
-    u ~ U[0, 1) with Triton's Philox (one ``tl.randint4x`` per four elements, seeded by ``seed``): another
-    stream, same law, the same for any tile configuration.
+    u uniform on the grid k·2^-23 of [0, 1) (23 bits of Triton's Philox, one ``tl.randint4x`` per four
+    elements, seeded by ``seed``; ``torch.rand`` has 24): another stream, the same for any tile
+    configuration.
 
     Args:
         g: (R, C) bf16 / fp16 / fp32, rows contiguous, on CUDA (or the CPU under TRITON_INTERPRET=1).

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One device call: GPU tests of the quantizer kernels, then the per-kernel profile of this tree and of
+# the previous quantizer, put in place of hadamard_quant.py; make it first (not kept in the repository):
+#   git show 9884bfc:src/lowbit/kernels/hadamard_quant.py > scripts/_hq_before.py
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+timeout 200 python3 -m pytest -q -n 4 -m gpu -p no:cacheprovider tests/kernels/test_hadamard_quant.py \
+    tests/kernels/test_int4_linear.py >"$OUT/pytest.log" 2>&1; echo "pytest exit $?"; tail -3 "$OUT/pytest.log"
+grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head
+KS=${KSHAPES:-16384x4096x4096,8192x1024x4096,8192x4096x1024}
+timeout 150 python3 scripts/int4_profile.py --parts kernels --kshapes "$KS" --recipes ours-hq,ours-hq-lss \
+    --out "$OUT/new" 2>&1 | grep -E "^(==|--|copy)|bit_split|hq_kernel" | head -60
+cp scripts/_hq_before.py src/lowbit/kernels/hadamard_quant.py
+timeout 150 python3 scripts/int4_profile.py --parts kernels --kshapes "$KS" --recipes ours-hq,ours-hq-lss \
+    --out "$OUT/old" 2>&1 | grep -E "^(==|--|copy)|bit_split|hq_kernel" | head -60
