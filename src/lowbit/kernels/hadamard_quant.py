@@ -1134,8 +1134,8 @@ def bit_split_quantize(
     ``noise`` = the tensor ``torch.rand(g.shape, generator=gen)`` that bit_split draws from the same
     generator state, and hi, lo, scales are bit for bit the same. Without ``noise`` the kernel draws
     u uniform on the grid k·2^-23 of [0, 1) (23 bits of Triton's Philox, one ``tl.randint4x`` per four
-    elements, seeded by ``seed``; ``torch.rand`` has 24): another stream, the same for any tile
-    configuration.
+    elements, seeded by ``seed``; ``torch.rand`` has 24): another stream, fixed by ``seed`` and
+    ``block_cols``.
 
     Args:
         g: (R, C) bf16 / fp16 / fp32, rows contiguous, on CUDA (or the CPU under TRITON_INTERPRET=1).
