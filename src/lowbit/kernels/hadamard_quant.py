@@ -715,13 +715,14 @@ if HAS_TRITON:
         count_ptr, norm_ptr, R_OUT, N, K, stride_gr, stride_xr, stride_ar, stride_br,
         BR: tl.constexpr, BC: tl.constexpr, G_PACKED: tl.constexpr, TRANS: tl.constexpr, POW2: tl.constexpr,
         COUNTED: tl.constexpr, SEED_IDX: tl.constexpr, NORM: tl.constexpr, IDENT: tl.constexpr,
+        WRITE_A: tl.constexpr,
     ):
         """Row j of the outputs: a_out[j] = codes of g row src_idx[j] (the hi or lo half when packed),
         b_out[j] = factor[j] · x[src_idx[j]]; both rounded to the outputs' dtype (bf16: RNE). TRANS: the
         outputs are stored transposed, a_out[:, j] and b_out[:, j] (stride_ar, stride_br: row strides).
         COUNTED: only rows j < count_ptr[0] are live (read); the rows after them, up to R_OUT, are zeros.
         NORM: each factor is first divided by norm_ptr[0] (correctly rounded). IDENT: src_idx[j] = j (not
-        read)."""
+        read). Without WRITE_A only b_out is written."""
         pid = tl.program_id(0)
         rows = pid * BR + tl.arange(0, BR)
         row_ok = rows < R_OUT
@@ -742,7 +743,7 @@ if HAS_TRITON:
         cols0 = tl.arange(0, BC)
         if G_PACKED:
             half = tl.load(half_ptr + rows, mask=live, other=0)  # 0: hi, 1: lo
-        for c0 in range(0, N, BC):
+        for c0 in range(0, N if WRITE_A else 0, BC):
             cols = c0 + cols0
             mask = row_ok[:, None] & (cols[None, :] < N)
             c = tl.load(g_ptr + src[:, None] * stride_gr + cols[None, :], mask=live[:, None] & mask,
@@ -1319,25 +1320,28 @@ def gather_scaled_rows(
 
 
 def _gather(g_codes, x_codes, src_idx, factor, n_out, *, half=None, out_dtype, transposed=False, pad_to=1,
-            pow2=None, count=None, norm=None, block_rows=None, block_cols=None, num_warps=4):
+            pow2=None, count=None, norm=None, block_rows=None, block_cols=None, num_warps=4, write_a=True):
     """:func:`gather_scaled_rows` of checked arguments: ``src_idx`` (n_out,) int32 / int64 contiguous, or None
     for rows 0..n_out-1 in order; ``factor`` (n_out,) contiguous fp32; ``half`` None or (n_out,) int32;
     ``pow2`` None or (factor_max (1,) fp32, seed (1,) int64, seed index of ``_load_seed``); ``count`` None
-    or (1,) int32; ``norm`` None or a one-element fp32 tensor that divides every factor first."""
+    or (1,) int32; ``norm`` None or a one-element fp32 tensor that divides every factor first.
+    ``write_a=False``: only b is made (a is None), for a caller that holds the codes as an operand already."""
     dev = g_codes.device
     n, k = g_codes.shape[1], x_codes.shape[1]
     padded = -(-n_out // pad_to) * pad_to
     if transposed:
-        a = torch.empty(n, padded, dtype=out_dtype, device=dev)
+        a = torch.empty(n, padded, dtype=out_dtype, device=dev) if write_a else None
         b = torch.empty(k, padded, dtype=out_dtype, device=dev)
         if padded > n_out:
-            a[:, n_out:].zero_()
+            if write_a:
+                a[:, n_out:].zero_()
             b[:, n_out:].zero_()
     else:
-        a = torch.empty(padded, n, dtype=out_dtype, device=dev)
+        a = torch.empty(padded, n, dtype=out_dtype, device=dev) if write_a else None
         b = torch.empty(padded, k, dtype=out_dtype, device=dev)
         if padded > n_out:
-            a[n_out:].zero_()
+            if write_a:
+                a[n_out:].zero_()
             b[n_out:].zero_()
     if n_out == 0:
         return (a, b, torch.ones(1, dtype=torch.float32, device=dev)) if pow2 is not None else (a, b)
@@ -1354,11 +1358,12 @@ def _gather(g_codes, x_codes, src_idx, factor, n_out, *, half=None, out_dtype, t
         seed_idx = -1
         extra = (factor, factor, factor)
     _gather_kernel[(_cdiv(n_out, block_rows),)](
-        src_idx, half if half is not None else src_idx, factor, g_codes, x_codes, a, b, *extra,
+        src_idx, half if half is not None else src_idx, factor, g_codes, x_codes, b if a is None else a, b,
+        *extra,
         count if count is not None else src_idx, norm if norm is not None else factor,
-        n_out, n, k, g_codes.stride(0), x_codes.stride(0), a.stride(0), b.stride(0),
+        n_out, n, k, g_codes.stride(0), x_codes.stride(0), a.stride(0) if write_a else 0, b.stride(0),
         BR=block_rows, BC=block_cols, G_PACKED=half is not None, TRANS=transposed, POW2=pow2 is not None,
-        COUNTED=count is not None, SEED_IDX=seed_idx, NORM=norm is not None, IDENT=ident,
+        COUNTED=count is not None, SEED_IDX=seed_idx, NORM=norm is not None, IDENT=ident, WRITE_A=write_a,
         num_warps=num_warps, **_launch_options(dev),
     )
     if pow2 is not None:

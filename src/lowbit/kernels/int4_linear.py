@@ -371,10 +371,13 @@ def _bwd_impl(grad_y, saved, grad_quantizer, grad_granularity, lss_keep_ratio, g
     if bit_split:
         dual = need_grad_x and grad_x_backend == "fp8x2" and w_per_tensor
         write_v = (need_grad_x and not dual and not fold) or (need_grad_w and not sample)
+        # v only for the fp16 ∇W product (∇X takes the folded split): written as fp16, the operand itself
+        v_fp16 = write_v and fold_in_split and not grad_weight_fp8
         seed_t, seed_i = seeds(0) if noise is None else (None, -1)
         bs = _bit_split(grad_y, per_token, seed_t, seed_i, noise, write_v, sample and need_grad_w, dual,
                         write_sumsq=sample and need_grad_w and row_weights is None,
-                        col_scale=w_scale.reshape(-1) if fold_in_split else None)
+                        col_scale=w_scale.reshape(-1) if fold_in_split else None,
+                        v_dtype=torch.float16 if v_fp16 else torch.int8)
         g_codes, g_scale = bs.v, bs.scale_lo
     else:
         # One INT4 matrix: its products with INT4 codes are exact on FP8 tensor cores. ∇X on FP8 when the
@@ -455,8 +458,11 @@ def _bwd_impl(grad_y, saved, grad_quantizer, grad_granularity, lss_keep_ratio, g
             # (with a device count, the entries past it are not factors: normalize by the kept maximum; the
             # gather divides each factor by the normalizer)
             norm = _pow2_normalizer(factor) if live is None else _pow2_of_max(fmax)
+            a_ready = g_src.dtype == torch.float16 and src is None  # the split wrote v in fp16
             a, b = _gather(g_src, x_codes, src, factor, n_rows, half=half, out_dtype=torch.float16,
-                           count=live, norm=norm)
+                           count=live, norm=norm, write_a=not a_ready)
+            if a_ready:
+                a = g_src
             if a.shape[0] == 0:
                 prod = torch.zeros(m, k, dtype=f32, device=dev)
             else:
