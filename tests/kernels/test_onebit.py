@@ -488,6 +488,8 @@ def test_select_config_regimes():
     assert mod.select_config(1, 11008, 4096) is mod.VARIANTS["planes_n64_kw32"]  # (m, N, K)
     assert mod.select_config(1, 4096, 11008) is mod.VARIANTS["planes_n32_kw32"]
     assert mod.select_config(1, 1536, 576) is mod.VARIANTS["core1_n16_kw8"]  # small weight (SmolLM2)
+    assert mod.select_config(1, 2048, 2048) is mod.VARIANTS["core1_n16_kw8"]  # up to 2^22 with K <= N
+    assert mod.select_config(1, 2048, 8192) is mod.VARIANTS["planes_n32_kw32"]  # K > N: bit planes
     cfg = mod.select_config(16, 4096, 4096)
     assert isinstance(cfg, mod.MMConfig) and cfg.block_m == 16
     assert mod.select_config(2, 4096, 4096) is mod.VARIANTS["tc16_n64_k256_swap"]

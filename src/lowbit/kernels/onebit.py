@@ -692,6 +692,9 @@ GEMV_CORE_MAX_M = 1
 #: Weights of at most this many elements (N·K) take the plain CUDA-core GEMV at M = 1 (measured faster than
 #: the bit-plane kernel at 576×1536 and 1536×576, whose split-K and plane pass cost more than they save).
 GEMV_SMALL_WEIGHT = 1 << 20
+#: Up to this many elements, when K <= N, too (measured at 2048×2048, SmolLM2-1.7B's attention projections:
+#: 5.4 µs against the bit-plane kernel's 6.3; at 8192×2048, K > N, the single-split GEMV took 19.3 µs).
+GEMV_SQUARE_WEIGHT = 1 << 22
 #: Number of tokens up to which the tensor-core kernel runs with BLOCK_M = 16 and split-K (GEMV regime).
 GEMV_TC_MAX_M = 16
 #: Number of tokens from which the unpack-then-cuBLAS path is used (below: the Triton tensor-core GEMM).
@@ -737,15 +740,16 @@ def select_config(m: int, n_out: int, k: int, sm_count: int = _SM_COUNT_DEFAULT)
 
     The rule comes from the H100 measurements in docs/kernels-onebit.md ("Dispatch rule"):
 
-    - M = 1: the CUDA-core GEMVs. Small weights (N·K <= 2^20, SmolLM2's projections) ``core1_n16_kw8``
-      (one launch, split-K 1: 3.0 / 3.9 µs against ``core_n32_kw8``'s 3.6 / 5.1 at 576×1536 / 1536×576);
+    - M = 1: the CUDA-core GEMVs. Small weights (N·K <= 2^20, SmolLM2's projections; or N·K <= 2^22 with
+      K <= N) ``core1_n16_kw8`` (one launch, split-K 1: 3.0 / 3.9 µs against ``core_n32_kw8``'s 3.6 / 5.1
+      at 576×1536 / 1536×576, 5.4 against the bit-plane kernel's 6.3 at 2048×2048);
       K > N ``planes_n32_kw32``; else ``planes_n64_kw32``.
     - 2 <= M <= 16: tensor cores, 16-row tiles. ``tc16_n64_k256_swap``, unless its 64-row tiles alone fill
       the GPU (cdiv(N, 64) >= SMs: no split-K, 1.3 waves at N = 11008), then ``tc16_n128_k128``.
     - 17 <= M < UNPACK_MM_MIN_M: ``tc_m64_n128_k64``; from UNPACK_MM_MIN_M: unpack, then cuBLAS.
     """
     if m <= GEMV_CORE_MAX_M:
-        if n_out * k <= GEMV_SMALL_WEIGHT:
+        if n_out * k <= GEMV_SMALL_WEIGHT or (n_out * k <= GEMV_SQUARE_WEIGHT and k <= n_out):
             return VARIANTS["core1_n16_kw8"]
         return VARIANTS["planes_n32_kw32" if k > n_out else "planes_n64_kw32"]
     if m <= GEMV_TC_MAX_M:
