@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests of the quantizer kernels, then the per-kernel profile of this tree and of
-# the previous quantizer, put in place of hadamard_quant.py; make it first (not kept in the repository):
-#   git show 9884bfc:src/lowbit/kernels/hadamard_quant.py > scripts/_hq_before.py
+# a previous quantizer (BASE), put in place of hadamard_quant.py; make it first (not kept in the repository):
+#   git show e586db0:src/lowbit/kernels/hadamard_quant.py > scripts/_hq_before.py
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1

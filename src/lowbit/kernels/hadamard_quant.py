@@ -58,6 +58,10 @@ except ImportError:  # pragma: no cover - exercised where Triton is absent
     triton = None
     tl = None
     tlr = None
+try:  # libdevice's directed roundings (triton >= 3.0 on CUDA); absent: the kernels round in software
+    from triton.language.extra import libdevice as _libdevice
+except ImportError:  # pragma: no cover - depends on the Triton build
+    _libdevice = None
 
 __all__ = [
     "HAS_TRITON",
@@ -112,6 +116,12 @@ def _check_triton(name: str, *tensors: torch.Tensor) -> None:
 
 _NO_FMA: dict = {"enable_fp_fusion": False}
 _NO_OPTIONS: dict = {}
+
+
+def _hw_round_down() -> bool:
+    """Whether the kernels may call libdevice's round-toward-minus-infinity addition (compiled kernels with
+    libdevice; the interpreter has no extern functions)."""
+    return _libdevice is not None and not interpreting()
 
 
 def _launch_options(device: torch.device) -> dict:
@@ -186,7 +196,8 @@ if HAS_TRITON:
         """
         if ptrs.dtype.element_ty == tl.uint8:
             b = q.to(tl.int32, bitcast=True)
-            bits = ((b >> 24) & 0x80) | ((((b >> 23) & 0xFF) - 120) << 3) | ((b >> 20) & 7)
+            # (exponent << 3 | top three mantissa bits) of |q|, rebiased by (127 - 7) << 3, and the sign
+            bits = (((b & 0x7FFFFFFF) >> 20) - 0x3C0) | ((b >> 24) & 0x80)
             bits = tl.where(q == 0.0, 0, bits)
             tl.store(ptrs, bits.to(tl.uint8), mask=mask)
         elif ptrs.dtype.element_ty == tl.int8:
@@ -258,13 +269,20 @@ if HAS_TRITON:
 
     @triton.jit
     def _rotate(xr, s, NSPLIT: tl.constexpr, DOT_F32: tl.constexpr):
-        """xr (rows, W) · s (W, W) with fp32 accumulation (s = the fp32 ±1 tile of :func:`_sign_tile`, used
-        in the dtype of the dot's other operand: exact).
+        """xr (rows, W) · BlockDiag(s, ..., s) with fp32 accumulation (s = an fp32 ±1 tile (RW, RW) of
+        :func:`_sign_tile`, RW dividing W, used in the dtype of the dot's other operand: exact). With RW < W
+        the tile is viewed as (rows·W/RW, RW) for the dot: a block-diagonal (W, W) tile would spend
+        (W/RW - 1)/(W/RW) of its tensor-core work on zeros (the sums are the same: those terms are exact 0).
 
         NSPLIT == 1: xr (bf16 / fp16) goes into the dot as is. Else xr is taken in fp32 and split into
         NSPLIT bf16 pieces (x = p1 + p2 + ..., each residual exact in fp32), one dot each.
         DOT_F32: the dot runs on fp32 copies of the same pieces (CPU interpreter).
         """
+        ROWS: tl.constexpr = xr.shape[0]
+        W: tl.constexpr = xr.shape[1]
+        RW: tl.constexpr = s.shape[0]
+        if RW < W:
+            xr = tl.reshape(xr, [ROWS * (W // RW), RW])
         if NSPLIT == 1:
             if DOT_F32:
                 acc = tl.dot(xr.to(tl.float32), s, input_precision="ieee")
@@ -281,6 +299,8 @@ if HAS_TRITON:
                     acc = tl.dot(piece.to(tl.float32), s, acc, input_precision="ieee")
                 else:
                     acc = tl.dot(piece, s16, acc)
+        if RW < W:
+            acc = tl.reshape(acc, [ROWS, W])
         return acc
 
     @triton.jit
@@ -316,20 +336,24 @@ if HAS_TRITON:
                   WRITE_T: tl.constexpr, FAST: tl.constexpr):
         """The code pass of ``_hq_kernel`` (MODE 1 and 2): codes of x̂ / scale stored, row sums of codes²."""
         inv = tl.math.div_rn(tl.full([BR], 1.0, tl.float32), scale)
-        ssq = tl.zeros([BR], dtype=tl.float32)
+        ssq = tl.zeros([BR, BC], dtype=tl.float32)  # elementwise; summed across lanes once at the end
         for c0 in range(c_begin, c_end, BC):
             cols = c0 + cols0
             mask = row_ok[:, None] & (cols[None, :] < C)
             xr = tl.load(x_rows + cols[None, :], mask=mask, other=0.0)
             y = _transform(xr, s, inv_sqrt_b, ROTATE, NSPLIT, DOT_F32, ROUND)
-            q = _rint7(_div_by(y, scale[:, None], inv[:, None], FAST))
-            ssq += tl.sum(q * q, axis=1)
+            q = _div_by(y, scale[:, None], inv[:, None], FAST)
+            if FAST:  # the scale is an absmax / 7 (correctly rounded): |q| <= 7·(1 + 2^-23), no clamp
+                q = (q + 12582912.0) - 12582912.0
+            else:
+                q = _rint7(q)
+            ssq += q * q
             if WRITE_OUT:
                 _store_codes(out_ptr + rows64[:, None] * stride_or + cols[None, :], q, mask)
             if WRITE_T:
                 t_ptrs = out_t_ptr + cols.to(tl.int64)[None, :] * stride_tc + rows64[:, None]
                 _store_codes(t_ptrs, q, mask)
-        return ssq
+        return tl.sum(ssq, axis=1)
 
     @triton.jit
     def _hq_kernel(
@@ -337,7 +361,7 @@ if HAS_TRITON:
         out_ptr, out_t_ptr, scale_out_ptr, absmax_ptr, sumsq_ptr, tmax_ptr,
         R, C, CHUNK, stride_xr, stride_or, stride_tc,
         inv_sqrt_b,
-        BR: tl.constexpr, BC: tl.constexpr, HB: tl.constexpr,
+        BR: tl.constexpr, BC: tl.constexpr, HB: tl.constexpr, RW: tl.constexpr,
         ROTATE: tl.constexpr, NSPLIT: tl.constexpr, DOT_F32: tl.constexpr, ROUND: tl.constexpr,
         MODE: tl.constexpr, WRITE_OUT: tl.constexpr, WRITE_T: tl.constexpr, HAS_RS: tl.constexpr,
         SPLIT: tl.constexpr, QMAX_C: tl.constexpr, TMAX: tl.constexpr, HAS_SCALE: tl.constexpr,
@@ -362,19 +386,26 @@ if HAS_TRITON:
         rows64 = rows.to(tl.int64)
         cols0 = tl.arange(0, BC)
         if ROTATE:
-            s = _sign_tile(BC, HB)
+            s = _sign_tile(RW, HB)
         else:
             s = None
         x_rows = x_ptr + rows64[:, None] * stride_xr
 
         if MODE == 0 or MODE == 1:
-            amax = tl.zeros([BR], dtype=tl.float32)
+            # max |x̂| of each row. x̂ = round(acc · 1/√b) and both roundings are monotone, so the max of |acc|
+            # is taken elementwise over the tiles and scaled and rounded once per row: the same number.
+            amax_t = tl.zeros([BR, BC], dtype=tl.float32)
             for c0 in range(c_begin, c_end, BC):
                 cols = c0 + cols0
                 mask = row_ok[:, None] & (cols[None, :] < C)
                 xr = tl.load(x_rows + cols[None, :], mask=mask, other=0.0)
-                y = _transform(xr, s, inv_sqrt_b, ROTATE, NSPLIT, DOT_F32, ROUND)
-                amax = tl.maximum(amax, tl.max(tl.abs(y), axis=1))
+                if ROTATE:
+                    amax_t = tl.maximum(amax_t, tl.abs(_rotate(xr, s, NSPLIT, DOT_F32)))
+                else:
+                    amax_t = tl.maximum(amax_t, tl.abs(xr.to(tl.float32)))
+            amax = tl.max(amax_t, axis=1)
+            if ROTATE:
+                amax = _round_to_input(amax * inv_sqrt_b, ROUND)
             if WRITE_ABS:
                 if SPLIT:
                     tl.atomic_max(absmax_ptr + rows, amax, mask=row_ok)
@@ -426,30 +457,43 @@ if HAS_TRITON:
                 _store_cast(out_ptr + rows64[:, None] * stride_or + cols[None, :], y * rscale[:, None], mask)
 
     @triton.jit
-    def _bit_split_tile(g_rows, noise_rows, rows64, row_ok, cols, C, s_hi, s_lo, inv_hi, inv_lo, rnd,
-                        v_ptr, hl_ptr, hi8_ptr, lo8_ptr, stride_or, cs_ptr,
-                        HAS_NOISE: tl.constexpr, WRITE_V: tl.constexpr, WRITE_HL: tl.constexpr,
-                        WRITE_F8: tl.constexpr, COL_SCALED: tl.constexpr, FAST: tl.constexpr):
-        """Split one (rows × cols) tile (of g, or with COL_SCALED of g ⊙ cs, the fp32 product rounded
-        once); returns the row sums of hi² and lo². Integer codes are formed without conversion
-        instructions (``_small_int``, ``_floor_small``), divisions by ``_div_by``."""
-        mask = row_ok[:, None] & (cols[None, :] < C)
-        g = tl.load(g_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        if COL_SCALED:
-            g = g * tl.load(cs_ptr + cols, mask=cols < C, other=0.0)[None, :]
-        hi = _rint7(_div_by(g, s_hi[:, None], inv_hi[:, None], FAST))
-        resid = g - hi * s_hi[:, None]
-        if HAS_NOISE:
-            u = tl.load(noise_rows + cols[None, :], mask=mask, other=0.0)
+    def _floor_magic(x, HW_RD: tl.constexpr):
+        """MAGIC + floor(x) in fp32 (MAGIC = 1.5·2^23), exact for |x| < 2^22. HW_RD: one addition rounded
+        toward -inf (libdevice ``add_rd``: FADD.FTZ.RM, so x must not be subnormal); else ``_floor_small``
+        plus MAGIC (the interpreter has no libdevice)."""
+        if HW_RD:
+            return _libdevice.add_rd(x, tl.full(x.shape, 12582912.0, tl.float32))
         else:
-            # 23 random bits as the mantissa of a number in [1, 2), minus 1: u on the grid k·2^-23 in [0, 1)
-            u = ((rnd >> 9) | 0x3F800000).to(tl.float32, bitcast=True) - 1.0
-        lo = _floor_small(_div_by(resid, s_lo[:, None], inv_lo[:, None], FAST) + u)
-        lo = tl.minimum(tl.maximum(lo, -7.0), 7.0)
-        lo = tl.where(mask, lo, 0.0)
-        offs = rows64[:, None] * stride_or + cols[None, :]
-        hi_i = _small_int(hi)
-        lo_i = _small_int(lo)
+            return _floor_small(x) + 12582912.0
+
+    @triton.jit
+    def _bit_split_tile(g, u, mask, offs, s_hi, s_lo, inv_hi, inv_lo,
+                        v_ptr, hl_ptr, hi8_ptr, lo8_ptr,
+                        WRITE_V: tl.constexpr, WRITE_HL: tl.constexpr, WRITE_F8: tl.constexpr,
+                        FAST: tl.constexpr, HW_RD: tl.constexpr):
+        """Split one fp32 tile g (zero where masked) with the noise u.
+
+        Codes live as t = MAGIC + code (MAGIC = 1.5·2^23: the code sits in t's low mantissa bits, so its
+        int32 is bits(t) - bits(MAGIC) and its float t - MAGIC, no conversion instruction). hi: with FAST
+        every |g / s_hi| is at most 7·(1 + 2^-23) (s_hi is the row's absmax / 7, correctly rounded), so
+        MAGIC + q rounds q to nearest even with no clamp; else ``_rint7``. lo: floor(q_lo + u) as
+        ``_floor_magic``, clamped to [-7, 7] on t. Masked elements give 0 codes (g = 0, u < 1). Returns the
+        tiles hi² and lo² (the caller sums them once per row, not per tile)."""
+        q = _div_by(g, s_hi[:, None], inv_hi[:, None], FAST)
+        if FAST:
+            th = q + 12582912.0
+            hi = th - 12582912.0
+        else:
+            hi = _rint7(q)
+            th = hi + 12582912.0
+        resid = g - hi * s_hi[:, None]
+        # FADD.RM flushes subnormals (libdevice is compiled with FTZ): only under FAST, where q_lo + u is 0
+        # or normal (nonzero quotients are normal, u is 0 or at least 2^-23).
+        tlo = _floor_magic(_div_by(resid, s_lo[:, None], inv_lo[:, None], FAST) + u, FAST and HW_RD)
+        tlo = tl.minimum(tl.maximum(tlo, 12582905.0), 12582919.0)
+        lo = tlo - 12582912.0
+        hi_i = th.to(tl.int32, bitcast=True) - 0x4B400000
+        lo_i = tlo.to(tl.int32, bitcast=True) - 0x4B400000
         if WRITE_V:
             if v_ptr.dtype.element_ty == tl.int8:
                 tl.store(v_ptr + offs, (hi_i * 14 + lo_i).to(tl.int8), mask=mask)
@@ -460,23 +504,24 @@ if HAS_TRITON:
         if WRITE_F8:
             tl.store(hi8_ptr + offs, hi.to(hi8_ptr.dtype.element_ty), mask=mask)
             tl.store(lo8_ptr + offs, lo.to(lo8_ptr.dtype.element_ty), mask=mask)
-        return tl.sum(hi * hi, axis=1), tl.sum(lo * lo, axis=1)
+        return hi * hi, lo * lo
 
     @triton.jit
     def _bit_split_pass(g_rows, noise_rows, rows64, row_ok, C, s_hi, s_lo, s2_hi, s2_lo, seed,
                         v_ptr, hl_ptr, hi8_ptr, lo8_ptr, stride_or, cs_ptr, v2_ptr,
                         BR: tl.constexpr, BC: tl.constexpr, HAS_NOISE: tl.constexpr, WRITE_V: tl.constexpr,
                         WRITE_HL: tl.constexpr, WRITE_F8: tl.constexpr, FOLD: tl.constexpr,
-                        FAST: tl.constexpr):
-        """The code pass of ``_bit_split_kernel`` over the program's rows; returns row sums of hi², lo²."""
+                        FAST: tl.constexpr, HW_RD: tl.constexpr):
+        """The code pass of ``_bit_split_kernel`` over the program's rows; returns row sums of hi², lo².
+        Each tile of g is loaded once and feeds both splits (FOLD)."""
         Q: tl.constexpr = BC // 4
         one = tl.full([BR], 1.0, tl.float32)
         inv_hi = tl.math.div_rn(one, s_hi)
         inv_lo = tl.math.div_rn(one, s_lo)
         inv2_hi = tl.math.div_rn(one, s2_hi)
         inv2_lo = tl.math.div_rn(one, s2_lo)
-        ssq_hi = tl.zeros([BR], dtype=tl.float32)
-        ssq_lo = tl.zeros([BR], dtype=tl.float32)
+        ssq_hi = tl.zeros([BR, Q], dtype=tl.float32)
+        ssq_lo = tl.zeros([BR, Q], dtype=tl.float32)
         cq = tl.arange(0, Q)
         for c0 in range(0, C, BC):
             if HAS_NOISE:
@@ -493,16 +538,24 @@ if HAS_TRITON:
                     rnd = r2
                 else:
                     rnd = r3
-                h, lw = _bit_split_tile(g_rows, noise_rows, rows64, row_ok, c0 + t * Q + cq, C, s_hi, s_lo,
-                                        inv_hi, inv_lo, rnd, v_ptr, hl_ptr, hi8_ptr, lo8_ptr, stride_or,
-                                        cs_ptr, HAS_NOISE, WRITE_V, WRITE_HL, WRITE_F8, False, FAST)
+                cols = c0 + t * Q + cq
+                mask = row_ok[:, None] & (cols[None, :] < C)
+                g = tl.load(g_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                if HAS_NOISE:
+                    u = tl.load(noise_rows + cols[None, :], mask=mask, other=0.0)
+                else:
+                    # 23 random bits as the mantissa of a number in [1, 2), minus 1: u = k·2^-23 in [0, 1)
+                    u = ((rnd >> 9) | 0x3F800000).to(tl.float32, bitcast=True) - 1.0
+                offs = rows64[:, None] * stride_or + cols[None, :]
+                h, lw = _bit_split_tile(g, u, mask, offs, s_hi, s_lo, inv_hi, inv_lo, v_ptr, hl_ptr, hi8_ptr,
+                                        lo8_ptr, WRITE_V, WRITE_HL, WRITE_F8, FAST, HW_RD)
                 ssq_hi += h
                 ssq_lo += lw
-                if FOLD:  # the same noise, g ⊙ cs with its own scales: only v2 is written
-                    _bit_split_tile(g_rows, noise_rows, rows64, row_ok, c0 + t * Q + cq, C, s2_hi, s2_lo,
-                                    inv2_hi, inv2_lo, rnd, v2_ptr, v2_ptr, v2_ptr, v2_ptr, stride_or, cs_ptr,
-                                    HAS_NOISE, True, False, False, True, FAST)
-        return ssq_hi, ssq_lo
+                if FOLD:  # the same noise, g ⊙ cs (the fp32 product) with its own scales: only v2 is written
+                    g2 = g * tl.load(cs_ptr + cols, mask=cols < C, other=0.0)[None, :]
+                    _bit_split_tile(g2, u, mask, offs, s2_hi, s2_lo, inv2_hi, inv2_lo, v2_ptr, v2_ptr, v2_ptr,
+                                    v2_ptr, True, False, False, FAST, HW_RD)
+        return tl.sum(ssq_hi, axis=1), tl.sum(ssq_lo, axis=1)
 
     @triton.jit
     def _bit_split_kernel(
@@ -512,7 +565,7 @@ if HAS_TRITON:
         cs_ptr, v2_ptr, scale2_hi_ptr, scale2_lo_ptr,
         BR: tl.constexpr, BC: tl.constexpr, GIVEN: tl.constexpr, HAS_NOISE: tl.constexpr,
         WRITE_V: tl.constexpr, WRITE_HL: tl.constexpr, WRITE_F8: tl.constexpr, SEED_IDX: tl.constexpr,
-        WRITE_SSQ: tl.constexpr, FOLD: tl.constexpr,
+        WRITE_SSQ: tl.constexpr, FOLD: tl.constexpr, HW_RD: tl.constexpr,
     ):
         """BR whole rows per program. The noise of the lo rounding: one Philox call (tl.randint4x) per four
         elements, element (r, c0 + t·BC/4 + j) of a BC-column tile taking output t of counter
@@ -538,20 +591,27 @@ if HAS_TRITON:
             tl.store(scale_out_ptr + rows * 0, s_hi, mask=rows == 0)
             amin = tl.zeros([BR], dtype=tl.float32)  # not tracked: the exact division
         else:
-            amax = tl.zeros([BR], dtype=tl.float32)
-            amax2 = tl.zeros([BR], dtype=tl.float32)
-            cols0 = tl.arange(0, BC)
-            for c0 in range(0, C, BC):
+            # Elementwise running max / min over (BR, BC/4) tiles, reduced across lanes once at the end.
+            Q: tl.constexpr = BC // 4
+            cols0 = tl.arange(0, Q)
+            amax_t = tl.zeros([BR, Q], dtype=tl.float32)
+            amax2_t = tl.zeros([BR, Q], dtype=tl.float32)
+            amin_t = tl.full([BR, Q], float("inf"), tl.float32)
+            amin2_t = tl.full([BR, Q], float("inf"), tl.float32)
+            for c0 in range(0, C, Q):
                 cols = c0 + cols0
                 mask = row_ok[:, None] & (cols[None, :] < C)
                 ga = tl.abs(tl.load(g_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32))
-                amax = tl.maximum(amax, tl.max(ga, axis=1))
-                amin = tl.minimum(amin, tl.min(tl.where(ga > 0, ga, float("inf")), axis=1))
+                amax_t = tl.maximum(amax_t, ga)
+                amin_t = tl.minimum(amin_t, tl.where(ga > 0, ga, float("inf")))
                 if FOLD:
-                    csv = tl.load(cs_ptr + cols, mask=cols < C, other=0.0)
-                    ga2 = ga * csv[None, :]
-                    amax2 = tl.maximum(amax2, tl.max(ga2, axis=1))
-                    amin2 = tl.minimum(amin2, tl.min(tl.where(ga2 > 0, ga2, float("inf")), axis=1))
+                    ga2 = ga * tl.abs(tl.load(cs_ptr + cols, mask=cols < C, other=0.0))[None, :]
+                    amax2_t = tl.maximum(amax2_t, ga2)
+                    amin2_t = tl.minimum(amin2_t, tl.where(ga2 > 0, ga2, float("inf")))
+            amax = tl.max(amax_t, axis=1)
+            amin = tl.min(amin_t, axis=1)
+            amax2 = tl.max(amax2_t, axis=1)
+            amin2 = tl.min(amin2_t, axis=1)
             s_hi = tl.math.div_rn(amax, tl.full([BR], 7.0, tl.float32))
             s_hi = tl.where(s_hi > 0, s_hi, 1.0)
             tl.store(scale_out_ptr + rows, s_hi, mask=row_ok)
@@ -580,12 +640,12 @@ if HAS_TRITON:
             ssq_hi, ssq_lo = _bit_split_pass(
                 g_rows, noise_rows, rows64, row_ok, C, s_hi, s_lo, s2_hi, s2_lo, seed, v_ptr, hl_ptr, hi8_ptr,
                 lo8_ptr, stride_or, cs_ptr, v2_ptr, BR, BC, HAS_NOISE, WRITE_V, WRITE_HL, WRITE_F8, FOLD,
-                True)
+                True, HW_RD)
         else:
             ssq_hi, ssq_lo = _bit_split_pass(
                 g_rows, noise_rows, rows64, row_ok, C, s_hi, s_lo, s2_hi, s2_lo, seed, v_ptr, hl_ptr, hi8_ptr,
                 lo8_ptr, stride_or, cs_ptr, v2_ptr, BR, BC, HAS_NOISE, WRITE_V, WRITE_HL, WRITE_F8, FOLD,
-                False)
+                False, HW_RD)
         if WRITE_SSQ:
             tl.store(ssq_hi_ptr + rows, ssq_hi, mask=row_ok)
             tl.store(ssq_lo_ptr + rows, ssq_lo, mask=row_ok)
@@ -885,7 +945,7 @@ def _hq_plan(n_rows, n_cols, dtype, b, mode, flags, round_rotated, block_rows, n
     write_out, write_t, has_rs, tmax, has_scale, write_abs = flags
     meta = dict(
         CHUNK=cols_per_prog, inv_sqrt_b=1.0 / math.sqrt(b),
-        BR=br, BC=width, HB=b, ROTATE=rotate, NSPLIT=_n_split(dtype), DOT_F32=interpreting(),
+        BR=br, BC=width, HB=b, RW=max(b, 16), ROTATE=rotate, NSPLIT=_n_split(dtype), DOT_F32=interpreting(),
         ROUND=round_mode, MODE=mode, WRITE_OUT=write_out, WRITE_T=write_t, HAS_RS=has_rs,
         SPLIT=n_chunks > 1, QMAX_C=float(QMAX), TMAX=tmax, HAS_SCALE=has_scale,
         WRITE_ABS=write_abs, num_warps=num_warps or _HQ_CONFIG["num_warps"],
@@ -1242,7 +1302,8 @@ def _bit_split(g, per_token, seed_t, seed_idx, noise, write_v, write_packed, wri
         s2_lo if fold else dummy,
         BR=br, BC=bc, GIVEN=not per_token, HAS_NOISE=noise is not None,
         WRITE_V=write_v, WRITE_HL=write_packed, WRITE_F8=write_fp8, SEED_IDX=seed_idx, WRITE_SSQ=write_sumsq,
-        FOLD=fold, num_warps=num_warps or _BS_CONFIG["num_warps"], **_launch_options(dev),
+        FOLD=fold, HW_RD=_hw_round_down(), num_warps=num_warps or _BS_CONFIG["num_warps"],
+        **_launch_options(dev),
     )
     return BitSplitCodes(v, hl, hi8, lo8, s_hi, s_lo, ssq_hi, ssq_lo,
                          folded=(v2, s2_hi, s2_lo) if fold else None)
