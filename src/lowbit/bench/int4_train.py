@@ -9,7 +9,8 @@ One GPT (default ``GPTConfig.named("350m")``: 24 layers, width 1024, context 102
 
 Each method runs ``--warmup`` steps (compilation happens there), then ``--steps`` timed steps (forward,
 backward, fused AdamW step) between two device synchronizations: tokens/s = steps · batch · context / time;
-peak memory = ``torch.cuda.max_memory_allocated`` over the timed steps (weights, AdamW state, activations).
+peak memory = ``torch.cuda.max_memory_allocated`` over warm-up and timed steps (weights, AdamW state,
+activations; with CUDA graphs their pool is allocated during warm-up, so the timed steps alone miss it).
 Models are ``torch.compile``d unless ``--no-compile`` (the INT4 kernels are an opaque call inside the
 compiled graph; a method whose compilation fails runs eagerly and says so). The loss of every step is
 reported: the batches come from a fixed random Markov chain (4 successors per token, entropy ln 4), the same
@@ -127,6 +128,11 @@ def _run_method(method: str, args, device: torch.device, batches: list[torch.Ten
         return loss.detach().clone() if graphs else loss.detach()
 
     losses = []
+    if device.type == "cuda":
+        # Peak over warm-up and timed steps: with CUDA graphs (reduce-overhead) the graphs' memory pool is
+        # allocated while they are recorded in warm-up, and replays allocate nothing, so a peak over the
+        # timed steps alone would leave out the activations.
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for i in range(args.warmup):
         try:
@@ -141,8 +147,6 @@ def _run_method(method: str, args, device: torch.device, batches: list[torch.Ten
             losses.append(step(batches[i]))
     _sync(device)
     warmup_s = time.perf_counter() - t0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for i in range(args.warmup, args.warmup + args.steps):
         losses.append(step(batches[i]))
@@ -182,7 +186,7 @@ def _device_name(device: torch.device) -> str:
 def _table(result: dict) -> str:
     rows = [r for r in result["methods"] if "tokens_per_s" in r]
     base = next((r for r in rows if r["method"] == "bf16"), None)
-    lines = [f"{'method':<14} {'compiled':>8} {'step ms':>9} {'tokens/s':>11} {'vs bf16':>8} {'peak GB':>8} "
+    lines = [f"{'method':<14} {'compiled':>8} {'step ms':>9} {'tokens/s':>11} {'vs bf16':>8} {'peak GiB':>8} "
              f"{'loss[0]':>8} {'loss[-1]':>8}"]
     for r in rows:
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
