@@ -497,6 +497,8 @@ def test_select_config_regimes():
     assert mod.select_config(4, 1536, 576) is mod.VARIANTS["tc16_n64_k256_swap"]
     assert isinstance(mod.select_config(mod.UNPACK_MM_MIN_M - 1, 4096, 4096), mod.MMConfig)
     assert isinstance(mod.select_config(4096, 4096, 4096), mod.UnpackMMConfig)
+    assert mod.select_config(4096, 1536, 576) is mod.VARIANTS["unpack_mm_hfold"]  # small weight
+    assert mod.select_config(4096, 4096, 4096) is mod.VARIANTS["unpack_mm"]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -510,6 +512,44 @@ def test_unpack_mm_16bit_accumulator_within_widened_bound(dtype):
     u_x = U_OUT[dtype]
     bound = _bound(k, terms, y_exact, dtype) + u_x * (1 + u_x) * (terms * U32 * (3 * k + 2) + y_exact.abs())
     _assert_within(y, y_exact, bound)
+
+
+def _hfold_bound(k, terms, y_exact, dtype):
+    """UnpackMMConfig(fold_h=True): W' = S ⊙ RN(h gᵀ), |δ| <= u per weight, so the exact product with W' is
+    within u·T of y (T = terms = |h|·Σ|x g|); cuBLAS's fp32 sum adds at most γ·(1 + u)·T (γ = (3k + 2)·u32,
+    as ``_bound``) and the output rounding u·(|y| + (u + γ(1 + u))·T). In all: u·|y| + (1 + u)²(u + γ)·T."""
+    u = U_OUT[dtype]
+    return u * y_exact.abs() + (1 + u) ** 2 * (u + (3 * k + 2) * U32) * terms
+
+
+def _check_hfold(mod, device, dtype, m, k, n_out, seed):
+    x, s, g, h = _problem(m, k, n_out, dtype, seed=seed, device=device)
+    y_exact, terms = _exact(x.cpu(), s.cpu(), g.cpu(), h.cpu())
+    y = mod.onebit_matmul(x, pack_bits_int32(s), g, h, k, config="unpack_mm_hfold")
+    assert y.dtype == dtype
+    _assert_within(y, y_exact, _hfold_bound(k, terms, y_exact, dtype))
+    # the weight: S ⊙ RN(h gᵀ), one rounding of the exact fp32 product
+    wd = mod.unpack_weight(pack_bits_int32(s), g, k, dtype, h=h)
+    ref = (s.float() * (h.float()[:, None] * g.float()[None, :])).to(dtype)
+    torch.testing.assert_close(wd, ref, rtol=0, atol=0)
+    return y, y_exact
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_unpack_mm_hfold_within_its_bound(dtype):
+    _check_hfold(_interp, "cpu", dtype, 5, 130, 40, seed=31)
+
+
+def test_unpack_mm_hfold_needs_h_of_the_weight_dtype():
+    _, s, g, h = _problem(1, 64, 8, torch.bfloat16, seed=2)
+    with pytest.raises(ValueError, match="h must be"):
+        _interp.unpack_weight(pack_bits_int32(s), g, 64, torch.bfloat16, h=h.float())
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_unpack_mm_hfold_within_its_bound(dtype):
+    _check_hfold(onebit_mod, "cuda", dtype, 512, 4096, 1000, seed=32)
 
 
 def test_unpack_weight_is_exact():
@@ -710,7 +750,10 @@ def test_gpu_dispatch_within_bound(dtype, m, out_dtype):
     bound = _bound(k, terms, y_exact, out_dtype)
     cfg = onebit_mod.select_config(m, n_out, k, torch.cuda.get_device_properties(0).multi_processor_count)
     note = f"; path {cfg}"
-    if isinstance(cfg, onebit_mod.UnpackMMConfig) and dtype != torch.float32 and out_dtype == dtype:
+    if isinstance(cfg, onebit_mod.UnpackMMConfig) and cfg.fold_h and dtype != torch.float32 \
+            and out_dtype == dtype:  # h folded into the dense weight (small weights)
+        bound = _hfold_bound(k, terms, y_exact, dtype)
+    elif isinstance(cfg, onebit_mod.UnpackMMConfig) and dtype != torch.float32 and out_dtype == dtype:
         # unpack-then-cuBLAS: the fp32 sum (error e0 <= gamma·terms, h included) is rounded once to x's
         # dtype (u_x), multiplied by h, then rounded to out_dtype (u_out):
         # |Δy| <= e0 + (u_x + u_out + u_x·u_out)·(|y| + e0)

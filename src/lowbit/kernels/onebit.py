@@ -555,11 +555,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _unpack_weight_kernel(
-        w_ptr, g_ptr, wd_ptr, N, K, KW, stride_wn, stride_dn,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WIDE: tl.constexpr,
+        w_ptr, g_ptr, wd_ptr, h_ptr, N, K, KW, stride_wn, stride_dn,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WIDE: tl.constexpr, FOLD_H: tl.constexpr,
+        DTYPE16: tl.constexpr,
     ):
         """wd[n, k] = S[n, k] · g[k] (exact: ±g_k). WIDE: fp32 values (g_ptr any float dtype, wd_ptr int32
-        view); else g_ptr and wd_ptr are int16 views of one 16-bit dtype.
+        view); else g_ptr and wd_ptr are int16 views of one 16-bit dtype (DTYPE16). FOLD_H (16-bit only):
+        wd[n, k] = S[n, k] · RN(h[n] · g[k]), h_ptr of the same 16-bit dtype (the fp32 product is exact,
+        then one rounding to nearest even).
         grid = (cdiv(N, BN), cdiv(K, BK))."""
         BLOCK_KW: tl.constexpr = BLOCK_K // 32
         pid_n = tl.program_id(0)
@@ -578,6 +581,11 @@ if HAS_TRITON:
             g_neg = tl.load(g_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
             g_neg = g_neg ^ -2147483648
             tl.store(dst, (bits.to(tl.int32) & -2147483648) ^ g_neg[None, :], mask=mask)
+        elif FOLD_H:
+            gv = tl.load(g_ptr + offs_k, mask=k_mask, other=0).to(DTYPE16, bitcast=True).to(tl.float32)
+            hv = tl.load(h_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            hg = _to_out(hv[:, None] * gv[None, :], DTYPE16).to(tl.int16, bitcast=True)
+            tl.store(dst, (bits & _SIGN16) ^ (hg ^ _SIGN16), mask=mask)
         else:
             g_neg = tl.load(g_ptr + offs_k, mask=k_mask, other=0) ^ _SIGN16
             tl.store(dst, (bits & _SIGN16) ^ g_neg[None, :], mask=mask)
@@ -679,12 +687,16 @@ class LutConfig:
 class UnpackMMConfig:
     """Unpack S ⊙ g to a dense weight (x's 16-bit dtype, exact), cuBLAS ``x @ Wᵀ``, then one row pass for
     h (and the LayerNorm). ``fp32_acc``: ask cuBLAS for the fp32 result (``torch.mm(..., out_dtype=)``)
-    instead of rounding it to x's dtype before h; falls back where that overload is missing."""
+    instead of rounding it to x's dtype before h; falls back where that overload is missing. ``fold_h``
+    (used where x, g and h share one 16-bit dtype, the result is that dtype and there is no LayerNorm):
+    the dense weight is S ⊙ RN(h gᵀ), one rounding per weight, and cuBLAS's result is the output: no row
+    pass (|Δy| <= u_x·Σ_k |x_k g_k h_n| more than the fp32 bound, plus the output rounding)."""
 
     block_n: int = 64
     block_k: int = 256
     num_warps: int = 4
     fp32_acc: bool = False
+    fold_h: bool = False
 
 
 #: Number of tokens up to which the CUDA-core GEMVs are used (measured: M = 1 only; tc16 wins from M = 4).
@@ -719,6 +731,7 @@ VARIANTS: dict = {
     "tc_m128_n128_k64_w8": MMConfig(block_m=128, block_n=128, block_k=64, num_warps=8),
     "unpack_mm": UnpackMMConfig(),
     "unpack_mm_f32acc": UnpackMMConfig(fp32_acc=True),
+    "unpack_mm_hfold": UnpackMMConfig(fold_h=True),
     # Single-launch variants for few tokens (third round, measured): no pre-kernel and, with
     # split_k = 1, no split-K partials either (h and the fused post-LN are in the same launch).
     "core1_n32_kw8": GemvConfig(block_n=32, block_kw=8, split_k=1, num_warps=4),
@@ -730,7 +743,7 @@ VARIANT_M_RANGE: dict = {
     "planes_n64_kw16_x8": (1, 16), "lut_n64_kw16": (1, 4), "core_n32_kw8": (1, 2),
     "tc16_n64_k256": (2, 16), "tc16_n128_k128": (2, 16), "tc16_n64_k256_swap": (2, 16),
     "tc16_n128_k256_swap_w8": (2, 16), "tc_m64_n128_k64": (17, 1 << 30), "tc_m128_n128_k64_w8": (17, 1 << 30),
-    "unpack_mm": (1, 1 << 30), "unpack_mm_f32acc": (1, 1 << 30),
+    "unpack_mm": (1, 1 << 30), "unpack_mm_f32acc": (1, 1 << 30), "unpack_mm_hfold": (1, 1 << 30),
     "core1_n32_kw8": (1, 2), "core1_n16_kw8": (1, 2), "core1_n64_kw8_w8": (1, 2),
 }
 
@@ -746,7 +759,10 @@ def select_config(m: int, n_out: int, k: int, sm_count: int = _SM_COUNT_DEFAULT)
       K > N ``planes_n32_kw32``; else ``planes_n64_kw32``.
     - 2 <= M <= 16: tensor cores, 16-row tiles. ``tc16_n64_k256_swap``, unless its 64-row tiles alone fill
       the GPU (cdiv(N, 64) >= SMs: no split-K, 1.3 waves at N = 11008), then ``tc16_n128_k128``.
-    - 17 <= M < UNPACK_MM_MIN_M: ``tc_m64_n128_k64``; from UNPACK_MM_MIN_M: unpack, then cuBLAS.
+    - 17 <= M < UNPACK_MM_MIN_M: ``tc_m64_n128_k64``; from UNPACK_MM_MIN_M: unpack, then cuBLAS; for
+      small weights (N·K <= GEMV_SMALL_WEIGHT) with h folded into the dense weight (``unpack_mm_hfold``,
+      where it applies: no row pass; at M = 4096, 17.5 / 15.6 µs against ``unpack_mm``'s 25.4 / 19.0 at
+      576×1536 / 1536×576; on the large shapes within ±10 % of ``unpack_mm``, so not used there).
     """
     if m <= GEMV_CORE_MAX_M:
         if n_out * k <= GEMV_SMALL_WEIGHT or (n_out * k <= GEMV_SQUARE_WEIGHT and k <= n_out):
@@ -758,6 +774,8 @@ def select_config(m: int, n_out: int, k: int, sm_count: int = _SM_COUNT_DEFAULT)
         return VARIANTS["tc16_n64_k256_swap"]
     if m < UNPACK_MM_MIN_M:
         return VARIANTS["tc_m64_n128_k64"]
+    if n_out * k <= GEMV_SMALL_WEIGHT:
+        return VARIANTS["unpack_mm_hfold"]
     return VARIANTS["unpack_mm"]
 
 
@@ -1249,9 +1267,10 @@ def onebit_linear_packed(
 
 
 def unpack_weight(signs_packed: torch.Tensor, g: torch.Tensor, n: int, dtype: torch.dtype,
-                  *, config: UnpackMMConfig | None = None) -> torch.Tensor:
+                  *, config: UnpackMMConfig | None = None, h: torch.Tensor | None = None) -> torch.Tensor:
     """W = S ⊙ g (m, n) of ``dtype`` from packed signs: exactly ±g_k (``dtype`` must hold g's values
-    exactly: g's own dtype, or float32). One Triton launch; the GEMM path's transient weight."""
+    exactly: g's own dtype, or float32). One Triton launch; the GEMM path's transient weight.
+    With ``h`` (m,) of g's 16-bit dtype (= ``dtype``): W = S ⊙ RN(h gᵀ), each weight rounded once."""
     cfg = config or UnpackMMConfig()
     w = as_int32_words(signs_packed, n)
     if w.stride(1) != 1:
@@ -1265,10 +1284,16 @@ def unpack_weight(signs_packed: torch.Tensor, g: torch.Tensor, n: int, dtype: to
     wide = dtype == torch.float32
     g_arg = g.contiguous() if wide else g.contiguous().view(torch.int16)
     wd_arg = wd.view(torch.int32) if wide else wd.view(torch.int16)
+    if h is not None:
+        if wide or h.dtype != dtype or h.shape != (n_out,):
+            raise ValueError(f"h must be ({n_out},) of the 16-bit dtype {dtype} (g's), got {h.dtype} "
+                             f"{tuple(h.shape)}")
+        h = h.contiguous()
     grid = (triton.cdiv(n_out, cfg.block_n), triton.cdiv(n, cfg.block_k))
     _unpack_weight_kernel[grid](
-        w, g_arg, wd_arg, n_out, n, w.shape[1], w.stride(0), wd.stride(0),
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, WIDE=wide, num_warps=cfg.num_warps,
+        w, g_arg, wd_arg, h if h is not None else g_arg, n_out, n, w.shape[1], w.stride(0), wd.stride(0),
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, WIDE=wide, FOLD_H=h is not None,
+        DTYPE16=tl.bfloat16 if dtype == torch.bfloat16 else tl.float16, num_warps=cfg.num_warps,
     )
     return wd
 
@@ -1328,6 +1353,9 @@ def _mm_16_one_rounding(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _launch_unpack_mm(x2, w, g, h, n_out, k, out_dtype, cfg: UnpackMMConfig, eps: float | None):
     m = x2.shape[0]
     same16 = x2.dtype in (torch.bfloat16, torch.float16) and g.dtype == x2.dtype
+    if cfg.fold_h and same16 and eps is None and out_dtype == x2.dtype and h.dtype == x2.dtype:
+        # h folded into the dense weight (one rounding each): cuBLAS's result is the output
+        return _mm_16_one_rounding(x2, unpack_weight(w, g, k, x2.dtype, config=cfg, h=h).t())
     wd = unpack_weight(w, g, k, x2.dtype if same16 else torch.float32, config=cfg)
     if not same16:  # x ⊙ g is not exact in 16 bits: exact fp32 operands instead (x fp32 is exact)
         acc = torch.mm(x2.float(), wd.t())
@@ -1376,8 +1404,11 @@ def onebit_matmul(
     with 16-row tiles and split-K up to GEMV_TC_MAX_M, the Triton tensor-core GEMM below UNPACK_MM_MIN_M,
     and unpack-then-cuBLAS from there. On that last path, when the result is x's 16-bit dtype without
     LayerNorm, cuBLAS rounds the fp32 sum to x's dtype before h is applied: one more rounding,
-    |Δy| <= u_x·|y| on top of the bound (u_x = 2^-8 for bf16, 2^-11 for fp16); otherwise it keeps the
-    fp32 sum (``UnpackMMConfig(fp32_acc=True)``) and the bound is the same as the other kernels'.
+    |Δy| <= u_x·|y| on top of the bound (u_x = 2^-8 for bf16, 2^-11 for fp16); for small weights (and
+    x, g, h of one 16-bit dtype) h is folded into the dense weight instead, one rounding per weight:
+    |Δy| <= u_x·|y| + (1 + u_x)²·(u_x + γ)·|h|·Σ|x ⊙ g| (``UnpackMMConfig(fold_h=True)``). Otherwise it
+    keeps the fp32 sum (``UnpackMMConfig(fp32_acc=True)``) and the bound is the same as the other
+    kernels'.
 
     Args:
         x: (..., n) float32 / bfloat16 / float16, any strides; M = x.numel() / n tokens.
