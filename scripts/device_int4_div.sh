@@ -5,15 +5,17 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+if [[ ${TESTS:-1} == 1 ]]; then
 timeout 200 python3 -m pytest -q -n 4 -m gpu -p no:cacheprovider tests/kernels/test_hadamard_quant.py \
     tests/kernels/test_int4_linear.py >"$OUT/pytest.log" 2>&1; echo "pytest exit $?"; tail -3 "$OUT/pytest.log"
 grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head
+fi
 KS=${KSHAPES:-16384x4096x4096,8192x1024x4096,8192x4096x1024}
 timeout 150 python3 scripts/int4_profile.py --parts kernels --kshapes "$KS" --recipes ours-hq,ours-hq-lss \
-    --out "$OUT/new" 2>&1 | grep -E "^(==|--|copy)|bit_split|hq_kernel" | head -60
+    --wdtype "${WDTYPE:-bfloat16}" --out "$OUT/new" 2>&1 | grep -E "^(==|--|copy)|bit_split|hq_kernel" | head -60
 cp src/lowbit/kernels/hadamard_quant.py /tmp/hq_new.py; cp scripts/_hq_before.py src/lowbit/kernels/hadamard_quant.py
 timeout 150 python3 scripts/int4_profile.py --parts kernels --kshapes "$KS" --recipes ours-hq,ours-hq-lss \
-    --out "$OUT/old" 2>&1 | grep -E "^(==|--|copy)|bit_split|hq_kernel" | head -60
+    --wdtype "${WDTYPE:-bfloat16}" --out "$OUT/old" 2>&1 | grep -E "^(==|--|copy)|bit_split|hq_kernel" | head -60
 # then (LINEAR=1) the per-layer benchmark on this tree: CUDA graphs, torchao beside (carry .whl_ao)
 cp /tmp/hq_new.py src/lowbit/kernels/hadamard_quant.py
 if [[ ${LINEAR:-0} == 1 ]]; then

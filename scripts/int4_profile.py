@@ -145,10 +145,10 @@ def _kernels_of_shape(args, res: dict, m: int, k: int, n: int) -> None:
 
     print(f"-- M x K x N = {m} x {k} x {n}", flush=True)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(n, k, device="cuda", dtype=getattr(torch, args.wdtype), requires_grad=True)
     gy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-    bf = float(triton.testing.do_bench(lambda: torch.autograd.grad(x @ w.t(), (x, w), gy), warmup=10, rep=50,
-                                       return_mode="median"))
+    bf = float(triton.testing.do_bench(lambda: torch.autograd.grad(x @ w.to(x.dtype).t(), (x, w), gy),
+                                       warmup=10, rep=50, return_mode="median"))
     res["bf16_do_bench_ms"] = bf
     print(f"== bf16: do_bench {bf:.3f} ms", flush=True)
     for name in args.recipes.split(","):
@@ -414,6 +414,8 @@ def main() -> None:
     ap.add_argument("--parts", default="agree,launch,layer,onebit,e2e")
     ap.add_argument("--recipes", default="ours-hq,ours-hq+tensor,ours-hq-lss", help="for the kernels part")
     ap.add_argument("--kshapes", default="16384x4096x4096", help="MxKxN,... for the kernels part")
+    ap.add_argument("--wdtype", default="bfloat16",
+                    help="weight dtype of the kernels part (float32: a GPT's parameters under autocast)")
     args = ap.parse_args()
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
