@@ -9,6 +9,12 @@ Parts (``--parts``, comma-separated; default all):
 - ``launch``: host time of one launch of a tiny Triton kernel and of one tiny cuBLAS call (the floor).
 - ``onebit``: host time of one eager ``onebit_matmul`` at M = 1 (4096 x 11008), with its cProfile.
 - ``e2e``: GPT 350m, bf16 vs INT4 hq, eager: step time, host enqueue time and the profiler's top ops.
+- ``e2e_graph``: GPT 350m as ``lowbit bench int4-train --compile-mode reduce-overhead`` runs it (same build,
+  batches and step): wall time per step, the GPU kernel time per step under torch.profiler (kernels replayed
+  inside CUDA graphs included) by kernel and by family, and dynamo's counters (graph breaks, CUDA-graph
+  skips). ``--e2e-methods`` picks the methods (default bf16,int4-hq).
+- ``gemv``: OneBit at M = 1, the GPU time of each kernel of one call (torch.profiler), weights rotated
+  through copies larger than L2, for the variants in ``--gemv-variants`` and the shapes in ``--gemv-shapes``.
 - ``kernels``: torch.profiler's kernel table (GPU time per kernel) of one fwd+bwd at 16384 x 4096 x 4096 for
   the hq recipes, and the bytes each quantizer moves against a copy of the same bytes.
 - ``decode``: OneBit decode (SmolLM2-135M shape, random weights): the per-kernel GPU time of one eager step
@@ -302,6 +308,115 @@ def part_e2e(args, out: dict, outdir: Path) -> None:
         torch.cuda.empty_cache()
 
 
+_FAMILIES = (  # (family, substrings of the kernel name), first match wins
+    ("lowbit int4", ("_hq_kernel", "_bit_split", "_gather", "_int8_mm", "_fp8_", "_lss", "hadamard", "int4")),
+    ("gemm (cuBLAS/CUTLASS)", ("gemm", "xmma", "cutlass", "nvjet", "sm90_", "splitKreduce")),
+    ("attention", ("flash", "fmha", "attention")),
+    ("inductor fused", ("triton_",)),
+    ("memcpy/memset", ("memcpy", "memset", "Memcpy", "Memset")),
+)
+
+
+def _family(name: str) -> str:
+    for fam, keys in _FAMILIES:
+        if any(k in name for k in keys):
+            return fam
+    return "other"
+
+
+def part_e2e_graph(args, out: dict, outdir: Path) -> None:
+    from torch._dynamo.utils import counters
+
+    from lowbit.bench import int4_train as bt
+
+    res = out.setdefault("e2e_graph", {})
+    ns = argparse.Namespace(model="350m", vocab_size=50304, lr=3e-4, seed=0, backend="triton", compile=True,
+                            compile_mode="reduce-overhead")
+    device = torch.device("cuda")
+    batches = bt.make_batches(10, 8, 1024, 50304, 0)
+    for method in args.e2e_methods.split(","):
+        torch._dynamo.reset()
+        counters.clear()
+        _, model, opt, _ = bt._build(method, ns, device)
+        step_fn = torch.compile(model, mode="reduce-overhead")
+
+        def step(idx, step_fn=step_fn, opt=opt):
+            x, y = idx[:, :-1].to(device), idx[:, 1:].to(device)
+            torch.compiler.cudagraph_mark_step_begin()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                _, loss = step_fn(x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.detach().clone()
+        t0 = time.perf_counter()
+        for i in range(3):
+            step(batches[i])
+        torch.cuda.synchronize()
+        warm_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for i in range(3, 8):
+            step(batches[i])
+        torch.cuda.synchronize()
+        step_ms = 1000 * (time.perf_counter() - t0) / 5
+        host = _host_ms(lambda: step(batches[8]), 3)
+        rows = _kernel_rows(lambda: step(batches[9]), n=2)
+        fams: dict[str, list] = {}
+        for r in rows:
+            f = fams.setdefault(_family(r["kernel"]), [0.0, 0.0])
+            f[0] += r["us_per_call"]
+            f[1] += r["launches_per_call"]
+        gpu_ms = sum(r["us_per_call"] for r in rows) / 1e3
+        launches = sum(r["launches_per_call"] for r in rows)
+        res[method] = {
+            "step_ms": step_ms, "warmup_s": warm_s, "host_enqueue_ms": host, "gpu_kernel_ms": gpu_ms,
+            "kernels_per_step": launches,
+            "families_ms": {k: {"ms": v[0] / 1e3, "launches": v[1]} for k, v in fams.items()},
+            "top_kernels": rows[:40],
+            "counters": {k: dict(v) for k, v in counters.items() if v},
+        }
+        print(f"e2e_graph {method}: step {step_ms:.1f} ms (warm-up {warm_s:.0f} s), "
+              f"host enqueue {host:.1f} ms, "
+              f"GPU kernels {gpu_ms:.1f} ms in {launches:.0f} launches", flush=True)
+        for k, v in sorted(fams.items(), key=lambda kv: -kv[1][0]):
+            print(f"   {k:<24} {v[0] / 1e3:8.2f} ms  {v[1]:7.0f} launches", flush=True)
+        for r in rows[:30]:
+            print(f"   {r['us_per_call']:9.1f} us  x{r['launches_per_call']:<5.0f} {r['kernel']}", flush=True)
+        print("   counters:", json.dumps(res[method]["counters"], default=str)[:3000], flush=True)
+        del step_fn, model, opt
+        torch.cuda.empty_cache()
+
+
+def part_gemv(args, out: dict, outdir: Path) -> None:
+    from lowbit.kernels import onebit as ob
+    from lowbit.quant import pack_bits
+
+    res = out.setdefault("gemv", {})
+    for shape in args.gemv_shapes.split(","):
+        k, n = (int(v) for v in shape.split("x"))
+        copies = max(2, -(-(128 << 20) // (n * k // 8)))
+        packed = [pack_bits(torch.randint(0, 2, (n, k), device="cuda", dtype=torch.bool))
+                  for _ in range(copies)]
+        g = torch.randn(k, device="cuda", dtype=torch.bfloat16)
+        h = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        for name in args.gemv_variants.split(","):
+            it = iter(range(1 << 30))
+
+            def call(name=name, it=it, packed=packed, x=x, g=g, h=h, k=k):
+                return ob.onebit_matmul(x, packed[next(it) % len(packed)], g, h, n=k, config=name or None)
+            try:
+                rows = _kernel_rows(call, n=2 * copies)
+            except Exception as exc:  # noqa: BLE001
+                res[f"{shape} {name}"] = {"error": repr(exc)}
+                print("gemv", shape, name, "failed", repr(exc), flush=True)
+                continue
+            res[f"{shape} {name}"] = rows
+            print(f"gemv {shape} {name or 'dispatcher'}: " + ", ".join(
+                f"{r['kernel'][:40]} {r['us_per_call']:.2f} us x{r['launches_per_call']:.0f}" for r in rows),
+                flush=True)
+
+
 def part_agree(args, out: dict, outdir: Path) -> None:
     from lowbit.int4 import Int4Linear, Int4TrainingConfig, convert_to_int4_training
     from lowbit.int4.function import (
@@ -416,12 +531,17 @@ def main() -> None:
     ap.add_argument("--kshapes", default="16384x4096x4096", help="MxKxN,... for the kernels part")
     ap.add_argument("--wdtype", default="bfloat16",
                     help="weight dtype of the kernels part (float32: a GPT's parameters under autocast)")
+    ap.add_argument("--e2e-methods", default="bf16,int4-hq", help="for the e2e_graph part")
+    ap.add_argument("--gemv-shapes", default="4096x11008,8192x8192", help="KxN,... for the gemv part")
+    ap.add_argument("--gemv-variants", default=",planes_n64_kw32,planes_n32_kw32",
+                    help="VARIANTS names for the gemv part (empty: the dispatcher)")
     args = ap.parse_args()
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     parts = {"layer": part_layer, "launch": part_launch, "onebit": part_onebit, "e2e": part_e2e,
-             "agree": part_agree, "grads": part_grads, "kernels": part_kernels, "decode": part_decode}
+             "agree": part_agree, "grads": part_grads, "kernels": part_kernels, "decode": part_decode,
+             "e2e_graph": part_e2e_graph, "gemv": part_gemv}
     for p in args.parts.split(","):
         t0 = time.perf_counter()
         try:

@@ -133,6 +133,9 @@ def _run_method(method: str, args, device: torch.device, batches: list[torch.Ten
         # allocated while they are recorded in warm-up, and replays allocate nothing, so a peak over the
         # timed steps alone would leave out the activations.
         torch.cuda.reset_peak_memory_stats(device)
+    from torch._dynamo.utils import counters
+
+    counters["graph_break"].clear()
     t0 = time.perf_counter()
     for i in range(args.warmup):
         try:
@@ -163,6 +166,9 @@ def _run_method(method: str, args, device: torch.device, batches: list[torch.Ten
         "compiled": compiled,
         "compile_mode": mode if compiled else None,
         "compile_error": compile_error,
+        # Graph breaks Dynamo took while compiling (a break inside the model's loop over its blocks makes
+        # Dynamo run the whole forward eagerly; the INT4 layers are meant to trace with none).
+        "graph_breaks": sum(counters["graph_break"].values()) if compiled else None,
         "int4_backends": backends,
         "conversion": conversion,
         "warmup_s": warmup_s,
@@ -186,12 +192,13 @@ def _device_name(device: torch.device) -> str:
 def _table(result: dict) -> str:
     rows = [r for r in result["methods"] if "tokens_per_s" in r]
     base = next((r for r in rows if r["method"] == "bf16"), None)
-    lines = [f"{'method':<14} {'compiled':>8} {'step ms':>9} {'tokens/s':>11} {'vs bf16':>8} {'peak GiB':>8} "
-             f"{'loss[0]':>8} {'loss[-1]':>8}"]
+    lines = [f"{'method':<14} {'compiled':>8} {'breaks':>6} {'step ms':>9} {'tokens/s':>11} {'vs bf16':>8} "
+             f"{'peak GiB':>8} {'loss[0]':>8} {'loss[-1]':>8}"]
     for r in rows:
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
         mem = f"{r['peak_mem_gb']:.2f}" if r["peak_mem_gb"] is not None else "-"
-        lines.append(f"{r['method']:<14} {str(r['compiled']):>8} {r['step_ms']:>9.1f} "
+        breaks = "-" if r.get("graph_breaks") is None else str(r["graph_breaks"])
+        lines.append(f"{r['method']:<14} {str(r['compiled']):>8} {breaks:>6} {r['step_ms']:>9.1f} "
                      f"{r['tokens_per_s']:>11.0f} {ratio:>8} {mem:>8} {r['losses'][0]:>8.4f} "
                      f"{r['final_loss']:>8.4f}")
     for r in result["methods"]:

@@ -20,6 +20,7 @@ state), so a checkpoint round trip continues the same trajectory.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -96,8 +97,6 @@ class Int4Linear(nn.Linear):
         if config.backend == "triton":
             resolve_backend("triton", unsupported=self._triton_reason)  # raises what the kernels lack
         self.reference_draws = False
-        # (device, block size) -> (backend, why "auto" emulates or None); decided at the first call.
-        self._backends: dict[tuple[str, int | None], tuple[str, str | None]] = {}
         self._last_backend: tuple[str, str | None] | None = None
         self.block_size: int | None = config.block_size if isinstance(config.block_size, int) else None
         self.scales_initialized = not config.uses_lsq
@@ -197,24 +196,12 @@ class Int4Linear(nn.Linear):
     def backend_for(self, device: torch.device) -> str:
         """The backend of a call on ``device``: "emulate" or "triton" (``config.backend`` resolved; module
         docstring). Decided once per device and block size; "auto"'s choice is logged at DEBUG."""
-        key = (str(device), self.block_size)
-        found = self._backends.get(key)
-        if found is None:
-            found = self._resolve_backend(device, key)
-        self._last_backend = found
-        return found[0]
-
-    @torch.compiler.disable
-    def _resolve_backend(self, device: torch.device, key: tuple[str, int | None]) -> tuple[str, str | None]:
-        # Once per device and block size, outside compiled code (logging is not traceable).
         unsupported = triton_unsupported_reason(self.config, self.in_features, self.out_features,
                                                 self.block_size)
-        backend = resolve_backend(self.config.backend, device, unsupported)
-        why = auto_backend_reason(device, unsupported) if self.config.backend == "auto" else None
-        found = self._backends[key] = (backend, why)
-        logger.debug("Int4Linear(%d, %d) on %s: backend %s -> %s%s", self.in_features, self.out_features,
-                     device, self.config.backend, backend, f" ({why})" if why else "")
-        return found
+        found = _backend_choice(self.config.backend, str(device), unsupported, self.in_features,
+                                self.out_features)
+        self._last_backend = found
+        return found[0]
 
     @torch.no_grad()
     def _first_step(self, x2d: torch.Tensor) -> None:
@@ -293,6 +280,28 @@ class Int4Linear(nn.Linear):
             f"{super().extra_repr()}, recipe={self.config.recipe}, block_size={block}, "
             f"scale_mode={self.config.scale_mode}, backend={backend}"
         )
+
+
+@torch.compiler.assume_constant_result
+def _backend_choice(backend: str, device: str, unsupported: str | None, in_features: int,
+                    out_features: int) -> tuple[str, str | None]:
+    """(backend that runs, why "auto" emulates or None) for ``config.backend`` on ``device``.
+
+    torch.compile runs it at trace time and keeps the result as a constant: the first call of a fresh model
+    may be a compiled one (``lowbit bench int4-train``), and the decision (device checks, logging) must not
+    break the graph there: a graph break inside the GPT's loop over its blocks made Dynamo skip the whole
+    forward frame and run it eagerly. Cached, so each distinct decision is made (and logged) once."""
+    return _backend_choice_cached(backend, device, unsupported, in_features, out_features)
+
+
+@functools.lru_cache(maxsize=None)
+def _backend_choice_cached(backend: str, device: str, unsupported: str | None, in_features: int,
+                           out_features: int) -> tuple[str, str | None]:
+    ran = resolve_backend(backend, device, unsupported)
+    why = auto_backend_reason(device, unsupported) if backend == "auto" else None
+    logger.debug("Int4Linear(%d, %d) on %s: backend %s -> %s%s", in_features, out_features, device, backend,
+                 ran, f" ({why})" if why else "")
+    return ran, why
 
 
 def _rank() -> int:
