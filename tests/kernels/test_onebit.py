@@ -150,8 +150,24 @@ def _planes(mod, *a, **kw):
     return mod.onebit_gemv(*a, config=cfg, **kw)
 
 
+# Bound of the LUT GEMVs: a term x_k g_k (one rounding) goes through the bits - 1 fp32 additions of its table
+# entry, then through at most cdiv(K, bits) additions of its lane's chain, BLOCK_KW - 1 of the reduction over
+# the tile's word columns and groups, split_k of the partials and the product by h: at most
+# bits + cdiv(K, bits) + BLOCK_KW + split_k + 1 roundings (Higham: any summation tree), below the 3K + 2 of
+# _bound for every shape here, so the same bound applies. Paths: nibbles with words loaded 2 at a time;
+# nibbles with two groups of 4 words per tile row (GROUPS = 2; ragged K: per-word masks); bytes.
 def _lut(mod, *a, **kw):
     cfg = mod.LutConfig(block_n=16, block_kw=2, split_k=kw.pop("split_k", 2))
+    return mod.onebit_gemv(*a, config=cfg, **kw)
+
+
+def _lut4_g2(mod, *a, **kw):
+    cfg = mod.LutConfig(block_n=16, block_kw=8, bits=4, split_k=kw.pop("split_k", 2))
+    return mod.onebit_gemv(*a, config=cfg, **kw)
+
+
+def _lut8(mod, *a, **kw):
+    cfg = mod.LutConfig(block_n=16, block_kw=2, bits=8, split_k=kw.pop("split_k", 2))
     return mod.onebit_gemv(*a, config=cfg, **kw)
 
 
@@ -168,7 +184,7 @@ def _unpack_mm16(mod, *a, **kw):  # cuBLAS result rounded to x's dtype before h 
 
 
 PATHS = {"core": _core, "tc_gemv": _tc_gemv, "tc_swap": _tc_swap, "tc_gemm": _tc_gemm, "dispatch": _dispatch,
-         "planes": _planes, "lut": _lut, "unpack_mm": _unpack_mm}
+         "planes": _planes, "lut": _lut, "lut4_g2": _lut4_g2, "lut8": _lut8, "unpack_mm": _unpack_mm}
 # The rounding of the cuBLAS result to x's dtype before h: one more u_x·|y| in the bound (u_x of x's dtype).
 U_MID = {"unpack_mm16": True}
 
@@ -179,7 +195,8 @@ U_MID = {"unpack_mm16": True}
 # One ragged shape per path (M by the path's regime; the core GEMV is one token per program and slow in the
 # interpreter); K is not a multiple of 32 and N not of the tile, so every tail is exercised.
 SHAPES = {"core": (2, 100, 33), "tc_gemv": (3, 100, 33), "tc_swap": (5, 77, 40), "tc_gemm": (17, 130, 40),
-          "dispatch": (17, 130, 19), "planes": (3, 100, 33), "lut": (2, 100, 33), "unpack_mm": (6, 130, 40)}
+          "dispatch": (17, 130, 19), "planes": (3, 100, 33), "lut": (2, 100, 33), "lut4_g2": (3, 300, 33),
+          "lut8": (1, 100, 33), "unpack_mm": (6, 130, 40)}
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
@@ -234,6 +251,7 @@ def test_equals_reference_function():
 LN_CASES = [("core", True, torch.bfloat16), ("core", False, torch.float32), ("tc_gemv", True, torch.float32),
             ("tc_gemv", False, torch.bfloat16), ("dispatch", None, torch.bfloat16),
             ("planes", True, torch.bfloat16), ("planes", False, torch.float32), ("lut", True, torch.float32),
+            ("lut4_g2", False, torch.bfloat16), ("lut8", True, torch.bfloat16),
             ("unpack_mm", None, torch.bfloat16)]
 
 
@@ -411,7 +429,7 @@ def test_split_k_is_deterministic_and_matches_unsplit():
     w = pack_bits_int32(s)
     ys = [PATHS[p](_interp, x, w, g, h, k, out_dtype=torch.float32, split_k=sk)
           for p, sk in (("core", 1), ("core", 5), ("tc_gemv", 1), ("tc_gemv", 3), ("planes", 1),
-                        ("planes", 4), ("lut", 1), ("lut", 3))]
+                        ("planes", 4), ("lut", 1), ("lut", 3), ("lut4_g2", 1), ("lut4_g2", 4), ("lut8", 2))]
     for y in ys[1:]:
         torch.testing.assert_close(y, ys[0], rtol=0, atol=0)
 
@@ -485,8 +503,10 @@ def test_errors():
 def test_select_config_regimes():
     mod = _interp
     assert isinstance(mod.select_config(1, 4096, 4096), mod.PlanesConfig)
-    assert mod.select_config(1, 11008, 4096) is mod.VARIANTS["planes_n64_kw32"]  # (m, N, K)
-    assert mod.select_config(1, 4096, 11008) is mod.VARIANTS["planes_n32_kw32"]
+    assert mod.select_config(1, 11008, 4096) is mod.VARIANTS["lut4_n64_kw8"]  # (m, N, K); N·K >= 2^25
+    assert mod.select_config(1, 4096, 11008) is mod.VARIANTS["lut4_n64_kw8"]
+    assert mod.select_config(1, 4096, 8192) is mod.VARIANTS["lut4_n64_kw8"]
+    assert mod.select_config(1, 8192, 2048) is mod.VARIANTS["planes_n64_kw32"]  # below 2^25, K <= N
     assert mod.select_config(1, 1536, 576) is mod.VARIANTS["core1_n16_kw8"]  # small weight (SmolLM2)
     assert mod.select_config(1, 2048, 2048) is mod.VARIANTS["core1_n16_kw8"]  # up to 2^22 with K <= N
     assert mod.select_config(1, 2048, 8192) is mod.VARIANTS["planes_n32_kw32"]  # K > N: bit planes
@@ -583,6 +603,96 @@ def test_config_argument_errors():
         _interp.onebit_matmul(x, pack_bits_int32(s), g, h, 64, config="nope")
     with pytest.raises(ValueError, match="M <= 16"):
         _interp.onebit_matmul(x.expand(17, 64), pack_bits_int32(s), g, h, 64, config="planes_n64_kw32")
+    with pytest.raises(ValueError, match="bits must be one of"):
+        _interp.onebit_matmul(x, pack_bits_int32(s), g, h, 64, config=_interp.LutConfig(bits=5))
+    with pytest.raises(ValueError, match="block_kw must be a power of two"):
+        _interp.onebit_matmul(x, pack_bits_int32(s), g, h, 64, config=_interp.LutConfig(block_kw=3))
+
+
+# ------------------------------------------------------------------------------------------------ LUT GEMV
+
+
+def _lut_tables_reference(x, g, bits, kt):
+    """T[m, i, b] = Σ_{t<bits} (bit t of b ? +1 : -1)·a[m, bits·i + t] with a = fp32(x)·fp32(g), zero past K,
+    summed in fp32 from 0.0 in the order t = 0, 1, ... (the order ``_xg_lut_kernel`` promises)."""
+    m, k = x.shape
+    a = torch.zeros(m, kt * bits)
+    a[:, :k] = x.float() * g.float()
+    a = a.view(m, kt, bits)
+    b = torch.arange(1 << bits)
+    table = torch.zeros(m, kt, 1 << bits)
+    for t in range(bits):
+        term = a[:, :, t, None]
+        table = table + torch.where((b >> t) & 1 == 1, term, -term)
+    return table
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_lut_tables_bit_exact(bits, dtype):
+    """The pre-kernel's tables against the torch reference, bit for bit (random data, a strided x, K ragged
+    and tables padded past it: those must be zeros)."""
+    m, k = 3, 77
+    x, _, g, _ = _problem(m, 2 * k, 1, dtype, seed=bits)
+    x, g = x[:, ::2], g[:k].contiguous()
+    kt = 32 // bits * 4  # 4 words where 3 hold K: one word of zero tables
+    block_b = _interp.LUT_PREP_TABLES[bits]
+    lut = torch.full((m, kt, 1 << bits), float("nan"))
+    _interp._xg_lut_kernel[(m, -(-kt // block_b))](x, g, lut, k, kt, x.stride(0), x.stride(1),
+                                                    BLOCK_B=block_b, BITS=bits)
+    ref = _lut_tables_reference(x, g, bits, kt)
+    assert torch.equal(lut.view(torch.int32), ref.view(torch.int32))
+    assert not lut[:, -(32 // bits):].any()
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("bits,block_kw", [(4, 4), (4, 8), (8, 4)])
+def test_lut_tokens_splits_and_word_strides(m, bits, block_kw):
+    """Integer data (exact) for M = 1..4, split-K 1 and 2 (K ragged: not a multiple of 4 or 32; N not of the
+    tile), with contiguous words (16 per row: whole tiles, rows at 16-byte multiples, so VEC: 16-byte word
+    loads under one mask per tile) and with a row stride of 17 words (per-word loads and masks)."""
+    k, n_out = 509, 45
+    x, s, g, h = _problem(m, k, n_out, torch.bfloat16, seed=10 * m + bits, integer=True)
+    y_exact, _ = _exact(x, s, g, h)
+    words = pack_bits_int32(s)
+    padded = torch.zeros(n_out, words.shape[1] + 1, dtype=torch.int32)
+    padded[:, :-1] = words
+    for split_k, w in ((1, words), (2, words), (2, padded[:, :-1])):
+        cfg = _interp.LutConfig(block_n=32, block_kw=block_kw, bits=bits, split_k=split_k)
+        plan = _interp.onebit_matmul_plan(m, n_out, k, device="cpu", x_dtype=x.dtype, out_dtype=torch.float32,
+                                          config=cfg)
+        assert plan.split_k == split_k and plan.meta_vec["VEC"] and not plan.meta["VEC"]
+        y = _interp.onebit_matmul(x, w, g, h, k, out_dtype=torch.float32, config=cfg)
+        torch.testing.assert_close(y.double(), y_exact, rtol=0, atol=0, msg=f"split_k {split_k}, "
+                                   f"row stride {w.stride(0)}")
+
+
+def test_lut_window_and_misaligned_buffer(monkeypatch):
+    """_lut_window keeps a window aligned and off 2^32-byte boundaries; a misaligned fresh LUT allocation
+    (never seen from the CUDA caching allocator) is replaced by such a window of a larger one, and the
+    results stay exact."""
+    window, g32 = _interp._lut_window, 1 << 32
+    assert window(5 * g32 + 1024, 4096, 64) == 5 * g32 + 1024  # aligned, inside
+    assert window(5 * g32 + 1000, 4096, 64) == 5 * g32 + 1024  # rounded up
+    assert window(6 * g32 - 4096, 4096, 64) == 6 * g32 - 4096  # ends at the boundary
+    assert window(6 * g32 - 4000, 4096, 64) == 6 * g32  # would cross it: starts there
+    real_empty = torch.empty
+    misaligned = []
+
+    def empty(*args, **kwargs):
+        shape = args[0] if args else None
+        if isinstance(shape, tuple) and len(shape) == 3 and not misaligned:  # the LUT buffer
+            misaligned.append(shape)
+            return real_empty(shape[0] * shape[1] * shape[2] + 1, **kwargs)[1:].view(shape)  # 4 bytes off
+        return real_empty(*args, **kwargs)
+
+    m, k, n_out = 2, 100, 33
+    x, s, g, h = _problem(m, k, n_out, torch.bfloat16, seed=21, integer=True)
+    monkeypatch.setattr(torch, "empty", empty)
+    y = _lut(_interp, x, pack_bits_int32(s), g, h, k, out_dtype=torch.float32)
+    monkeypatch.undo()
+    assert misaligned
+    torch.testing.assert_close(y.double(), _exact(x, s, g, h)[0], rtol=0, atol=0)
 
 
 # Cached plans: (M, config name or None, layernorm_eps, x dtype, out dtype); one call each.
@@ -699,7 +809,8 @@ class _FakeCompiled:
         jit.kernel[(g0, g1)](*params[:cut], **dict(zip(names[cut:], params[cut:])), **jit.options)
 
 
-@pytest.mark.parametrize("name", ["core1_n32_kw8", "lut_n64_kw16", "tc16_n64_k256_swap", "planes_n32_kw32"])
+@pytest.mark.parametrize("name", ["core1_n32_kw8", "lut_n64_kw16", "lut4_n64_kw8", "tc16_n64_k256_swap",
+                                  "planes_n32_kw32"])
 def test_direct_launch_argument_list(name, monkeypatch):
     """DIRECT_LAUNCH (off by default; the GPU test checks it for real): the first call per argument
     specialization goes through the JIT, later ones through the launcher with the same bits; a new x

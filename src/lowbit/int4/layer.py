@@ -294,7 +294,7 @@ def _backend_choice(backend: str, device: str, unsupported: str | None, in_featu
     return _backend_choice_cached(backend, device, unsupported, in_features, out_features)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _backend_choice_cached(backend: str, device: str, unsupported: str | None, in_features: int,
                            out_features: int) -> tuple[str, str | None]:
     ran = resolve_backend(backend, device, unsupported)

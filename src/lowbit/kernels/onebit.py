@@ -488,59 +488,116 @@ if HAS_TRITON:
     # --------------------------------------------------------------------------- LUT GEMV (CUDA cores)
 
     @triton.jit
-    def _xg_lut_kernel(x_ptr, g_ptr, lut_ptr, K, KB, stride_xm, stride_xk, BLOCK_B: tl.constexpr):
-        """lut[m, i, b] = Σ_{t<8} (bit t of b ? +1 : -1) · x[m, 8i + t] g[8i + t], fp32 (terms past K are 0),
-        for every byte value b: one table of 256 partial sums per 8 inputs. grid = (M, cdiv(KB, BLOCK_B))."""
+    def _xg_lut_kernel(x_ptr, g_ptr, lut_ptr, K, KT, stride_xm, stride_xk, BLOCK_B: tl.constexpr,
+                       BITS: tl.constexpr):
+        """lut[m, i, b] = Σ_{t<BITS} (bit t of b ? +1 : -1) · a[m, BITS·i + t] for every BITS-bit value b and
+        i < KT: one table of 2^BITS signed partial sums per BITS inputs. a_k = fp32(x_k) · fp32(g_k), the
+        reference's product (0 past K, so tables past K are all zeros); each entry is summed in fp32 from
+        0.0 in the order t = 0, 1, ..., BITS - 1. grid = (M, cdiv(KT, BLOCK_B))."""
+        TABLE: tl.constexpr = 1 << BITS
         pid_m = tl.program_id(0)
         pid_b = tl.program_id(1)
         offs_i = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-        b = tl.arange(0, 256)
+        b = tl.arange(0, TABLE)
         x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
-        acc = tl.full((BLOCK_B, 256), 0.0, tl.float32)
-        for t in tl.static_range(8):
-            k = offs_i * 8 + t
+        acc = tl.full((BLOCK_B, TABLE), 0.0, tl.float32)
+        for t in tl.static_range(BITS):
+            k = offs_i * BITS + t
             k_mask = k < K
             xg = tl.load(x_row + k * stride_xk, mask=k_mask, other=0.0).to(tl.float32) * tl.load(
                 g_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
             bit = (b >> t) & 1
             acc += tl.where(bit[None, :] == 1, xg[:, None], -xg[:, None])
-        dst = lut_ptr + pid_m.to(tl.int64) * KB * 256 + offs_i[:, None] * 256 + b[None, :]
-        tl.store(dst, acc, mask=(offs_i < KB)[:, None])
+        dst = lut_ptr + pid_m.to(tl.int64) * KT * TABLE + offs_i[:, None] * TABLE + b[None, :]
+        tl.store(dst, acc, mask=(offs_i < KT)[:, None])
+
+    @triton.jit
+    def _lut_field_offset(w, SHIFT: tl.constexpr, MASK: tl.constexpr):
+        """(w >> SHIFT) & MASK, SHIFT < 0 meaning a left shift: the byte offset of a table entry."""
+        if SHIFT >= 0:
+            return (w >> SHIFT) & MASK
+        else:
+            return (w << -SHIFT) & MASK
 
     @triton.jit
     def _onebit_lut_kernel(
         lut_ptr, w_ptr, h_ptr, out_ptr, part_ptr, cnt_ptr, ypre_ptr,
-        M, N, KW, KB, kw_per_split, split_k,
+        M, N, KW, KT, kw_per_split, split_k,
         stride_wn, stride_om, stride_on,
         ln_eps,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-        LN: tl.constexpr, LN_BLOCK: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, BITS: tl.constexpr,
+        VEC: tl.constexpr, LN: tl.constexpr, LN_BLOCK: tl.constexpr,
     ):
-        """LUT GEMV: each byte of a weight word selects one of 256 precomputed partial sums of 8 terms
-        (a gather from the L1/L2-resident table), so a byte costs an extract, a load and an add.
+        """LUT GEMV: each BITS-bit field of a weight word selects one of 2^BITS precomputed partial sums of
+        BITS terms (``_xg_lut_kernel``), so a field costs an extract, one gather and one fp32 add.
+
+        Layout. The (BLOCK_N, BLOCK_KW) weight tile is held as GROUPS · BLOCK_N rows of WV = 4 words (one
+        16-byte load; WV = BLOCK_KW below 4), tile row r = word group r // BLOCK_N of weight row
+        r % BLOCK_N: Triton's coalescing then gives sizePerThread [1, 4], threadsPerWarp [32, 1] (a thread on
+        one row, a warp's 32 lanes on 32 consecutive rows of one group, along N; a (BLOCK_N, BLOCK_KW) tile
+        with BLOCK_KW = 8 would get [16, 2], lanes on two word columns). For field t of word column c all
+        lanes of a warp thus gather from the one table of input position (word kw0 + c, field t), the same
+        for the whole CTA: with BITS = 4, 16 fp32 = 64 bytes, one L1 wavefront per warp load. The next tile
+        is loaded before the current one is used (as ``_onebit_planes_kernel``).
+
+        Addresses. The buffer is TABLE_BYTES-aligned and no row of it crosses a 2^32-byte boundary
+        (``_lut_buffer``), so an entry's address is the high half of the row's address and the low half of
+        its word's tables OR-ed with the field's byte offset (w >> (BITS·t - 2)) & (TABLE_BYTES - 4): a shift
+        and one LOP3 instead of an extract and a 64-bit add; t·TABLE_BYTES is the load's immediate offset.
+        sm_90 SASS per field: shift, LOP3, LDG, FADD and (mostly) a copy of the high half into the address's
+        register pair (LDG has no 32-bit-offset form); about 1.3 instructions per weight bit at BITS = 4.
+
+        Masks. The tables are padded with zeros to whole BLOCK_KW blocks of words, and words past this split
+        read as 0 (entry 0 of a table of zeros past K; no tile straddles two splits, kw_per_split being a
+        multiple of BLOCK_KW), so the gathers need none. VEC: every tile is whole (KW % BLOCK_KW == 0) and
+        rows start at 16-byte multiples (stride_wn % 4 == 0): tile-uniform word masks, 16-byte loads.
         grid = (cdiv(N, BLOCK_N), split_k)."""
+        TABLE: tl.constexpr = 1 << BITS
+        TABLE_BYTES: tl.constexpr = 4 * TABLE
+        WORD_BYTES: tl.constexpr = (32 // BITS) * TABLE_BYTES  # the tables of one word
+        WV: tl.constexpr = 4 if BLOCK_KW >= 4 else BLOCK_KW
+        GROUPS: tl.constexpr = BLOCK_KW // WV
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
-        w_rows = w_ptr + (offs_n % N).to(tl.int64)[:, None] * stride_wn
+        # What the plan guarantees, written so that Triton's alignment analysis sees it (tl.multiple_of does
+        # not attach to an argument): a whole number of blocks per split, rows at 16-byte multiples.
+        kw_per_split = kw_per_split // BLOCK_KW * BLOCK_KW
+        if VEC:
+            stride_wn = stride_wn // 4 * 4
+        offs_r = tl.arange(0, GROUPS * BLOCK_N)
+        col = (offs_r // BLOCK_N)[:, None] * WV + tl.arange(0, WV)[None, :]  # word column in the tile
+        rows = (pid_n * BLOCK_N + offs_r % BLOCK_N) % N  # rows past N: valid junk, not stored
+        w_tile = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + col
+        col_bytes = col * WORD_BYTES
+        whole = tl.full((GROUPS * BLOCK_N, WV), 1, tl.int1)  # VEC masks: a scalar condition broadcast here
         kw_lo = pid_k * kw_per_split
         kw_hi = tl.minimum(kw_lo + kw_per_split, KW)
-        offs_w = tl.arange(0, BLOCK_KW)
         offs_m = tl.arange(0, BLOCK_M)
         tile = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
         for m in range(0, M):
-            lut_row = lut_ptr + m * KB * 256
-            acc = tl.full((BLOCK_N, BLOCK_KW), 0.0, tl.float32)
+            row_addr = (lut_ptr + m * KT * TABLE).to(tl.int64)
+            row_hi = row_addr & -4294967296  # 0xFFFFFFFF00000000
+            row_lo = row_addr.to(tl.int32)
+            acc = tl.full((GROUPS * BLOCK_N, WV), 0.0, tl.float32)
+            if VEC:
+                w = tl.load(w_tile + kw_lo, mask=whole & (kw_lo < kw_hi), other=0)
+            else:
+                w = tl.load(w_tile + kw_lo, mask=kw_lo + col < kw_hi, other=0)
             for kw0 in range(kw_lo, kw_hi, BLOCK_KW):
-                kw = kw0 + offs_w
-                kw_mask = (kw < kw_hi)[None, :]
-                w = tl.load(w_rows + kw[None, :], mask=kw_mask, other=0)
-                for t in tl.static_range(4):
-                    byte = (w >> (8 * t)) & 255
-                    ptrs = lut_row + (kw * 4 + t)[None, :] * 256 + byte
-                    acc += tl.load(ptrs, mask=kw_mask, other=0.0)
-            y = tl.reduce(acc, 1, _add)
+                nxt = kw0 + BLOCK_KW
+                if VEC:
+                    w_next = tl.load(w_tile + nxt, mask=whole & (nxt < kw_hi), other=0)
+                else:
+                    w_next = tl.load(w_tile + nxt, mask=nxt + col < kw_hi, other=0)
+                tables = row_lo + kw0 * WORD_BYTES + col_bytes  # low half of each word's first table
+                for t in tl.static_range(32 // BITS):
+                    lo = tables | _lut_field_offset(w, BITS * t - 2, TABLE_BYTES - 4)
+                    entry = row_hi | lo.to(tl.uint32).to(tl.int64)
+                    acc += tl.load(entry.to(tl.pointer_type(tl.float32)) + t * TABLE)
+                w = w_next
+            y = tl.reduce(tl.reshape(tl.reduce(acc, 1, _add), (GROUPS, BLOCK_N)), 0, _add)  # (x_m ⊙ g)·Sᵀ
             tile = tl.where(offs_m[:, None] == m, y[None, :], tile)
         m_mask = offs_m < M
         if split_k == 1:
@@ -672,11 +729,14 @@ class PlanesConfig:
 
 @dataclass(frozen=True)
 class LutConfig:
-    """LUT CUDA-core GEMV (``_onebit_lut_kernel``): a 256-entry table of partial sums per 8 inputs, one
-    gather per weight byte; tiles and split_k as :class:`PlanesConfig`."""
+    """LUT CUDA-core GEMV (``_onebit_lut_kernel``): per ``bits`` inputs a table of the 2^bits signed partial
+    sums, one gather and one add per ``bits``-bit field of a weight word. bits = 4 (nibbles): 64-byte tables,
+    one L1 wavefront per warp gather; bits = 8 (bytes): 1 KB tables, up to 8 lines per warp gather. Tiles
+    (BLOCK_N rows × BLOCK_KW words, a power of two) and split_k as :class:`PlanesConfig`."""
 
     block_n: int = 64
     block_kw: int = 16
+    bits: int = 4
     split_k: int = 0
     waves: int = 4
     num_warps: int = 4
@@ -707,6 +767,10 @@ GEMV_SMALL_WEIGHT = 1 << 20
 #: Up to this many elements, when K <= N, too (measured at 2048×2048, SmolLM2-1.7B's attention projections:
 #: 5.4 µs against the bit-plane kernel's 6.3; at 8192×2048, K > N, the single-split GEMV took 19.3 µs).
 GEMV_SQUARE_WEIGHT = 1 << 22
+#: From this many elements (N·K) the M = 1 rule takes the nibble-LUT GEMV ``lut4_n64_kw8`` (measured, H100:
+#: 4096×11008 11.3–11.8 µs against the bit-plane kernel's 13.2–13.4, 8192×8192 14.6–14.8 against 15.4–15.6;
+#: at 2^22–2^24 elements a tie or up to 0.4 µs slower).
+GEMV_LUT_MIN_WEIGHT = 1 << 25
 #: Number of tokens up to which the tensor-core kernel runs with BLOCK_M = 16 and split-K (GEMV regime).
 GEMV_TC_MAX_M = 16
 #: Number of tokens from which the unpack-then-cuBLAS path is used (below: the Triton tensor-core GEMM).
@@ -720,7 +784,13 @@ VARIANTS: dict = {
     "planes_n128_kw32_w8": PlanesConfig(block_n=128, block_kw=32, num_warps=8),
     "planes_n32_kw32": PlanesConfig(block_n=32, block_kw=32, num_warps=4),
     "planes_n64_kw16_x8": PlanesConfig(block_n=64, block_kw=16, waves=8, num_warps=4),
-    "lut_n64_kw16": LutConfig(block_n=64, block_kw=16, num_warps=4),
+    "lut_n64_kw16": LutConfig(block_n=64, block_kw=16, bits=8, num_warps=4),
+    "lut4_n128_kw4": LutConfig(block_n=128, block_kw=4, num_warps=4),
+    "lut4_n256_kw4_w8": LutConfig(block_n=256, block_kw=4, num_warps=8),
+    "lut4_n64_kw8": LutConfig(block_n=64, block_kw=8, num_warps=4),
+    "lut4_n128_kw8": LutConfig(block_n=128, block_kw=8, num_warps=4),
+    "lut4_n64_kw16": LutConfig(block_n=64, block_kw=16, num_warps=4),  # 32 weight bytes in flight per thread
+    "lut4_n128_kw4_x8": LutConfig(block_n=128, block_kw=4, waves=8, num_warps=4),  # twice the programs
     "core_n32_kw8": GemvConfig(block_n=32, block_kw=8, num_warps=4),
     "tc16_n64_k256": MMConfig(block_m=16, block_n=64, block_k=256, group_m=1, num_warps=4),
     "tc16_n128_k128": MMConfig(block_m=16, block_n=128, block_k=128, group_m=1, num_warps=4),
@@ -741,6 +811,8 @@ VARIANTS: dict = {
 VARIANT_M_RANGE: dict = {
     "planes_n64_kw32": (1, 16), "planes_n128_kw32_w8": (1, 16), "planes_n32_kw32": (1, 16),
     "planes_n64_kw16_x8": (1, 16), "lut_n64_kw16": (1, 4), "core_n32_kw8": (1, 2),
+    "lut4_n128_kw4": (1, 4), "lut4_n256_kw4_w8": (1, 4), "lut4_n64_kw8": (1, 4), "lut4_n128_kw8": (1, 4),
+    "lut4_n64_kw16": (1, 4), "lut4_n128_kw4_x8": (1, 4),
     "tc16_n64_k256": (2, 16), "tc16_n128_k128": (2, 16), "tc16_n64_k256_swap": (2, 16),
     "tc16_n128_k256_swap_w8": (2, 16), "tc_m64_n128_k64": (17, 1 << 30), "tc_m128_n128_k64_w8": (17, 1 << 30),
     "unpack_mm": (1, 1 << 30), "unpack_mm_f32acc": (1, 1 << 30), "unpack_mm_hfold": (1, 1 << 30),
@@ -756,7 +828,9 @@ def select_config(m: int, n_out: int, k: int, sm_count: int = _SM_COUNT_DEFAULT)
     - M = 1: the CUDA-core GEMVs. Small weights (N·K <= 2^20, SmolLM2's projections; or N·K <= 2^22 with
       K <= N) ``core1_n16_kw8`` (one launch, split-K 1: 3.0 / 3.9 µs against ``core_n32_kw8``'s 3.6 / 5.1
       at 576×1536 / 1536×576, 5.4 against the bit-plane kernel's 6.3 at 2048×2048);
-      K > N ``planes_n32_kw32``; else ``planes_n64_kw32``.
+      N·K >= 2^25 (GEMV_LUT_MIN_WEIGHT) the nibble-LUT GEMV ``lut4_n64_kw8`` (seventh round: 1.3
+      instructions per weight bit against the bit planes' 3.2; 10–15 % faster at 4096×11008 and 8192²);
+      else K > N ``planes_n32_kw32``; else ``planes_n64_kw32``.
     - 2 <= M <= 16: tensor cores, 16-row tiles. ``tc16_n64_k256_swap``, unless its 64-row tiles alone fill
       the GPU (cdiv(N, 64) >= SMs: no split-K, 1.3 waves at N = 11008), then ``tc16_n128_k128``.
     - 17 <= M < UNPACK_MM_MIN_M: ``tc_m64_n128_k64``; from UNPACK_MM_MIN_M: unpack, then cuBLAS; for
@@ -767,6 +841,8 @@ def select_config(m: int, n_out: int, k: int, sm_count: int = _SM_COUNT_DEFAULT)
     if m <= GEMV_CORE_MAX_M:
         if n_out * k <= GEMV_SMALL_WEIGHT or (n_out * k <= GEMV_SQUARE_WEIGHT and k <= n_out):
             return VARIANTS["core1_n16_kw8"]
+        if n_out * k >= GEMV_LUT_MIN_WEIGHT:
+            return VARIANTS["lut4_n64_kw8"]
         return VARIANTS["planes_n32_kw32" if k > n_out else "planes_n64_kw32"]
     if m <= GEMV_TC_MAX_M:
         if -(-n_out // 64) >= sm_count:
@@ -955,6 +1031,36 @@ def _split_words(kw_total: int, block_kw: int, n_tiles: int, cfg, sm_count: int)
     return triton.cdiv(kw_total, kw_per_split), kw_per_split
 
 
+#: Tables per program of the LUT pre-kernel ``_xg_lut_kernel``, by bits per table index (1024 entries for
+#: nibbles, 4096 for bytes).
+LUT_PREP_TABLES = {4: 64, 8: 16}
+_ADDRESS_HALF = 1 << 32  # _onebit_lut_kernel keeps the high 32 bits of a row's address for all its entries
+
+
+def _lut_window(start: int, nbytes: int, align: int) -> int:
+    """The smallest address >= ``start`` that is a multiple of ``align`` and from which ``nbytes`` do not
+    cross a multiple of 2^32 (``nbytes`` <= 2^32 - align): the round-up, or the next multiple of 2^32."""
+    first = -(-start // align) * align
+    boundary = (first // _ADDRESS_HALF + 1) * _ADDRESS_HALF
+    return first if first + nbytes <= boundary else boundary
+
+
+def _lut_buffer(shape: tuple, device: torch.device) -> torch.Tensor:
+    """An empty fp32 LUT buffer (M, KT, 2^bits) starting at a multiple of its table size (4·2^bits bytes)
+    and not crossing a multiple of 2^32 bytes: ``_onebit_lut_kernel`` ORs an entry's byte offset into the
+    low half of its table's address and takes the high half from the row. A fresh allocation almost
+    always qualifies (the CUDA caching allocator aligns blocks to 512 bytes, CPU allocations are 64-byte
+    aligned): one data_ptr() check; otherwise the window of a larger allocation found by _lut_window."""
+    numel = shape[0] * shape[1] * shape[2]
+    nbytes, align = 4 * numel, 4 * shape[2]
+    lut = torch.empty(shape, dtype=torch.float32, device=device)
+    if _lut_window(lut.data_ptr(), nbytes, align) == lut.data_ptr():
+        return lut
+    spare = torch.empty(2 * numel + shape[2], dtype=torch.float32, device=device)  # room for either move
+    offset = (_lut_window(spare.data_ptr(), nbytes, align) - spare.data_ptr()) // 4
+    return spare[offset:offset + numel].view(shape)
+
+
 #: Opt-in (flip after measuring on the GPU): a plan launches each kernel through Triton's JIT dispatch once
 #: per argument specialization, then calls the CompiledKernel's launcher directly (skipping the binder,
 #: the cache-key computation and the option parsing of ``JITFunction.run``: most of the ~20-40 µs of host
@@ -1045,11 +1151,12 @@ class OneBitPlan:
             self._call = self._call_gemv
         elif isinstance(cfg, (PlanesConfig, LutConfig)):
             planes = isinstance(cfg, PlanesConfig)
-            if planes and (cfg.block_kw < 1 or cfg.block_kw & (cfg.block_kw - 1) or m > 16):
+            kind = "planes" if planes else "LUT"
+            if cfg.block_kw < 1 or cfg.block_kw & (cfg.block_kw - 1) or m > 16:
                 raise ValueError(
-                    f"planes GEMV: block_kw must be a power of two and M <= 16, got {cfg}, M = {m}")
-            if not planes and m > 16:
-                raise ValueError(f"LUT GEMV: M must be <= 16, got {m}")
+                    f"{kind} GEMV: block_kw must be a power of two and M <= 16, got {cfg}, M = {m}")
+            if not planes and cfg.bits not in LUT_PREP_TABLES:
+                raise ValueError(f"LUT GEMV: bits must be one of {tuple(LUT_PREP_TABLES)}, got {cfg.bits}")
             n_tiles = triton.cdiv(n_out, cfg.block_n)
             self.split_k, self.kw_per_split = _split_words(self.kw, cfg.block_kw, n_tiles, cfg, sm)
             self._set_scratch(n_tiles)
@@ -1057,13 +1164,18 @@ class OneBitPlan:
             self.meta = dict(BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw,
                              LN=self.fuse_ln, LN_BLOCK=ln_block, num_warps=cfg.num_warps,
                              num_stages=cfg.num_stages)
+            # words padded to whole blocks: planes and tables there are zeros, so no tile needs K masks
+            self.kwp = triton.cdiv(self.kw, cfg.block_kw) * cfg.block_kw
             if not planes:
-                self.kb = 4 * self.kw  # one table per byte of a row (bytes past K get a table of zeros)
-                self.prep_grid = (m, triton.cdiv(self.kb, 16))
-                self.prep_meta = dict(BLOCK_B=16, num_warps=4)
+                self.kt = 32 // cfg.bits * self.kwp  # tables per token
+                block_b = LUT_PREP_TABLES[cfg.bits]
+                self.prep_grid = (m, triton.cdiv(self.kt, block_b))
+                self.prep_meta = dict(BLOCK_B=block_b, BITS=cfg.bits, num_warps=4)
+                self.meta.update(BITS=cfg.bits, VEC=False)
+                # rows of words at 16-byte multiples (checked per call) and whole tiles: 16-byte loads
+                self.meta_vec = dict(self.meta, VEC=self.kw % cfg.block_kw == 0)
                 self._call = self._call_lut
             else:
-                self.kwp = triton.cdiv(self.kw, cfg.block_kw) * cfg.block_kw  # planes padded with zeros
                 self.block_w = min(64, triton.next_power_of_2(self.kwp))
                 self.prep_grid = (m, triton.cdiv(self.kwp, self.block_w))
                 self.prep_meta = dict(BLOCK_W=self.block_w, num_warps=4)
@@ -1180,14 +1292,15 @@ class OneBitPlan:
 
     def _call_lut(self, x2, w, g, h, vkey):
         out = self._out()
-        lut = torch.empty((self.m, self.kb, 256), dtype=torch.float32, device=self.device)
+        lut = _lut_buffer((self.m, self.kt, 1 << self.cfg.bits), self.device)
         self._launch(1, _xg_lut_kernel, self.prep_grid, (
-            x2, g, lut, self.k, self.kb, x2.stride(0), x2.stride(1)), self.prep_meta, vkey)
+            x2, g, lut, self.k, self.kt, x2.stride(0), x2.stride(1)), self.prep_meta, vkey)
         cnt, part, ypre = self._scratch()
         self._launch(0, _onebit_lut_kernel, self.grid, (
             lut, w, h, out, part, cnt, ypre,
-            self.m, self.n_out, self.kw, self.kb, self.kw_per_split, self.split_k,
-            w.stride(0), self.n_out, 1, self.eps_arg), self.meta, vkey)
+            self.m, self.n_out, self.kw, self.kt, self.kw_per_split, self.split_k,
+            w.stride(0), self.n_out, 1, self.eps_arg), self.meta_vec if w.stride(0) % 4 == 0 else self.meta,
+            vkey)
         return out
 
     def _call_unpack_mm(self, x2, w, g, h, vkey):
