@@ -33,7 +33,7 @@ def test_smoke_run_reports_every_method(tmp_path, capsys):
     for r in result["methods"]:
         assert "error" not in r, r
         assert r["tokens_per_s"] > 0 and len(r["losses"]) == 2 and r["finite"]
-        assert r["compiled"] is False and r["params"] > 0
+        assert r["compiled"] is False and r["params"] > 0 and r["graph_breaks"] is None
     bf16, lss = result["methods"][0], result["methods"][1]
     assert bf16["int4_backends"] == [] and lss["int4_backends"] == ["emulate"]
     assert lss["conversion"]["converted"] == 16  # 4 Linear layers per block, 4 blocks; lm_head kept
@@ -43,6 +43,16 @@ def test_smoke_run_reports_every_method(tmp_path, capsys):
     assert json.loads((tmp_path / "out.json").read_text())["suite"] == "int4-train"
     out = capsys.readouterr().out
     assert "tokens/s" in out and "int4-hq-lss" in out
+
+
+def test_table_warns_of_graph_breaks():
+    from lowbit.bench.int4_train import _table
+
+    row = {"method": "int4-hq", "compiled": True, "graph_breaks": 3, "step_ms": 1.0, "tokens_per_s": 1.0,
+           "peak_mem_gb": None, "losses": [1.0], "final_loss": 1.0}
+    text = _table({"methods": [row]})
+    assert "3 graph break(s)" in text
+    assert "graph break" not in _table({"methods": [{**row, "graph_breaks": 0}]})
 
 
 def test_a_failing_method_is_reported_and_the_run_goes_on(tmp_path):

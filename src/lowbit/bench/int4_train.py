@@ -204,6 +204,10 @@ def _table(result: dict) -> str:
     for r in result["methods"]:
         if "error" in r:
             lines.append(f"{r['method']:<14} failed: {r['error']}")
+        elif r.get("graph_breaks"):
+            lines.append(f"{r['method']:<14} warning: {r['graph_breaks']} graph break(s) while compiling; a "
+                         "break inside the model's block loop runs the whole forward eagerly "
+                         "(TORCH_LOGS=graph_breaks shows them)")
     return "\n".join(lines)
 
 
