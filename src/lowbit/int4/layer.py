@@ -195,7 +195,8 @@ class Int4Linear(nn.Linear):
 
     def backend_for(self, device: torch.device) -> str:
         """The backend of a call on ``device``: "emulate" or "triton" (``config.backend`` resolved; module
-        docstring). Decided once per device and block size; "auto"'s choice is logged at DEBUG."""
+        docstring). Decided once per distinct backend, device and layer constraints (``_backend_choice``);
+        "auto"'s choice is logged at DEBUG."""
         unsupported = triton_unsupported_reason(self.config, self.in_features, self.out_features,
                                                 self.block_size)
         found = _backend_choice(self.config.backend, str(device), unsupported, self.in_features,
