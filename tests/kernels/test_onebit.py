@@ -503,9 +503,9 @@ def test_errors():
 def test_select_config_regimes():
     mod = _interp
     assert isinstance(mod.select_config(1, 4096, 4096), mod.PlanesConfig)
-    assert mod.select_config(1, 11008, 4096) is mod.VARIANTS["lut4_n64_kw8"]  # (m, N, K); N·K >= 2^25
-    assert mod.select_config(1, 4096, 11008) is mod.VARIANTS["lut4_n64_kw8"]
-    assert mod.select_config(1, 4096, 8192) is mod.VARIANTS["lut4_n64_kw8"]
+    assert mod.select_config(1, 11008, 4096) is mod.VARIANTS["lut4_n64_kw8_pdl"]  # (m, N, K); N·K >= 2^25
+    assert mod.select_config(1, 4096, 11008) is mod.VARIANTS["lut4_n64_kw8_pdl"]
+    assert mod.select_config(1, 4096, 8192) is mod.VARIANTS["lut4_n64_kw8_pdl"]
     assert mod.select_config(1, 8192, 2048) is mod.VARIANTS["planes_n64_kw32"]  # below 2^25, K <= N
     assert mod.select_config(1, 1536, 576) is mod.VARIANTS["core1_n16_kw8"]  # small weight (SmolLM2)
     assert mod.select_config(1, 2048, 2048) is mod.VARIANTS["core1_n16_kw8"]  # up to 2^22 with K <= N
@@ -662,6 +662,8 @@ def test_lut_tokens_splits_and_word_strides(m, bits, block_kw):
         plan = _interp.onebit_matmul_plan(m, n_out, k, device="cpu", x_dtype=x.dtype, out_dtype=torch.float32,
                                           config=cfg)
         assert plan.split_k == split_k and plan.meta_vec["VEC"] and not plan.meta["VEC"]
+        # one tile per split (block_kw 8, split 2: no prefetch) or several (the others: prefetch)
+        assert plan.meta["PREFETCH"] == (plan.kw_per_split > block_kw) == (block_kw * split_k < 16)
         y = _interp.onebit_matmul(x, w, g, h, k, out_dtype=torch.float32, config=cfg)
         torch.testing.assert_close(y.double(), y_exact, rtol=0, atol=0, msg=f"split_k {split_k}, "
                                    f"row stride {w.stride(0)}")
@@ -809,7 +811,7 @@ class _FakeCompiled:
         jit.kernel[(g0, g1)](*params[:cut], **dict(zip(names[cut:], params[cut:])), **jit.options)
 
 
-@pytest.mark.parametrize("name", ["core1_n32_kw8", "lut_n64_kw16", "lut4_n64_kw8", "tc16_n64_k256_swap",
+@pytest.mark.parametrize("name", ["core1_n32_kw8", "lut_n64_kw16", "lut4_n64_kw8_pdl", "tc16_n64_k256_swap",
                                   "planes_n32_kw32"])
 def test_direct_launch_argument_list(name, monkeypatch):
     """DIRECT_LAUNCH (off by default; the GPU test checks it for real): the first call per argument

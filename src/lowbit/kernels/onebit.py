@@ -88,6 +88,11 @@ LN_ONE_PASS_MAX = 4096
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+try:  # grid dependency control (programmatic dependent launch, sm_90+), Triton >= 3.4
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older Triton, or none
+    gdc_launch_dependents = gdc_wait = None
+
 if HAS_TRITON:
     _SIGN16 = tl.constexpr(-32768)  # 0x8000 as int16: the sign bit of a bf16 / fp16 value
     _MINUS_ONE_BF16 = tl.constexpr(-16512)  # 0xBF80 as int16: -1.0 in bf16
@@ -489,12 +494,15 @@ if HAS_TRITON:
 
     @triton.jit
     def _xg_lut_kernel(x_ptr, g_ptr, lut_ptr, K, KT, stride_xm, stride_xk, BLOCK_B: tl.constexpr,
-                       BITS: tl.constexpr):
+                       BITS: tl.constexpr, PDL: tl.constexpr = False):
         """lut[m, i, b] = Σ_{t<BITS} (bit t of b ? +1 : -1) · a[m, BITS·i + t] for every BITS-bit value b and
         i < KT: one table of 2^BITS signed partial sums per BITS inputs. a_k = fp32(x_k) · fp32(g_k), the
         reference's product (0 past K, so tables past K are all zeros); each entry is summed in fp32 from
-        0.0 in the order t = 0, 1, ..., BITS - 1. grid = (M, cdiv(KT, BLOCK_B))."""
+        0.0 in the order t = 0, 1, ..., BITS - 1. grid = (M, cdiv(KT, BLOCK_B)). PDL: let the GEMV that
+        follows (launched as a programmatic dependent) start now; it waits for these tables itself."""
         TABLE: tl.constexpr = 1 << BITS
+        if PDL:
+            gdc_launch_dependents()
         pid_m = tl.program_id(0)
         pid_b = tl.program_id(1)
         offs_i = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -526,7 +534,8 @@ if HAS_TRITON:
         stride_wn, stride_om, stride_on,
         ln_eps,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, BITS: tl.constexpr,
-        VEC: tl.constexpr, LN: tl.constexpr, LN_BLOCK: tl.constexpr,
+        VEC: tl.constexpr, LN: tl.constexpr, LN_BLOCK: tl.constexpr, PREFETCH: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         """LUT GEMV: each BITS-bit field of a weight word selects one of 2^BITS precomputed partial sums of
         BITS terms (``_xg_lut_kernel``), so a field costs an extract, one gather and one fp32 add.
@@ -538,7 +547,10 @@ if HAS_TRITON:
         with BLOCK_KW = 8 would get [16, 2], lanes on two word columns). For field t of word column c all
         lanes of a warp thus gather from the one table of input position (word kw0 + c, field t), the same
         for the whole CTA: with BITS = 4, 16 fp32 = 64 bytes, one L1 wavefront per warp load. The next tile
-        is loaded before the current one is used (as ``_onebit_planes_kernel``).
+        is loaded before the current one is used (as ``_onebit_planes_kernel``); PREFETCH = False (a split of
+        one tile: every weight byte of the program is requested by its first load) skips that load. The first
+        tile is loaded once for all tokens, and with PDL (launched as a programmatic dependent of
+        ``_xg_lut_kernel``) before waiting for the tables: the weights stream in while they are built.
 
         Addresses. The buffer is TABLE_BYTES-aligned and no row of it crosses a 2^32-byte boundary
         (``_lut_buffer``), so an entry's address is the high half of the row's address and the low half of
@@ -576,18 +588,23 @@ if HAS_TRITON:
         kw_hi = tl.minimum(kw_lo + kw_per_split, KW)
         offs_m = tl.arange(0, BLOCK_M)
         tile = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        if VEC:
+            w_first = tl.load(w_tile + kw_lo, mask=whole & (kw_lo < kw_hi), other=0)
+        else:
+            w_first = tl.load(w_tile + kw_lo, mask=kw_lo + col < kw_hi, other=0)
+        if PDL:
+            gdc_wait()  # the tables of _xg_lut_kernel are written and visible from here on
         for m in range(0, M):
             row_addr = (lut_ptr + m * KT * TABLE).to(tl.int64)
             row_hi = row_addr & -4294967296  # 0xFFFFFFFF00000000
             row_lo = row_addr.to(tl.int32)
             acc = tl.full((GROUPS * BLOCK_N, WV), 0.0, tl.float32)
-            if VEC:
-                w = tl.load(w_tile + kw_lo, mask=whole & (kw_lo < kw_hi), other=0)
-            else:
-                w = tl.load(w_tile + kw_lo, mask=kw_lo + col < kw_hi, other=0)
+            w = w_first
             for kw0 in range(kw_lo, kw_hi, BLOCK_KW):
                 nxt = kw0 + BLOCK_KW
-                if VEC:
+                if not PREFETCH:
+                    w_next = w
+                elif VEC:
                     w_next = tl.load(w_tile + nxt, mask=whole & (nxt < kw_hi), other=0)
                 else:
                     w_next = tl.load(w_tile + nxt, mask=nxt + col < kw_hi, other=0)
@@ -741,6 +758,7 @@ class LutConfig:
     waves: int = 4
     num_warps: int = 4
     num_stages: int = 1
+    pdl: bool = False  # launch the GEMV as a programmatic dependent of the tables' kernel (where supported)
 
 
 @dataclass(frozen=True)
@@ -767,8 +785,8 @@ GEMV_SMALL_WEIGHT = 1 << 20
 #: Up to this many elements, when K <= N, too (measured at 2048×2048, SmolLM2-1.7B's attention projections:
 #: 5.4 µs against the bit-plane kernel's 6.3; at 8192×2048, K > N, the single-split GEMV took 19.3 µs).
 GEMV_SQUARE_WEIGHT = 1 << 22
-#: From this many elements (N·K) the M = 1 rule takes the nibble-LUT GEMV ``lut4_n64_kw8`` (measured, H100:
-#: 4096×11008 11.3–11.8 µs against the bit-plane kernel's 13.2–13.4, 8192×8192 14.6–14.8 against 15.4–15.6;
+#: From this many elements (N·K) the M = 1 rule takes the nibble-LUT GEMV (``lut4_n64_kw8_pdl``; measured,
+#: H100: 4096×11008 11.3–11.8 µs against the bit-plane kernel's 13.2–13.4, 8192×8192 14.6–14.8 against 15.4–15.6;
 #: at 2^22–2^24 elements a tie or up to 0.4 µs slower).
 GEMV_LUT_MIN_WEIGHT = 1 << 25
 #: Number of tokens up to which the tensor-core kernel runs with BLOCK_M = 16 and split-K (GEMV regime).
@@ -791,6 +809,11 @@ VARIANTS: dict = {
     "lut4_n128_kw8": LutConfig(block_n=128, block_kw=8, num_warps=4),
     "lut4_n64_kw16": LutConfig(block_n=64, block_kw=16, num_warps=4),  # 32 weight bytes in flight per thread
     "lut4_n128_kw4_x8": LutConfig(block_n=128, block_kw=4, waves=8, num_warps=4),  # twice the programs
+    # eighth round: a split's weights in one tile, all requested by the first load (measured slower: 14.3 /
+    # 21.7 µs against lut4_n64_kw8's 8.1 / 11.5 at 4096² / 4096×11008); and the tables' kernel overlapped
+    # with the GEMV's first weight tile by a programmatic dependent launch (0.2–0.4 µs faster)
+    "lut4_n32_kw64": LutConfig(block_n=32, block_kw=64, num_warps=4),
+    "lut4_n64_kw8_pdl": LutConfig(block_n=64, block_kw=8, num_warps=4, pdl=True),
     "core_n32_kw8": GemvConfig(block_n=32, block_kw=8, num_warps=4),
     "tc16_n64_k256": MMConfig(block_m=16, block_n=64, block_k=256, group_m=1, num_warps=4),
     "tc16_n128_k128": MMConfig(block_m=16, block_n=128, block_k=128, group_m=1, num_warps=4),
@@ -812,7 +835,7 @@ VARIANT_M_RANGE: dict = {
     "planes_n64_kw32": (1, 16), "planes_n128_kw32_w8": (1, 16), "planes_n32_kw32": (1, 16),
     "planes_n64_kw16_x8": (1, 16), "lut_n64_kw16": (1, 4), "core_n32_kw8": (1, 2),
     "lut4_n128_kw4": (1, 4), "lut4_n256_kw4_w8": (1, 4), "lut4_n64_kw8": (1, 4), "lut4_n128_kw8": (1, 4),
-    "lut4_n64_kw16": (1, 4), "lut4_n128_kw4_x8": (1, 4),
+    "lut4_n64_kw16": (1, 4), "lut4_n128_kw4_x8": (1, 4), "lut4_n32_kw64": (1, 4), "lut4_n64_kw8_pdl": (1, 4),
     "tc16_n64_k256": (2, 16), "tc16_n128_k128": (2, 16), "tc16_n64_k256_swap": (2, 16),
     "tc16_n128_k256_swap_w8": (2, 16), "tc_m64_n128_k64": (17, 1 << 30), "tc_m128_n128_k64_w8": (17, 1 << 30),
     "unpack_mm": (1, 1 << 30), "unpack_mm_f32acc": (1, 1 << 30), "unpack_mm_hfold": (1, 1 << 30),
@@ -828,8 +851,9 @@ def select_config(m: int, n_out: int, k: int, sm_count: int = _SM_COUNT_DEFAULT)
     - M = 1: the CUDA-core GEMVs. Small weights (N·K <= 2^20, SmolLM2's projections; or N·K <= 2^22 with
       K <= N) ``core1_n16_kw8`` (one launch, split-K 1: 3.0 / 3.9 µs against ``core_n32_kw8``'s 3.6 / 5.1
       at 576×1536 / 1536×576, 5.4 against the bit-plane kernel's 6.3 at 2048×2048);
-      N·K >= 2^25 (GEMV_LUT_MIN_WEIGHT) the nibble-LUT GEMV ``lut4_n64_kw8`` (seventh round: 1.3
-      instructions per weight bit against the bit planes' 3.2; 10–15 % faster at 4096×11008 and 8192²);
+      N·K >= 2^25 (GEMV_LUT_MIN_WEIGHT) the nibble-LUT GEMV ``lut4_n64_kw8_pdl`` (seventh round: 1.3
+      instructions per weight bit against the bit planes' 3.2; 10–15 % faster at 4096×11008 and 8192²;
+      eighth round: launched as a programmatic dependent of its tables' kernel, 0.2–0.4 µs less);
       else K > N ``planes_n32_kw32``; else ``planes_n64_kw32``.
     - 2 <= M <= 16: tensor cores, 16-row tiles. ``tc16_n64_k256_swap``, unless its 64-row tiles alone fill
       the GPU (cdiv(N, 64) >= SMs: no split-K, 1.3 waves at N = 11008), then ``tc16_n128_k128``.
@@ -842,7 +866,7 @@ def select_config(m: int, n_out: int, k: int, sm_count: int = _SM_COUNT_DEFAULT)
         if n_out * k <= GEMV_SMALL_WEIGHT or (n_out * k <= GEMV_SQUARE_WEIGHT and k <= n_out):
             return VARIANTS["core1_n16_kw8"]
         if n_out * k >= GEMV_LUT_MIN_WEIGHT:
-            return VARIANTS["lut4_n64_kw8"]
+            return VARIANTS["lut4_n64_kw8_pdl"]
         return VARIANTS["planes_n32_kw32" if k > n_out else "planes_n64_kw32"]
     if m <= GEMV_TC_MAX_M:
         if -(-n_out // 64) >= sm_count:
@@ -1031,6 +1055,19 @@ def _split_words(kw_total: int, block_kw: int, n_tiles: int, cfg, sm_count: int)
     return triton.cdiv(kw_total, kw_per_split), kw_per_split
 
 
+def _pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch: compiled (not interpreted) Triton with grid dependency control and the
+    ``launch_pdl`` launch option, on a CUDA device of compute capability 9.0 or newer."""
+    if _INTERPRETED or gdc_wait is None or torch.device(device).type != "cuda":
+        return False
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:  # pragma: no cover
+        return False
+    fields = getattr(CUDAOptions, "__dataclass_fields__", {})
+    return "launch_pdl" in fields and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
 #: Tables per program of the LUT pre-kernel ``_xg_lut_kernel``, by bits per table index (1024 entries for
 #: nibbles, 4096 for bytes).
 LUT_PREP_TABLES = {4: 64, 8: 16}
@@ -1171,7 +1208,11 @@ class OneBitPlan:
                 block_b = LUT_PREP_TABLES[cfg.bits]
                 self.prep_grid = (m, triton.cdiv(self.kt, block_b))
                 self.prep_meta = dict(BLOCK_B=block_b, BITS=cfg.bits, num_warps=4)
-                self.meta.update(BITS=cfg.bits, VEC=False)
+                pdl = cfg.pdl and _pdl_supported(device)
+                self.prep_meta.update(PDL=pdl)
+                self.meta.update(BITS=cfg.bits, VEC=False, PREFETCH=self.kw_per_split > cfg.block_kw, PDL=pdl)
+                if pdl:
+                    self.meta.update(launch_pdl=True)
                 # rows of words at 16-byte multiples (checked per call) and whole tiles: 16-byte loads
                 self.meta_vec = dict(self.meta, VEC=self.kw % cfg.block_kw == 0)
                 self._call = self._call_lut
