@@ -786,8 +786,8 @@ GEMV_SMALL_WEIGHT = 1 << 20
 #: 5.4 µs against the bit-plane kernel's 6.3; at 8192×2048, K > N, the single-split GEMV took 19.3 µs).
 GEMV_SQUARE_WEIGHT = 1 << 22
 #: From this many elements (N·K) the M = 1 rule takes the nibble-LUT GEMV (``lut4_n64_kw8_pdl``; measured,
-#: H100: 4096×11008 11.3–11.8 µs against the bit-plane kernel's 13.2–13.4, 8192×8192 14.6–14.8 against 15.4–15.6;
-#: at 2^22–2^24 elements a tie or up to 0.4 µs slower).
+#: H100: 4096×11008 11.3–11.8 µs against the bit-plane kernel's 13.2–13.4, 8192×8192 14.6–14.8 against
+#: 15.4–15.6; at 2^22–2^24 elements a tie or up to 0.4 µs slower).
 GEMV_LUT_MIN_WEIGHT = 1 << 25
 #: Number of tokens up to which the tensor-core kernel runs with BLOCK_M = 16 and split-K (GEMV regime).
 GEMV_TC_MAX_M = 16
