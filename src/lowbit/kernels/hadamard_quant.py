@@ -770,6 +770,42 @@ if HAS_TRITON:
         return tl.where(v < tiny, tl.where(keep_tiny, tiny, 0.0), v)
 
     @triton.jit
+    def _pow2_of_max_value(vmax):
+        """2^(floor(log2(7·vmax)) - 12) as fp32 (the exponent read from the bits of 7·vmax, exact; powers
+        below 2^-126 rounded as fp32 arithmetic does, to a subnormal or 0); 1 where 7·vmax is 0 or NaN, inf
+        where it overflows. vmax >= 0 or NaN, a scalar."""
+        y = vmax * 7.0
+        sub = y < 1.1754943508222875e-38  # 2^-126: scale subnormals up by 2^24 (exact) to read the exponent
+        yn = y * tl.where(sub, 16777216.0, 1.0)
+        e = ((yn.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127 - tl.where(sub, 24, 0) - 12
+        p = tl.where(e >= -126, _exp2_int(tl.maximum(e, -126)), _exp2_int(tl.maximum(e, -126 - 64) + 64)
+                     * 5.421010862427522e-20)  # 2^-64
+        p = tl.where(y == float("inf"), y, p)
+        return tl.where((y > 0.0) & (y == y), p, 1.0)
+
+    @triton.jit
+    def _row_factors_kernel(a_ptr, stride_a, b_ptr, stride_b, factor_ptr, norm_ptr, R, BLOCK: tl.constexpr,
+                            HAS_B: tl.constexpr, WRITE_F: tl.constexpr):
+        """One program: factor[r] = a[r·stride_a] · b[r·stride_b] (fp32; a alone without HAS_B) for r < R,
+        written with WRITE_F, and norm[0] = _pow2_of_max_value(max_r |factor[r]|) (NaN if any is NaN)."""
+        offs = tl.arange(0, BLOCK)
+        vmax = tl.zeros([BLOCK], dtype=tl.float32)
+        nan = tl.zeros([BLOCK], dtype=tl.int32)
+        for r0 in range(0, R, BLOCK):
+            r = r0 + offs
+            mask = r < R
+            f = tl.load(a_ptr + r.to(tl.int64) * stride_a, mask=mask, other=0.0).to(tl.float32)
+            if HAS_B:
+                f = f * tl.load(b_ptr + r.to(tl.int64) * stride_b, mask=mask, other=0.0).to(tl.float32)
+            if WRITE_F:
+                tl.store(factor_ptr + r, f, mask=mask)
+            vmax = tl.maximum(vmax, tl.abs(f))
+            nan = nan | (f != f).to(tl.int32)
+        m = tl.max(vmax, axis=0)
+        m = tl.where(tl.max(nan, axis=0) > 0, float("nan"), m)
+        tl.store(norm_ptr, _pow2_of_max_value(m))
+
+    @triton.jit
     def _gather_kernel(
         src_idx_ptr, half_ptr, factor_ptr, g_ptr, x_ptr, a_out_ptr, b_out_ptr, fmax_ptr, seed_ptr, t_ptr,
         count_ptr, norm_ptr, R_OUT, N, K, stride_gr, stride_xr, stride_ar, stride_br,
@@ -1378,6 +1414,24 @@ def gather_scaled_rows(
     return _gather(g_codes, x_codes, src_idx, factor, n_out, half=half_t, out_dtype=out_dtype,
                    transposed=transposed, pad_to=pad_to, pow2=pow2, count=count_t, block_rows=block_rows,
                    block_cols=block_cols, num_warps=num_warps)
+
+
+def _row_factors(a: torch.Tensor, b: torch.Tensor | None, n: int, *, write_factor: bool = True):
+    """(factor, norm) in one launch: factor = a · b (fp32, (n,); each a (n,) or one-element fp32 tensor,
+    broadcast) and norm = 2^(floor(log2(7·max|factor|)) - 12) (one element; 1 for all zeros or a NaN), the
+    power of two that int4_linear's fp16 ∇W operand is divided by. ``b`` None: factor = a;
+    ``write_factor=False``: factor is None (only the normalizer of a, e.g. a kept maximum)."""
+    dev = a.device
+    factor = torch.empty(n, dtype=torch.float32, device=dev) if write_factor else None
+    norm = torch.empty(1, dtype=torch.float32, device=dev)
+    a1 = a.reshape(-1)
+    b1 = b.reshape(-1) if b is not None else a1
+    _row_factors_kernel[(1,)](
+        a1, a1.stride(0) if a1.numel() > 1 else 0, b1, b1.stride(0) if b1.numel() > 1 else 0,
+        factor if factor is not None else norm, norm, n,
+        BLOCK=min(1024, max(16, _next_pow2(n))), HAS_B=b is not None, WRITE_F=write_factor, num_warps=4,
+        **_launch_options(dev))
+    return factor, norm
 
 
 def _gather(g_codes, x_codes, src_idx, factor, n_out, *, half=None, out_dtype, transposed=False, pad_to=1,

@@ -54,6 +54,7 @@ from .hadamard_quant import (
     _hadamard_quantize,
     _hadamard_rows,
     _lss,
+    _row_factors,
     lss_capacity,
 )
 from .int4_matmul import GEMM_CONFIG_DUAL, _int4_mm, _scaled_mm_triton, int8_scaled_mm
@@ -241,6 +242,7 @@ def _pow2_normalizer(values: torch.Tensor) -> torch.Tensor:
 
     Dividing a factor by it is exact, and puts factor · code (|code| <= 7) well inside the fp16 range:
     the largest rows keep 11 significant bits, and only rows 2^-36 times smaller reach fp16 subnormals.
+    The backward computes it with ``_row_factors`` (one launch); this is the PyTorch reference.
     """
     values = values.detach() if values.requires_grad else values
     return _pow2_of_max(values.abs().amax().reshape(1).float())
@@ -248,10 +250,15 @@ def _pow2_normalizer(values: torch.Tensor) -> torch.Tensor:
 
 def _pow2_of_max(vmax: torch.Tensor) -> torch.Tensor:
     """:func:`_pow2_normalizer` of a one-element fp32 tensor vmax = max|values| (>= 0, or NaN): 2^e with
-    e = floor(log2(7·vmax)) - 12, and 1 where 7·vmax is not positive or NaN. The same values as
-    ``torch.where(v > 0, torch.exp2(e), 1)`` in fewer operations: -inf (v = 0) and NaN exponents become 0."""
-    e = torch.log2(vmax * 7.0).floor_().sub_(12.0)
-    return e.nan_to_num_(nan=0.0, posinf=math.inf, neginf=0.0).exp2_()
+    e = floor(log2(7·vmax)) - 12, the exponent of fp32 7·vmax read exactly (``torch.frexp``, subnormals
+    too; not a rounded log2, which reaches the next integer just below a power of two); 1 where 7·vmax is
+    0 or NaN, inf where it overflows. Powers below 2^-126 are fp32 subnormals or 0, as fp32 arithmetic
+    rounds them."""
+    y = vmax * 7.0
+    _, ex = torch.frexp(y)  # y = m·2^ex, m in [0.5, 1): floor(log2 y) = ex - 1
+    p = torch.ldexp(torch.ones_like(y), ex - 13)
+    p = torch.where(y == math.inf, y, p)
+    return torch.where((y > 0) & (y == y), p, torch.ones_like(y))
 
 
 def int4_linear_bwd(
@@ -443,7 +450,7 @@ def _bwd_impl(grad_y, saved, grad_quantizer, grad_granularity, lss_keep_ratio, g
             g_src = bs.hl
         else:
             src = half = None  # the rows in order: j -> token j
-            factor = g_scale.reshape(-1).expand(n) * x_scale.reshape(-1).expand(n)
+            factor = None  # (made with the normalizer below, in one launch)
             n_rows = n
             g_src = g_codes
         if grad_weight_fp8:
@@ -457,7 +464,12 @@ def _bwd_impl(grad_y, saved, grad_quantizer, grad_granularity, lss_keep_ratio, g
         else:
             # (with a device count, the entries past it are not factors: normalize by the kept maximum; the
             # gather divides each factor by the normalizer)
-            norm = _pow2_normalizer(factor) if live is None else _pow2_of_max(fmax)
+            if factor is None:  # the rows in order: factor_j = s_g,j · s_x,j
+                factor, norm = _row_factors(g_scale.float(), x_scale.float(), n)
+            elif live is None:
+                norm = _row_factors(factor, None, factor.numel(), write_factor=False)[1]
+            else:
+                norm = _row_factors(fmax, None, 1, write_factor=False)[1]
             a_ready = g_src.dtype == torch.float16 and src is None  # the split wrote v in fp16
             a, b = _gather(g_src, x_codes, src, factor, n_rows, half=half, out_dtype=torch.float16,
                            count=live, norm=norm, write_a=not a_ready)
