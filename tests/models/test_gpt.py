@@ -68,7 +68,7 @@ def test_config_checks(field, value, match):
 
 
 def test_build_model_names():
-    assert MODEL_NAMES == ("gpt-tiny", "gpt-small", "gpt-medium", "gpt-350m")
+    assert MODEL_NAMES == ("gpt-tiny", "gpt-small", "gpt-medium", "gpt-350m", "gpt-1.3b")
     model = build_model("gpt-tiny", 65)
     assert model.config == GPTConfig.named("tiny", 65)
     assert build_model("gpt-tiny", 65, block_size=16).config.block_size == 16

@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "comma-separated, or 'all' (row 'ours' is always the default tiling)")
     parser.add_argument("--sets", default="12x4096x4096,gpt-medium",
                         help="parameter sets: NxRxC (N fp32 tensors of R x C) and/or gpt-<size> (tiny, "
-                             "small, medium, 350m); comma-separated")
+                             "small, medium, 350m, 1.3b); comma-separated")
     parser.add_argument("--vocab-size", type=int, default=50304, help="vocabulary of the gpt-<size> sets")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="parameter dtype")
     parser.add_argument("--block-size", type=int, default=256, help="absmax block of the 8-bit optimizers")

@@ -22,7 +22,7 @@ MODEL_NAMES: tuple[str, ...] = tuple(f"gpt-{size}" for size in NAMED_CONFIGS)
 
 
 def build_model(name: str, vocab_size: int, **overrides) -> GPT:
-    """A freshly initialized `GPT` for "gpt-tiny", "gpt-small", "gpt-medium" or "gpt-350m".
+    """A freshly initialized `GPT` for "gpt-tiny", "gpt-small", "gpt-medium", "gpt-350m" or "gpt-1.3b".
 
     ``overrides`` replace `GPTConfig` fields (e.g. ``block_size=64``, ``dropout=0.1``).
     """

@@ -30,6 +30,7 @@ NAMED_CONFIGS: dict[str, tuple[int, int, int, int]] = {
     "small": (6, 6, 384, 256),  # ~10.6M + embeddings
     "medium": (12, 12, 768, 1024),  # GPT-2 small body, ~85M + embeddings
     "350m": (24, 16, 1024, 1024),  # GPT-2 medium body, ~302M + embeddings
+    "1.3b": (24, 16, 2048, 1024),  # GPT-3 XL body, ~1.21B + embeddings
 }
 
 
@@ -70,7 +71,7 @@ class GPTConfig:
 
     @classmethod
     def named(cls, name: str, vocab_size: int, **overrides) -> GPTConfig:
-        """The named size ("tiny", "small", "medium", "350m") for ``vocab_size`` tokens.
+        """The named size ("tiny", "small", "medium", "350m", "1.3b") for ``vocab_size`` tokens.
 
         ``overrides`` replace fields, e.g. ``GPTConfig.named("tiny", 65, block_size=64)``.
         """
