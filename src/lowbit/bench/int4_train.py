@@ -38,7 +38,8 @@ DEFAULT_METHODS = "bf16,int4-hq-lss,int4-hq"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``lowbit bench int4-train``."""
-    parser.add_argument("--model", default="350m", help="GPT size: tiny, small, medium, 350m, 1.3b (default 350m)")
+    parser.add_argument("--model", default="350m",
+                        help="GPT size: tiny, small, medium, 350m, 1.3b (default 350m)")
     parser.add_argument("--vocab-size", type=int, default=50304, help="vocabulary (default 50304)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: context)")
