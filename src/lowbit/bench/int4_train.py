@@ -270,6 +270,10 @@ def run(args: argparse.Namespace) -> dict:
                 r["loss_gap_vs_bf16"] = [r["losses"][i] - base["losses"][i] for i in range(steps)]
     path.write_text(json.dumps(result, indent=2, default=str))
     print(_table(result))
+    if args.compile and any(m != "bf16" for m in methods):
+        print("note: INT4 under torch.compile's inductor backend computes wrong gradients (a known problem, "
+              "docs/int4.md): these tokens/s time the kernels; train INT4 models eagerly or with "
+              "backend='aot_eager'")
     print(f"wrote {path}")
     return result
 
