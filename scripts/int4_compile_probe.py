@@ -56,7 +56,9 @@ def op_part(shapes, n_tokens):
                   f"∇W {_cmp(res[i][2], e[2])}", flush=True)
 
 
-def model_part(name, recipe, batch):
+def _setup(name, recipe, batch):
+    """(model, its layer seed states, inputs, targets): the GPT ``name`` (a size, or LAYERSxWIDTHxHEADS) with
+    INT4 layers of ``recipe`` (none: bf16), one batch of ``lowbit bench int4-train``'s data."""
     from lowbit.bench.int4_train import make_batches
     from lowbit.int4 import Int4TrainingConfig, convert_to_int4_training
     from lowbit.models import GPT, GPTConfig
@@ -72,7 +74,11 @@ def model_part(name, recipe, batch):
         convert_to_int4_training(model, Int4TrainingConfig.named(recipe, backend="triton"))
     states = {n: b.clone() for n, b in model.named_buffers() if n.endswith("_rng_state")}
     idx = make_batches(1, batch, cfg.block_size, cfg.vocab_size, 0)[0]
-    x, y = idx[:, :-1].cuda(), idx[:, 1:].cuda()
+    return model, states, idx[:, :-1].cuda(), idx[:, 1:].cuda()
+
+
+def model_part(name, recipe, batch):
+    model, states, x, y = _setup(name, recipe, batch)
     compiled = torch.compile(model)
     runs = []
     plan = ([("eager", model, 0), ("eager, other seeds", model, 1)] + [("compiled", compiled, 0)] * 3
@@ -190,9 +196,6 @@ def ops_part(name, recipe, batch, calls):
     """Per call of the INT4 forward / backward implementations (run eagerly inside the compiled graph too):
     max|input|, max|outputs|, max of the saved scales; eager vs compiled, call by call."""
     import lowbit.kernels.int4_linear as kl
-    from lowbit.bench.int4_train import make_batches
-    from lowbit.int4 import Int4TrainingConfig, convert_to_int4_training
-    from lowbit.models import GPT, GPTConfig
 
     rec = []
     fwd0, bwd0 = kl._fwd_impl, kl._bwd_impl
@@ -215,13 +218,7 @@ def ops_part(name, recipe, batch, calls):
         return gx, gw
 
     kl._fwd_impl, kl._bwd_impl = fwd, bwd
-    cfg = GPTConfig.named(name, 50304)
-    torch.manual_seed(0)
-    model = GPT(cfg).cuda()
-    convert_to_int4_training(model, Int4TrainingConfig.named(recipe, backend="triton"))
-    states = {n: b.clone() for n, b in model.named_buffers() if n.endswith("_rng_state")}
-    idx = make_batches(1, batch, cfg.block_size, cfg.vocab_size, 0)[0]
-    x, y = idx[:, :-1].cuda(), idx[:, 1:].cuda()
+    model, states, x, y = _setup(name, recipe, batch)
     compiled = torch.compile(model)
     runs = []
     for label, fn in [("eager", model)] + [("compiled", compiled)] * calls:
