@@ -112,15 +112,9 @@ def model_part(name, recipe, batch):
 def trace_part(name, recipe, batch, calls):
     """The first Int4Linear whose input or output differs between compiled calls of the same step (sums
     of x, |x|, y, |y| recorded from inside the compiled graph)."""
-    from lowbit.bench.int4_train import make_batches
-    from lowbit.int4 import Int4TrainingConfig, convert_to_int4_training
     from lowbit.int4.layer import Int4Linear
-    from lowbit.models import GPT, GPTConfig
 
-    cfg = GPTConfig.named(name, 50304)
-    torch.manual_seed(0)
-    model = GPT(cfg).cuda()
-    convert_to_int4_training(model, Int4TrainingConfig.named(recipe, backend="triton"))
+    model, _, x, y = _setup(name, recipe, batch)
     for n, mod in model.named_modules():
         if isinstance(mod, Int4Linear):
             mod._probe_name = n
@@ -134,8 +128,6 @@ def trace_part(name, recipe, batch, calls):
         return y
 
     Int4Linear.forward = forward
-    idx = make_batches(1, batch, cfg.block_size, cfg.vocab_size, 0)[0]
-    x, y = idx[:, :-1].cuda(), idx[:, 1:].cuda()
     compiled = torch.compile(model)
     runs = []
     for _ in range(calls):
@@ -158,18 +150,9 @@ def trace_part(name, recipe, batch, calls):
 
 
 def once_part(name, recipe, batch):
-    from lowbit.bench.int4_train import make_batches
-    from lowbit.int4 import Int4TrainingConfig, convert_to_int4_training
-    from lowbit.models import GPT, GPTConfig
-
-    n_layer, n_embd, n_head = (int(v) for v in name.split("x"))
-    cfg = GPTConfig(vocab_size=50304, n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=1024)
-    torch.manual_seed(0)
-    model = GPT(cfg).cuda()
-    convert_to_int4_training(model, Int4TrainingConfig.named(recipe, backend="triton"))
-    idx = make_batches(1, batch, cfg.block_size, cfg.vocab_size, 0)[0]
-    x, y = idx[:, :-1].cuda(), idx[:, 1:].cuda()
     import os
+
+    model, _, x, y = _setup(name, recipe, batch)
 
     if os.environ.get("PROBE_LOG_HQ"):  # each quantizer launch's input address range (match the sanitizer's)
         import lowbit.kernels.hadamard_quant as hq
