@@ -124,3 +124,14 @@ def test_converted_layer_types():
     convert_to_onebit(model)
     assert all(isinstance(m, OneBitLinear) for m in onebit_layers(model).values())
     assert len(onebit_layers(model)) == 8
+
+
+def test_conversion_installs_inductors_read_back_barrier():
+    triton_codegen = pytest.importorskip("torch._inductor.codegen.triton")
+    from lowbit.kernels import inductor_fix
+
+    if inductor_fix._fixed_upstream(triton_codegen.TritonKernel):
+        pytest.skip("this torch guards the read-back itself")
+    model = nn.Sequential(nn.ModuleList([nn.Linear(32, 32)]))
+    assert convert_to_onebit(model)
+    assert getattr(triton_codegen.TritonKernel.codegen_body, inductor_fix._MARK, False)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
+from ..kernels.inductor_fix import patch_inductor_read_back
 from .config import Int4TrainingConfig
 from .function import resolve_backend, triton_unsupported_reason
 from .layer import Int4Linear, invalid_block_reason
@@ -76,6 +77,9 @@ def convert_to_int4_training(
 
     Returns:
         :class:`Int4ConversionReport` (also logged at INFO): converted names and kept names with the reason.
+
+    When a layer is converted, inductor gets the read-back barrier of :mod:`lowbit.kernels.inductor_fix`
+    (a torch.compile race that corrupts compiled INT4 training otherwise).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -132,5 +136,9 @@ def convert_to_int4_training(
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)
         report.converted.append(name)
+    if report.converted:
+        # torch.compile's inductor can race in kernels that mix these layers' outputs into the residual
+        # stream (lowbit.kernels.inductor_fix): a barrier there, before any compiling.
+        patch_inductor_read_back()
     logger.info("%s", report)
     return report

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..kernels.inductor_fix import patch_inductor_read_back
 from ..quant.binary import binarize_absmean
 from .layer import OneBitLinear
 from .svid import METHODS, svid_error
@@ -108,7 +109,8 @@ def convert_to_onebit(
         svid_kwargs: passed to ``svid`` (``max_iter``, ``tol``).
 
     Returns:
-        ``{fqn: ConvertedLayer}`` in module order (empty when nothing matched).
+        ``{fqn: ConvertedLayer}`` in module order (empty when nothing matched). When a layer is converted,
+        inductor gets the read-back barrier of :mod:`lowbit.kernels.inductor_fix`.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -126,6 +128,8 @@ def convert_to_onebit(
         # error of the factors as stored (in ``dtype``)
         error = svid_error(linear.weight.detach(), layer.signs(), layer.g, layer.h)
         report[name] = ConvertedLayer(linear.in_features, linear.out_features, error)
+    if report:
+        patch_inductor_read_back()  # (a torch.compile race: lowbit.kernels.inductor_fix)
     return report
 
 
