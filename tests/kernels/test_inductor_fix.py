@@ -121,3 +121,17 @@ def test_compiled_read_back_kernel_has_the_barrier_and_matches_eager():
     torch.testing.assert_close(y.float(), y_ref.float(), rtol=2**-7, atol=1e-5)
     for _ in range(3):  # and the same on every call
         assert torch.equal(fn(x, a, b, w)[1], y)
+
+
+def test_read_back_guarded_after_the_patch():
+    triton_codegen = pytest.importorskip("torch._inductor.codegen.triton")
+    inductor_fix.patch_inductor_read_back()
+    assert inductor_fix.read_back_guarded()
+    if not inductor_fix._fixed_upstream(triton_codegen.TritonKernel):
+        original = triton_codegen.TritonKernel.codegen_body.__wrapped__
+        saved = triton_codegen.TritonKernel.codegen_body
+        try:
+            triton_codegen.TritonKernel.codegen_body = original
+            assert not inductor_fix.read_back_guarded()
+        finally:
+            triton_codegen.TritonKernel.codegen_body = saved

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from ..kernels.inductor_fix import read_back_guarded
+
 __all__ = ["add_arguments", "make_batches", "run"]
 
 DEFAULT_METHODS = "bf16,int4-hq-lss,int4-hq"
@@ -270,10 +272,10 @@ def run(args: argparse.Namespace) -> dict:
                 r["loss_gap_vs_bf16"] = [r["losses"][i] - base["losses"][i] for i in range(steps)]
     path.write_text(json.dumps(result, indent=2, default=str))
     print(_table(result))
-    if args.compile and any(m != "bf16" for m in methods):
-        print("note: INT4 under torch.compile's inductor backend computes wrong gradients (a known problem, "
-              "docs/int4.md): these tokens/s time the kernels; train INT4 models eagerly or with "
-              "backend='aot_eager'")
+    if args.compile and any(m != "bf16" for m in methods) and not read_back_guarded():
+        print("note: inductor's read-back barrier is off (LOWBIT_INDUCTOR_READ_BACK_BARRIER=0, or no Triton "
+              "backend): compiled INT4 training can compute wrong gradients (docs/int4.md, known problems); "
+              "these tokens/s time the kernels only")
     print(f"wrote {path}")
     return result
 

@@ -28,7 +28,8 @@ from __future__ import annotations
 import inspect
 import os
 
-__all__ = ["BARRIER_LINE", "CACHE_TAG", "codegen_body_with_barrier", "patch_inductor_read_back", "reads_back"]
+__all__ = ["BARRIER_LINE", "CACHE_TAG", "codegen_body_with_barrier", "patch_inductor_read_back",
+           "read_back_guarded", "reads_back"]
 
 #: The line written before a read-back loop.
 BARRIER_LINE = "tl.debug_barrier()"
@@ -100,6 +101,16 @@ def patch_inductor_read_back() -> bool:
     TritonKernel.codegen_body = codegen_body
     _tag_cache_key()
     return True
+
+
+def read_back_guarded() -> bool:
+    """Whether inductor's read-back loops get their barrier in this process: the patch is installed, or this
+    torch carries the upstream fix (False also where inductor's Triton backend cannot be imported)."""
+    try:
+        from torch._inductor.codegen.triton import TritonKernel
+    except Exception:
+        return False
+    return bool(getattr(TritonKernel.codegen_body, _MARK, False)) or _fixed_upstream(TritonKernel)
 
 
 def _tag_cache_key() -> None:
