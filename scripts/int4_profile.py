@@ -9,10 +9,10 @@ Parts (``--parts``, comma-separated; default all):
 - ``launch``: host time of one launch of a tiny Triton kernel and of one tiny cuBLAS call (the floor).
 - ``onebit``: host time of one eager ``onebit_matmul`` at M = 1 (4096 x 11008), with its cProfile.
 - ``e2e``: GPT 350m, bf16 vs INT4 hq, eager: step time, host enqueue time and the profiler's top ops.
-- ``e2e_graph``: GPT 350m as ``lowbit bench int4-train --compile-mode reduce-overhead`` runs it (same build,
-  batches and step): wall time per step, the GPU kernel time per step under torch.profiler (kernels replayed
-  inside CUDA graphs included) by kernel and by family, and dynamo's counters (graph breaks, CUDA-graph
-  skips). ``--e2e-methods`` picks the methods (default bf16,int4-hq).
+- ``e2e_graph``: GPT 350m (``--e2e-model``) as ``lowbit bench int4-train --compile-mode reduce-overhead``
+  runs it (same build, batches and step): wall time per step, the GPU kernel time per step under
+  torch.profiler (kernels replayed inside CUDA graphs included) by kernel and by family, and dynamo's
+  counters (graph breaks, CUDA-graph skips). ``--e2e-methods`` picks the methods (default bf16,int4-hq).
 - ``gemv``: OneBit at M = 1, the GPU time of each kernel of one call (torch.profiler), weights rotated
   through copies larger than L2, for the variants in ``--gemv-variants`` and the shapes in ``--gemv-shapes``.
 - ``kernels``: torch.profiler's kernel table (GPU time per kernel) of one fwd+bwd at 16384 x 4096 x 4096 for
@@ -330,8 +330,8 @@ def part_e2e_graph(args, out: dict, outdir: Path) -> None:
     from lowbit.bench import int4_train as bt
 
     res = out.setdefault("e2e_graph", {})
-    ns = argparse.Namespace(model="350m", vocab_size=50304, lr=3e-4, seed=0, backend="triton", compile=True,
-                            compile_mode="reduce-overhead")
+    ns = argparse.Namespace(model=args.e2e_model, vocab_size=50304, lr=3e-4, seed=0, backend="triton",
+                            compile=True, compile_mode="reduce-overhead")
     device = torch.device("cuda")
     batches = bt.make_batches(10, 8, 1024, 50304, 0)
     for method in args.e2e_methods.split(","):
@@ -532,6 +532,7 @@ def main() -> None:
     ap.add_argument("--wdtype", default="bfloat16",
                     help="weight dtype of the kernels part (float32: a GPT's parameters under autocast)")
     ap.add_argument("--e2e-methods", default="bf16,int4-hq", help="for the e2e_graph part")
+    ap.add_argument("--e2e-model", default="350m", help="GPT size of the e2e_graph part")
     ap.add_argument("--gemv-shapes", default="4096x11008,8192x8192", help="KxN,... for the gemv part")
     ap.add_argument("--gemv-variants", default=",planes_n64_kw32,planes_n32_kw32",
                     help="VARIANTS names for the gemv part (empty: the dispatcher)")
