@@ -66,12 +66,21 @@ def _fixed_upstream(triton_kernel_cls) -> bool:
         return False
 
 
-def codegen_body_with_barrier(kernel, original) -> None:
+def codegen_body_with_barrier(kernel, original):
     """``original(kernel)`` (inductor's ``TritonKernel.codegen_body``), after the barrier line where
     :func:`reads_back`."""
     if reads_back(kernel):
         kernel.body.writeline(BARRIER_LINE)
     return original(kernel)
+
+
+def _triton_kernel_cls():
+    """inductor's ``TritonKernel``, or None where this torch build cannot import its Triton backend."""
+    try:
+        from torch._inductor.codegen.triton import TritonKernel
+    except Exception:
+        return None
+    return TritonKernel
 
 
 def patch_inductor_read_back() -> bool:
@@ -80,9 +89,8 @@ def patch_inductor_read_back() -> bool:
     Not installed where the environment says ``LOWBIT_INDUCTOR_READ_BACK_BARRIER=0``, where inductor's Triton
     backend cannot be imported, or where this torch already carries the upstream fix.
     """
-    try:
-        from torch._inductor.codegen.triton import TritonKernel
-    except Exception:  # (no inductor / no Triton backend in this torch build)
+    TritonKernel = _triton_kernel_cls()
+    if TritonKernel is None:
         return False
     original = TritonKernel.codegen_body
     if getattr(original, _MARK, False):
@@ -106,9 +114,8 @@ def patch_inductor_read_back() -> bool:
 def read_back_guarded() -> bool:
     """Whether inductor's read-back loops get their barrier in this process: the patch is installed, or this
     torch carries the upstream fix (False also where inductor's Triton backend cannot be imported)."""
-    try:
-        from torch._inductor.codegen.triton import TritonKernel
-    except Exception:
+    TritonKernel = _triton_kernel_cls()
+    if TritonKernel is None:
         return False
     return bool(getattr(TritonKernel.codegen_body, _MARK, False)) or _fixed_upstream(TritonKernel)
 
@@ -116,7 +123,7 @@ def read_back_guarded() -> bool:
 def _tag_cache_key() -> None:
     try:
         import torch.compiler.config as cc
-    except ImportError:  # (torch < 2.6: no such tag; its caches key on the generated source only)
+    except ImportError:  # (older torch: no such tag; clear its cache dir to drop graphs compiled before)
         return
     tag = getattr(cc, "cache_key_tag", None)
     if tag is None or CACHE_TAG in tag:
